@@ -1,0 +1,38 @@
+"""``ras_compile(model, policy)``: the one public entry point."""
+from __future__ import annotations
+
+import torch
+
+from .policy import RASPolicy
+from .runtime import RASModule
+
+SUPPORTED_BACKENDS = ("inductor", "aot_eager", "eager", None)
+
+
+def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, backend: str | None = "inductor",
+                latent_arg: str | None = None, timestep_arg: str | None = None) -> RASModule:
+    """Return ``model`` with Region-Adaptive Sampling, compiled.
+
+    The result has the model's call signature and outputs. Graphs are captured on
+    the first call for every input signature (shapes, dtypes, non-tensor
+    arguments) and compiled with ``backend`` (``"inductor"``; ``"aot_eager"`` or
+    ``"eager"`` to debug the rewrite through Dynamo; ``None`` runs the rewritten
+    graphs directly, without Dynamo).
+
+    ``latent_arg`` names the forward argument holding the noisy latent (default:
+    ``hidden_states`` if the forward has it, else its first argument);
+    ``timestep_arg`` the one holding the timestep (default ``timestep``), from
+    which steps and new generations are told apart.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"ras_compile expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, RASModule):
+        raise ValueError("this model is already RAS-compiled; pass the original model (module.model)")
+    if policy is None:
+        policy = RASPolicy()
+    if not isinstance(policy, RASPolicy):
+        raise TypeError(f"policy must be a RASPolicy, got {type(policy).__name__}")
+    if backend not in SUPPORTED_BACKENDS and not callable(backend):
+        raise ValueError(f"backend={backend!r} is not supported: use one of {SUPPORTED_BACKENDS} or a callable "
+                         "torch.compile backend")
+    return RASModule(model, policy, backend=backend, latent_arg=latent_arg, timestep_arg=timestep_arg)

@@ -1,0 +1,96 @@
+"""Capture: the model's forward as an exported FX graph, once per input signature.
+
+``torch.export`` (non-strict) gives an ATen graph with shapes in ``node.meta``,
+parameters lifted to inputs (read from the live module at every call, so later
+weight updates are seen) and the output's pytree structure, so the compiled
+module returns exactly what the model returns.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import RASCallError, UnsupportedModelError
+
+
+def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """The call as keyword arguments in signature order (what export and the cache key see)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise RASCallError(f"the compiled model was called with arguments its forward does not accept: {exc}") from None
+    call: dict = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise RASCallError(f"extra positional arguments (*{name}) are not supported; pass them by keyword")
+        else:
+            call[name] = value
+    return call
+
+
+def _leaf_key(leaf):
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index)
+    try:
+        hash(leaf)
+        return ("value", type(leaf), leaf)
+    except TypeError:
+        return ("repr", type(leaf), repr(leaf))
+
+
+def signature_key(call: dict):
+    """What a captured graph is specialised on: structure, tensor shapes/dtypes/devices, other values."""
+    leaves, spec = pytree.tree_flatten(call)
+    return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+
+
+@dataclass
+class Captured:
+    key: tuple
+    program: torch.export.ExportedProgram
+    latent_node: str
+    dense: object = None
+    sparse: object = None
+    analysis: object = None
+    fallback: object = None
+    caches: list = field(default_factory=list)
+
+    def graph_inputs(self, call: dict) -> list:
+        """Parameters, buffers, constants and user inputs, in the graph's placeholder order."""
+        return self.program._graph_module_flat_inputs((), call)
+
+    def outputs(self, flat_outputs) -> object:
+        return pytree.tree_unflatten(list(flat_outputs), self.program.call_spec.out_spec)
+
+
+def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (), call, strict=False)
+    except Exception as exc:  # export failures are many and deep; report them as one clear refusal
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {first}); "
+            "data-dependent control flow or shapes are not supported") from exc
+    bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
+    if bad:
+        raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "
+                                    "a stateless forward is required")
+    return program
+
+
+def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:
+    """The graph input holding the latent argument (a plain tensor keyword argument)."""
+    specs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    for spec in specs:
+        if getattr(spec.arg, "name", None) == latent_name:
+            return spec.arg.name
+    raise UnsupportedModelError(f"the latent argument '{latent_name}' is not a tensor input of the exported graph; "
+                                "pass latent_arg= naming the tensor argument that holds the noisy latent")

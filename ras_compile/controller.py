@@ -1,0 +1,159 @@
+"""The runtime controller: one per compiled module, the only state RAS keeps.
+
+It counts denoising steps (a new generation starts when the timestep goes back
+up, or on ``reset()``), decides whether a step is dense or sparse, and after each
+step scores the merged prediction and picks the next active set on the
+prediction's device. Nothing here reads a tensor value on the host, so the
+selection never waits for the device; only the timestep (a scalar the pipeline
+hands in) is read to tell steps and generations apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RASCallError
+from .policy import RASPolicy
+from .selection import score_tokens, select_active, share_scores
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one call of the compiled module did."""
+
+    step: int
+    mode: str            # "dense", "sparse" or "fallback"
+    active_tokens: int   # image tokens computed in this step
+    num_tokens: int      # image tokens of the latent
+    timestep: float | None
+    reason: str          # why the step has its mode ("warm-up", "reset step", "scheduled", ...)
+
+
+class RASController:
+    def __init__(self, policy: RASPolicy):
+        self.policy = policy
+        self.stats: list[StepStats] = []
+        self.generation = 0
+        self._override: tuple[str, torch.Tensor | None] | None = None
+        self.reset()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new generation: step 0 next, drop counts and the active set forgotten.
+
+        Caches stay allocated but are refilled by the next dense step before any
+        sparse step reads them.
+        """
+        self.step = -1
+        self.generation += 1
+        self.stats = []
+        self._previous_timestep: float | None = None
+        self._owner = None           # the capture whose caches and drop counts we hold
+        self._caches_ready = False
+        self._drops: torch.Tensor | None = None
+        self.next_index: torch.Tensor | None = None
+        self.last_index: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+
+    def override_next_step(self, mode: str, active_index: torch.Tensor | None = None) -> None:
+        """Force the next call's mode (and active set), e.g. to test a sparse step on any mask.
+
+        ``active_index`` is ``[B, k]`` int64 token ids, or ``[k]`` for every sample.
+        A sparse override still needs caches filled by an earlier dense step.
+        """
+        if mode not in ("dense", "sparse"):
+            raise RASCallError(f"override_next_step(mode={mode!r}): mode must be 'dense' or 'sparse'")
+        if mode == "sparse" and active_index is None:
+            raise RASCallError("override_next_step(mode='sparse') needs active_index, a [B, k] or [k] tensor")
+        self._override = (mode, active_index)
+
+    # -- per step --------------------------------------------------------------------------
+    def begin_step(self, timestep: float | None, owner, num_tokens: int, batch: int,
+                   device: torch.device) -> tuple[str, torch.Tensor | None]:
+        if timestep is not None and self._previous_timestep is not None and timestep > self._previous_timestep:
+            self.reset()
+        self._previous_timestep = timestep
+        self.step += 1
+        if owner is not self._owner:
+            self._owner = owner
+            self._caches_ready = False
+            self.next_index = None
+            self._drops = torch.zeros(batch, num_tokens, device=device)
+        mode, reason, index = self._plan(num_tokens, batch, device)
+        self.last_index = index
+        k = num_tokens if mode == "dense" else int(index.shape[1])
+        self.stats.append(StepStats(self.step, mode, k, num_tokens, timestep, reason))
+        return mode, index
+
+    def _plan(self, num_tokens: int, batch: int, device) -> tuple[str, str, torch.Tensor | None]:
+        override, self._override = self._override, None
+        if override is not None:
+            mode, index = override
+            if mode == "dense":
+                return "dense", "override", None
+            index = self._check_index(index, num_tokens, batch, device)
+            if not self._caches_ready:
+                raise RASCallError("a sparse step was forced before any dense step filled the caches for "
+                                   "these input shapes; run one dense step first")
+            return "sparse", "override", index
+        if self.policy.is_dense_step(self.step):
+            return "dense", self._dense_reason(), None
+        if not self._caches_ready or self.next_index is None:
+            return "dense", "caches empty", None
+        return "sparse", "scheduled", self.next_index
+
+    def _dense_reason(self) -> str:
+        p = self.policy
+        if self.step < p.warmup_steps:
+            return "warm-up"
+        if self.step in p.reset_steps:
+            return "reset step"
+        return "after end step"
+
+    def _check_index(self, index: torch.Tensor, num_tokens: int, batch: int, device) -> torch.Tensor:
+        index = torch.as_tensor(index, device=device)
+        if index.dtype not in (torch.int64, torch.int32):
+            raise RASCallError(f"active_index must be an integer tensor, got {index.dtype}")
+        if index.dim() == 1:
+            index = index.unsqueeze(0).expand(batch, -1)
+        if index.dim() != 2 or index.shape[0] != batch or not 1 <= index.shape[1] <= num_tokens:
+            raise RASCallError(f"active_index must be [B={batch}, k] with 1 <= k <= {num_tokens}, "
+                               f"got shape {list(index.shape)}")
+        index = index.to(torch.int64)
+        if bool(((index < 0) | (index >= num_tokens)).any()):
+            raise RASCallError(f"active_index values must lie in [0, {num_tokens})")
+        return torch.sort(index, dim=1).values.contiguous()
+
+    def end_step(self, mode: str, patches: torch.Tensor) -> None:
+        """After a step: remember the caches are full and choose the next active set.
+
+        ``patches`` is the merged prediction as ``[B, N, S, C]`` (see ``selection.score_tokens``).
+        """
+        if mode == "dense":
+            self._caches_ready = True
+        nxt = self.step + 1
+        p = self.policy
+        if p.is_dense_step(nxt) or (p.num_steps is not None and nxt >= p.num_steps):
+            self.next_index = None
+            return
+        num_tokens = patches.shape[1]
+        k = p.active_tokens(nxt, num_tokens)
+        scores = score_tokens(patches, p.metric, self._random(patches.device))
+        scores = share_scores(scores, p.share_active_set)
+        self.next_index, self._drops = select_active(
+            scores, self._drops, k, rule=p.starvation_rule, starvation_scale=p.starvation_scale,
+            high_ratio=p.high_ratio)
+
+    @property
+    def drops(self) -> torch.Tensor | None:
+        """How many sparse steps each token has been left out of, ``[B, N]``."""
+        return self._drops
+
+    def _random(self, device) -> torch.Generator | None:
+        if self.policy.metric != "random":
+            return None
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.policy.seed)
+        return self._generator

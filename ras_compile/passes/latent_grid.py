@@ -1,0 +1,156 @@
+"""Where does the latent become a token sequence?
+
+Before the token axis exists, the analysis follows the latent ``[B, C, *spatial]``
+through patch embedding (a non-overlapping convolution, or views and permutes
+that cut the image into patches) by giving every tensor dimension a tuple of
+*atoms*. An atom ``(axis, stride, size)`` says "this dimension walks ``size``
+steps of latent ``axis`` with step ``stride``": splitting ``H`` into patches of 2
+gives the outer atom ``("s0", 2, H/2)`` and the inner atom ``("s0", 1, 2)``.
+
+The token axis is the first dimension made of exactly the outer atoms of every
+spatial axis in order (row-major patch grid). Nothing here depends on a model
+class: only on shapes and on what the operators do to dimensions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+Atom = tuple[str, int, int]  # (axis name, stride, size)
+DimAtoms = tuple[Atom, ...]
+
+
+@dataclass(frozen=True)
+class GridValue:
+    """Atoms of every dimension of one tensor on the latent's path."""
+
+    dims: tuple[DimAtoms, ...]
+
+
+def latent_grid(shape: tuple[int, ...]) -> GridValue:
+    """The latent ``[B, C, *spatial]`` itself."""
+    names = ["b", "c"] + [f"s{i}" for i in range(len(shape) - 2)]
+    return GridValue(tuple(((name, 1, size),) if size > 1 else () for name, size in zip(names, shape)))
+
+
+_fresh_counter = [0]
+
+
+def fresh_atoms(size: int) -> DimAtoms:
+    """A dimension the operator created (channels of a projection)."""
+    _fresh_counter[0] += 1
+    return ((f"f{_fresh_counter[0]}", 1, size),) if size > 1 else ()
+
+
+def regroup(value: GridValue, out_shape: tuple[int, ...]) -> GridValue | None:
+    """Atoms after a view/reshape/flatten to ``out_shape`` (None if not traceable)."""
+    queue = [atom for dim in value.dims for atom in dim]
+    out: list[DimAtoms] = []
+    for size in out_shape:
+        taken: list[Atom] = []
+        need = size
+        while need > 1:
+            if not queue:
+                return None
+            axis, stride, atom_size = queue.pop(0)
+            if atom_size <= need:
+                if need % atom_size:
+                    return None
+                taken.append((axis, stride, atom_size))
+                need //= atom_size
+            else:
+                if atom_size % need:
+                    return None
+                inner = atom_size // need
+                taken.append((axis, stride * inner, need))
+                queue.insert(0, (axis, stride, inner))
+                need = 1
+        out.append(tuple(taken))
+    if queue:
+        return None
+    return GridValue(tuple(out))
+
+
+def permute(value: GridValue, order: list[int]) -> GridValue:
+    return GridValue(tuple(value.dims[i] for i in order))
+
+
+def patch_conv(value: GridValue, out_shape: tuple[int, ...], kernel: list[int], stride: list[int],
+               padding: list[int], dilation: list[int]) -> GridValue | None:
+    """Atoms after a convolution that cuts non-overlapping patches (kernel == stride)."""
+    spatial = len(out_shape) - 2
+    kernel, stride = _expand(kernel, spatial), _expand(stride, spatial)
+    padding, dilation = _expand(padding, spatial), _expand(dilation, spatial)
+    if kernel != stride or any(padding) or any(d != 1 for d in dilation):
+        return None
+    dims: list[DimAtoms] = [value.dims[0], fresh_atoms(out_shape[1])]
+    for i in range(spatial):
+        atoms = value.dims[2 + i]
+        if out_shape[2 + i] == 1:
+            dims.append(())
+            continue
+        if len(atoms) != 1:
+            return None
+        axis, atom_stride, size = atoms[0]
+        if size % kernel[i]:
+            return None
+        dims.append(((axis, atom_stride * kernel[i], size // kernel[i]),))
+    return GridValue(tuple(dims))
+
+
+def _expand(values, n: int) -> list[int]:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    return values * n if len(values) == 1 else values
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How image tokens tile the latent: token ``i`` is the row-major patch ``i``."""
+
+    spatial_shape: tuple[int, ...]  # latent spatial extents
+    patch_size: tuple[int, ...]     # patch extent per spatial axis
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(s // p for s, p in zip(self.spatial_shape, self.patch_size))
+
+    @property
+    def num_tokens(self) -> int:
+        return prod(self.grid_shape)
+
+
+def find_token_dim(value: GridValue, spatial_shape: tuple[int, ...]) -> tuple[int, TokenGrid] | None:
+    """The dimension holding the row-major patch grid, if this tensor has one."""
+    for dim, atoms in enumerate(value.dims):
+        if not atoms or any(not axis.startswith("s") for axis, _, _ in atoms):
+            continue
+        axes = [int(axis[1:]) for axis, _, _ in atoms]
+        if axes != sorted(set(axes)):
+            continue
+        patch = []
+        ok = True
+        for i, extent in enumerate(spatial_shape):
+            match = [a for a in atoms if a[0] == f"s{i}"]
+            if not match:
+                elsewhere = any(a[0] == f"s{i}" and a[1] * a[2] == extent and a[2] > 1
+                                for other in value.dims for a in other)
+                if elsewhere:  # this axis's patch grid lives in another dimension
+                    ok = False
+                    break
+                patch.append(extent)  # the grid is one patch wide along this axis
+                continue
+            _, stride, size = match[0]
+            if stride * size != extent:
+                ok = False  # an inner (within-patch) atom: this is not the patch grid
+                break
+            patch.append(stride)
+        if ok and prod(s for _, _, s in atoms) > 1:
+            return dim, TokenGrid(tuple(spatial_shape), tuple(patch))
+    return None
+
+
+def find_batch_dim(value: GridValue) -> int | None:
+    for dim, atoms in enumerate(value.dims):
+        if atoms and all(axis == "b" for axis, _, _ in atoms) and len(atoms) == 1 and atoms[0][1] == 1:
+            return dim
+    return None

@@ -1,0 +1,235 @@
+"""Two rewrites of one exported graph, driven by a ``TokenAnalysis``.
+
+``dense_graph``: the model as it is, plus a fill of every cache site (K/V after
+q/k-norm and RoPE, the value at the unpatchify). Signature: ``(*inputs, *caches)``.
+
+``sparse_graph``: the model on the active image tokens only. Signature:
+``(*inputs, index, *caches)`` with ``index`` ``[B, k]`` sorted active token ids.
+It gathers at the token source, runs token-wise nodes on ``k`` rows (shape
+arguments rewritten to the sparse length), gathers side inputs where they meet
+the token stream, writes fresh K/V rows into the caches and attends over the
+full cached K/V, and scatters the active rows into the activation cache where
+the token axis ends, after which the graph is dense again.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from . import token_ops
+from .token_axis import _SKIPPED, TokenAnalysis, TokenLayout, _packet
+
+aten = torch.ops.aten
+
+INDEX_INPUT = "ras_index"
+
+
+def _copy_placeholders(src: fx.Graph, dst: fx.Graph, env: dict) -> None:
+    for node in src.nodes:
+        if node.op == "placeholder":
+            env[node] = dst.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+
+
+def _cache_placeholders(analysis: TokenAnalysis, dst: fx.Graph) -> dict[str, fx.Node]:
+    return {c.name: dst.placeholder(c.name) for c in analysis.caches}
+
+
+def dense_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict = {}
+    _copy_placeholders(gm.graph, graph, env)
+    caches = _cache_placeholders(analysis, graph)
+    fills: dict[str, list[str]] = {}
+    for site in analysis.caches:
+        fills.setdefault(site.node, []).append(site.name)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            pass
+        elif node.op == "call_function" and _packet(node) in _SKIPPED:
+            continue
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        for name in fills.get(node.name, ()):
+            graph.call_function(token_ops.fill_cache_, (caches[name], env[node]))
+    return fx.GraphModule(gm, graph)
+
+
+class _SparseBuilder:
+    def __init__(self, gm: fx.GraphModule, analysis: TokenAnalysis):
+        self.gm, self.a = gm, analysis
+        self.graph = fx.Graph()
+        self.env: dict = {}
+        _copy_placeholders(gm.graph, self.graph, self.env)
+        self.index = self.graph.placeholder(INDEX_INPUT)
+        self.caches = _cache_placeholders(analysis, self.graph)
+        self._k = None
+        self._pos: dict[tuple[int, int], fx.Node] = {}
+        self._densified: dict[str, fx.Node] = {}
+        self.side = {}
+        for s in analysis.side_inputs:
+            self.side.setdefault(s.node, []).append(s)
+        self.cache_of = {(c.node, c.kind): c.name for c in analysis.caches}
+
+    # -- symbolic pieces -------------------------------------------------------------
+    @property
+    def k(self) -> fx.Node:
+        if self._k is None:
+            self._k = self.graph.call_function(aten.sym_size.int, (self.index, 1))
+        return self._k
+
+    def sparse_length(self, dense_length: int):
+        extra = dense_length - self.a.num_tokens
+        return self.k if extra == 0 else self.graph.call_function(operator.add, (self.k, extra))
+
+    def remap_position(self, p: int, lay: TokenLayout):
+        """Sparse position of dense boundary ``p`` on an axis laid out as ``lay``."""
+        if p <= lay.offset or p >= 2**62:
+            return p
+        return self.graph.call_function(operator.add, (self.k, p - self.a.num_tokens))
+
+    def positions(self, lay: TokenLayout) -> fx.Node:
+        key = (lay.offset, lay.length)
+        if key not in self._pos:
+            self._pos[key] = self.graph.call_function(
+                token_ops.dense_positions, (self.index, lay.offset, lay.length, self.a.num_tokens))
+        return self._pos[key]
+
+    def layout(self, node) -> TokenLayout | None:
+        v = self.a.layouts.get(node.name) if isinstance(node, fx.Node) else None
+        return v if isinstance(v, TokenLayout) else None
+
+    def sparse_shape(self, node: fx.Node) -> list:
+        lay = self.layout(node)
+        shape = [int(s) for s in node.meta["val"].shape]
+        shape[lay.token_dim] = self.sparse_length(lay.length)
+        return shape
+
+    def densified(self, value: fx.Node) -> fx.Node:
+        """The full-size value of ``value``: active rows scattered into its activation cache."""
+        if value.name not in self._densified:
+            lay = self.layout(value)
+            cache = self.caches[self.cache_of[(value.name, "activation")]]
+            self._densified[value.name] = self.graph.call_function(
+                token_ops.scatter_tokens_, (cache, self.env[value], self.positions(lay), lay.batch_dim, lay.token_dim))
+        return self._densified[value.name]
+
+    # -- node rewrites ---------------------------------------------------------------
+    def arg(self, consumer: fx.Node, value):
+        if isinstance(value, fx.Node) and f"{consumer.name}:{value.name}" in self.a.densify_at:
+            return self.densified(value)
+        return self.env[value]
+
+    def build(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if node.name == self.a.source:
+                    self.gather_source(node)
+                continue
+            if node.op == "call_function" and _packet(node) in _SKIPPED:
+                continue
+            if node.op == "output":
+                self.graph.node_copy(node, lambda n: self.arg(node, n))
+                continue
+            new = self.rewrite(node)
+            self.env[node] = new
+            if node.name == self.a.source:
+                self.gather_source(node)
+        return fx.GraphModule(self.gm, self.graph)
+
+    def gather_source(self, node: fx.Node) -> None:
+        lay = self.layout(node)
+        rank = node.meta["val"].dim()
+        self.env[node] = self.graph.call_function(
+            token_ops.gather_tokens, (self.env[node], self.positions(lay), lay.batch_dim, lay.token_dim, rank))
+
+    def rewrite(self, node: fx.Node) -> fx.Node:
+        g = self.graph
+        args = [fx.node.map_arg(a, lambda n: self.arg(node, n)) for a in node.args]
+        kwargs = {k: fx.node.map_arg(v, lambda n: self.arg(node, n)) for k, v in node.kwargs.items()}
+        for side in self.side.get(node.name, ()):
+            self.gather_side(node, side, args, kwargs)
+        packet = _packet(node) if node.op == "call_function" else None
+        out_lay = self.layout(node)
+        src_lay = self.layout(node.args[0]) if node.args else None
+        if packet in (aten.view, aten.reshape, aten._unsafe_view, aten.expand) and out_lay is not None:
+            args[1] = self.sparse_shape(node)
+        elif packet is aten.slice and src_lay is not None:
+            rank = node.args[0].meta["val"].dim()
+            dim = (args[1] if len(args) > 1 else 0) % rank
+            if dim == src_lay.token_dim:
+                while len(args) < 4:
+                    args.append(None)
+                start = 0 if args[2] is None else args[2] % src_lay.length if args[2] < 0 else args[2]
+                end = src_lay.length if args[3] is None else (args[3] + src_lay.length if args[3] < 0 else args[3])
+                args[2] = self.remap_position(start, src_lay)
+                args[3] = self.remap_position(min(end, src_lay.length), src_lay) if end < 2**62 else end
+        elif packet in (aten.split, aten.split_with_sizes, aten.chunk) and src_lay is not None:
+            rank = node.args[0].meta["val"].dim()
+            dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            dim = dim_arg % rank
+            if dim == src_lay.token_dim:
+                sizes = []
+                start = 0
+                for v in node.meta["val"]:
+                    size = int(v.shape[dim])
+                    contains = start <= src_lay.offset and start + size >= src_lay.offset + self.a.num_tokens
+                    sizes.append(g.call_function(operator.add, (self.k, size - self.a.num_tokens)) if contains else size)
+                    start += size
+                return g.call_function(aten.split_with_sizes.default, (args[0], sizes, dim))
+        elif packet is aten.squeeze and src_lay is not None:
+            # only the dims that were 1 in the dense graph: with k == 1 the token axis must stay
+            in_shape = node.args[0].meta["val"].shape
+            kept = [d for d in range(len(in_shape)) if in_shape[d] == 1 and d != src_lay.token_dim]
+            removed = [d for d in kept if len(node.meta["val"].shape) < len(in_shape)
+                       and _was_squeezed(node, d)]
+            if not removed:
+                return args[0]
+            return g.call_function(aten.squeeze.dims, (args[0], removed))
+        elif packet is aten.scaled_dot_product_attention and node.name in self.a.attention:
+            args = self.attention_over_cache(node, args)
+        new = g.call_function(node.target, tuple(args), kwargs) if node.op == "call_function" else \
+            g.node_copy(node, lambda n: self.env[n])
+        new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        return new
+
+    def gather_side(self, node: fx.Node, side, args: list, kwargs: dict) -> None:
+        lay = side.layout
+        gather = lambda value: self.graph.call_function(
+            token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
+        if _packet(node) is aten.cat:
+            tensors = list(args[0])
+            tensors[side.arg_index] = gather(tensors[side.arg_index])
+            args[0] = tensors
+        elif side.arg_index < len(args):
+            args[side.arg_index] = gather(args[side.arg_index])
+        else:  # the attention mask passed by keyword
+            kwargs["attn_mask"] = gather(kwargs["attn_mask"])
+
+    def attention_over_cache(self, node: fx.Node, args: list) -> list:
+        """Fresh K/V rows go into the layer's cache; attention reads the whole cache."""
+        key_name = self.cache_of.get((node.args[1].name, "key"))
+        if key_name is None:  # K/V cache switched off: active tokens attend to each other only
+            return args
+        for slot, kind in ((1, "key"), (2, "value")):
+            value = node.args[slot]
+            lay = self.layout(value)
+            cache = self.caches[self.cache_of[(value.name, kind)]]
+            args[slot] = self.graph.call_function(
+                token_ops.scatter_tokens_, (cache, args[slot], self.positions(lay), lay.batch_dim, lay.token_dim))
+        return args
+
+
+def _was_squeezed(node: fx.Node, dim: int) -> bool:
+    rank = node.args[0].meta["val"].dim()
+    dims = node.args[1] if len(node.args) > 1 else None
+    if dims is None:
+        return True
+    dims = [dims] if isinstance(dims, int) else dims
+    return dim in {d % rank for d in dims}
+
+
+def sparse_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
+    return _SparseBuilder(gm, analysis).build()

@@ -1,0 +1,611 @@
+"""Token-axis analysis: a pure function from an exported graph to a ``TokenAnalysis``.
+
+It finds where the latent becomes image tokens (the *source*), follows the token
+axis through every node, and classifies what the rewrite must do:
+
+* token-wise nodes run unchanged on the active rows (shape arguments rewritten);
+* attention whose keys carry image tokens reads stale K/V from a per-layer cache;
+* side inputs with a token axis (position tables, RoPE) are gathered where they
+  meet the token stream;
+* where the token axis ends (unpatchify) or leaves the graph, the value is
+  *densified*: active rows are scattered into a cache of the full value.
+
+Invariants the rewrite relies on (checked here, or refused with the node's name):
+every annotated tensor has exactly one token axis whose image rows are the
+contiguous range ``[offset, offset + num_tokens)``; no operator reduces, sorts or
+convolves along that axis; the batch axis is known wherever rows move.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedModelError
+from . import latent_grid as lg
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where image tokens sit in one tensor (dense shapes)."""
+
+    token_dim: int
+    batch_dim: int | None
+    offset: int
+    length: int
+
+    def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
+                offset: int | None = None, length: int | None = None) -> "TokenLayout":
+        return TokenLayout(
+            self.token_dim if token_dim is None else token_dim,
+            self.batch_dim if batch_dim == "same" else batch_dim,
+            self.offset if offset is None else offset,
+            self.length if length is None else length,
+        )
+
+
+@dataclass(frozen=True)
+class CacheSite:
+    """A full-size tensor kept across steps: attention K/V or a densified activation."""
+
+    name: str
+    node: str          # the dense-graph node whose value is cached
+    kind: str          # "key", "value" or "activation"
+    layout: TokenLayout
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class SideInput:
+    """Operand ``arg_index`` of ``node`` carries a token axis but no active-row selection."""
+
+    node: str
+    arg_index: int
+    layout: TokenLayout  # aligned to the consuming node's output rank
+    rank: int
+
+
+@dataclass
+class TokenAnalysis:
+    num_tokens: int
+    batch_size: int
+    grid: lg.TokenGrid | None          # None: the latent arrives as tokens
+    latent_input: str
+    source: str
+    layouts: dict[str, object] = field(default_factory=dict)  # node -> TokenLayout | list | None
+    attention: list[str] = field(default_factory=list)         # SDPA nodes whose K/V are cached
+    cross_attention: list[str] = field(default_factory=list)   # SDPA nodes with token queries only
+    caches: list[CacheSite] = field(default_factory=list)
+    densify_at: dict[str, str] = field(default_factory=dict)   # consumer node -> cache site name
+    side_inputs: list[SideInput] = field(default_factory=list)
+    output_leaf: int | None = None     # which flat output is the latent-shaped prediction
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(int(s) for s in _val(node).shape)
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(_val(node), torch.Tensor)
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def _packet(node: fx.Node):
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten}
+_SAME_SHAPE = {aten.to, aten._to_copy, aten.contiguous, aten.dropout, aten.alias, aten.detach, aten.type_as,
+               aten.clone, aten.lift_fresh_copy}
+_REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
+               aten.norm, aten.linalg_vector_norm, aten.var_mean, aten.std_mean}
+_SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
+_SKIPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _map_dim_through_view(in_shape, out_shape, dim) -> int | None:
+    """Output dim that is exactly input ``dim`` after a row-major view, if any."""
+    before = prod(in_shape[:dim])
+    running = 1
+    for j, size in enumerate(out_shape):
+        if running == before and size == in_shape[dim]:
+            return j
+        running *= size
+    return None
+
+
+class _Analyzer:
+    def __init__(self, gm: fx.GraphModule, latent: fx.Node):
+        self.gm = gm
+        self.latent = latent
+        self.grid_values: dict[fx.Node, lg.GridValue] = {}
+        self.layout: dict[fx.Node, object] = {}
+        shape = _shape(latent)
+        self.batch_size = shape[0]
+        self.analysis: TokenAnalysis | None = None
+        self.spatial_shape = shape[2:]
+        self.counts = {"token_wise": 0, "attention_cached_kv": 0, "cross_attention": 0,
+                       "side_inputs_gathered": 0, "densified": 0, "untouched": 0}
+
+    # -- errors -------------------------------------------------------------------------
+    def refuse(self, node: fx.Node, reason: str):
+        raise UnsupportedModelError(reason, node=node.name, op=_op_name(node))
+
+    # -- entry --------------------------------------------------------------------------
+    def run(self) -> TokenAnalysis:
+        shape = _shape(self.latent)
+        if len(shape) == 3:
+            n = shape[1]
+            self.analysis = TokenAnalysis(n, shape[0], None, self.latent.name, self.latent.name)
+            self.layout[self.latent] = TokenLayout(1, 0 if shape[0] > 1 else None, 0, n)
+        elif len(shape) >= 4:
+            self.grid_values[self.latent] = lg.latent_grid(shape)
+        else:
+            raise UnsupportedModelError(
+                f"the latent input '{self.latent.name}' has shape {list(shape)}; expected [B, C, *spatial] "
+                "or token-shaped [B, N, C]. Pass latent_arg= to ras_compile to name the latent argument")
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function":
+                self.visit(node)
+            elif node.op == "output":
+                self.visit_output(node)
+        if self.analysis is None:
+            raise UnsupportedModelError(
+                f"no token sequence found: the latent '{self.latent.name}' never becomes a sequence of patch "
+                "tokens (expected a non-overlapping patch convolution or patch views followed by a flatten)")
+        a = self.analysis
+        a.layouts = {n.name: v for n, v in self.layout.items()}
+        a.counts = dict(self.counts)
+        if not a.attention and not a.cross_attention:
+            raise UnsupportedModelError("the token stream reaches no scaled_dot_product_attention node; "
+                                        "nothing would be saved by RAS")
+        return a
+
+    # -- grid phase ---------------------------------------------------------------------
+    def visit_grid(self, node: fx.Node, grid_args: list[fx.Node]) -> None:
+        packet = _packet(node)
+        src = grid_args[0]
+        value = self.grid_values[src]
+        out = None
+        if not _is_tensor(node):
+            return
+        out_shape = _shape(node)
+        if packet in _VIEWS:
+            out = lg.regroup(value, out_shape)
+        elif packet in (aten.permute,):
+            out = lg.permute(value, [_norm_dim(d, len(out_shape)) for d in node.args[1]])
+        elif packet in (aten.transpose,):
+            a, b = (_norm_dim(d, len(out_shape)) for d in node.args[1:3])
+            order = list(range(len(out_shape)))
+            order[a], order[b] = order[b], order[a]
+            out = lg.permute(value, order)
+        elif packet in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution):
+            args = list(node.args) + [None] * 7
+            stride = args[3] if args[3] is not None else 1
+            padding = args[4] if args[4] is not None else 0
+            dilation = args[5] if args[5] is not None else 1
+            kernel = list(_shape(node.args[1])[2:])
+            if isinstance(padding, str):
+                padding = [0] if padding == "valid" else [1]
+            out = lg.patch_conv(value, out_shape, kernel, list(stride) if isinstance(stride, (list, tuple)) else [stride],
+                                list(padding) if isinstance(padding, (list, tuple)) else [padding],
+                                list(dilation) if isinstance(dilation, (list, tuple)) else [dilation])
+            if out is None:
+                self.refuse(node, "a convolution over the latent that does not cut non-overlapping patches "
+                                  "(kernel != stride, padding or dilation): the latent cannot be split into tokens")
+        elif packet in _SAME_SHAPE or (isinstance(node.target, torch._ops.OpOverload)
+                                        and torch.Tag.pointwise in node.target.tags):
+            if out_shape == _shape(src):
+                out = value
+        elif packet in (aten.linear,):
+            out = lg.GridValue(value.dims[:-1] + (lg.fresh_atoms(out_shape[-1]),))
+        if out is None:
+            return  # the latent is used by something else; that value stays dense
+        self.grid_values[node] = out
+        found = lg.find_token_dim(out, self.spatial_shape)
+        if found is not None and self.analysis is None:
+            token_dim, grid = found
+            batch_dim = lg.find_batch_dim(out)
+            if batch_dim is None and self.batch_size > 1:
+                self.refuse(node, "the batch axis of the token sequence could not be identified")
+            self.analysis = TokenAnalysis(grid.num_tokens, self.batch_size, grid, self.latent.name, node.name)
+            self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens)
+            del self.grid_values[node]
+
+    # -- token phase --------------------------------------------------------------------
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        found = []
+        for arg in node.args:
+            if isinstance(arg, (list, tuple)):
+                found.extend(a for a in arg if isinstance(a, fx.Node))
+            elif isinstance(arg, fx.Node):
+                found.append(arg)
+        found.extend(v for v in node.kwargs.values() if isinstance(v, fx.Node))
+        return found
+
+    def visit(self, node: fx.Node) -> None:
+        inputs = self.tensor_inputs(node)
+        if node.target is operator.getitem:
+            src = node.args[0]
+            if src in self.layout and isinstance(self.layout[src], list):
+                item = self.layout[src][node.args[1]]
+                if item is not None:
+                    self.layout[node] = item
+            elif src in self.grid_values:
+                return
+            return
+        annotated = [a for a in inputs if a in self.layout and isinstance(self.layout[a], TokenLayout)]
+        if not annotated:
+            grid_args = [a for a in inputs if a in self.grid_values]
+            if grid_args and self.analysis is None:
+                self.visit_grid(node, grid_args)
+            self.counts["untouched"] += 1
+            return
+        packet = _packet(node)
+        if packet in _SKIPPED:
+            return
+        handler = _TOKEN_RULES.get(packet)
+        if handler is None and isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
+            handler = _pointwise
+        if handler is None:
+            self.refuse(node, "no token rule for this operator: the pass cannot tell whether it mixes image tokens")
+        result = handler(self, node)
+        if result is not None:
+            self.layout[node] = result
+            self.counts["token_wise"] += 1
+
+    def visit_output(self, node: fx.Node) -> None:
+        leaves = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+        for leaf in leaves:
+            if isinstance(leaf, fx.Node) and isinstance(self.layout.get(leaf), TokenLayout):
+                self.densify(leaf, node)
+        a = self.analysis
+        if a is None:
+            return
+        for i, leaf in enumerate(leaves):
+            if not _is_tensor(leaf):
+                continue
+            shape = _shape(leaf)
+            if a.grid is not None and len(shape) == 2 + len(a.grid.spatial_shape) \
+                    and shape[0] == a.batch_size and shape[2:] == a.grid.spatial_shape:
+                a.output_leaf = i
+                break
+            if a.grid is None and len(shape) == 3 and shape[:2] == (a.batch_size, a.num_tokens):
+                a.output_leaf = i
+                break
+        if a.output_leaf is None:
+            raise UnsupportedModelError(
+                "no output has the latent's layout ([B, C, *spatial] matching the latent, or [B, N, C] for "
+                "token latents), so the next active tokens cannot be scored from the prediction")
+
+    # -- sites --------------------------------------------------------------------------
+    def add_cache(self, node: fx.Node, kind: str, layout: TokenLayout) -> str:
+        a = self.analysis
+        if layout.batch_dim is None and self.batch_size > 1:
+            self.refuse(node, "the batch axis of this token tensor is merged with another axis; "
+                              "rows cannot be cached per sample")
+        name = f"ras_cache_{len(a.caches)}_{kind}"
+        a.caches.append(CacheSite(name, node.name, kind, layout, _shape(node), _val(node).dtype))
+        return name
+
+    def densify(self, value: fx.Node, consumer: fx.Node) -> None:
+        a = self.analysis
+        existing = [c for c in a.caches if c.node == value.name and c.kind == "activation"]
+        name = existing[0].name if existing else self.add_cache(value, "activation", self.layout[value])
+        a.densify_at[f"{consumer.name}:{value.name}"] = name
+        self.counts["densified"] += 1
+
+    def side_input(self, node: fx.Node, arg_index: int, layout: TokenLayout, rank: int) -> None:
+        self.analysis.side_inputs.append(SideInput(node.name, arg_index, layout, rank))
+        self.counts["side_inputs_gathered"] += 1
+
+
+# ---- token rules: each returns the output layout (or a list for multi-output ops) ---------
+
+def _layout(an: _Analyzer, node) -> TokenLayout | None:
+    v = an.layout.get(node)
+    return v if isinstance(v, TokenLayout) else None
+
+
+def _align(layout: TokenLayout, from_rank: int, to_rank: int) -> TokenLayout:
+    shift = to_rank - from_rank
+    return layout.shifted(token_dim=layout.token_dim + shift,
+                          batch_dim=None if layout.batch_dim is None else layout.batch_dim + shift)
+
+
+def _pointwise(an: _Analyzer, node: fx.Node):
+    out_rank = len(_shape(node))
+    result = None
+    operands = [(i, a) for i, a in enumerate(node.args) if _is_tensor(a)]
+    for _, arg in operands:
+        lay = _layout(an, arg)
+        if lay is None:
+            continue
+        aligned = _align(lay, len(_shape(arg)), out_rank)
+        if result is None:
+            result = aligned
+        elif (aligned.token_dim, aligned.offset, aligned.length) != (result.token_dim, result.offset, result.length):
+            an.refuse(node, "operands carry image tokens on different axes or at different offsets")
+        elif result.batch_dim is None:
+            result = aligned
+    for i, arg in operands:
+        if _layout(an, arg) is not None:
+            continue
+        shape = _shape(arg)
+        pos = result.token_dim - (out_rank - len(shape))
+        if pos >= 0 and shape[pos] != 1:
+            if shape[pos] != result.length:
+                an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length {result.length}")
+            an.side_input(node, i, result, out_rank)
+    return result
+
+
+def _same_shape(an, node):
+    return _layout(an, node.args[0])
+
+
+def _view(an: _Analyzer, node: fx.Node):
+    src = node.args[0]
+    lay = _layout(an, src)
+    in_shape, out_shape = _shape(src), _shape(node)
+    token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
+    if token_dim is None:
+        if lay.offset == 0 and lay.length == an.analysis.num_tokens:
+            an.densify(src, node)  # the token axis ends here (unpatchify): run it on the full cache
+            return None
+        an.refuse(node, "a view that splits or merges a joint (text + image) token axis")
+    batch_dim = None
+    if lay.batch_dim is not None:
+        batch_dim = _map_dim_through_view(in_shape, out_shape, lay.batch_dim)
+        if batch_dim is None and an.batch_size > 1:
+            an.refuse(node, "a view that merges the batch axis with the token axis or another axis")
+    return lay.shifted(token_dim=token_dim, batch_dim=batch_dim)
+
+
+def _permute_like(an, node, order):
+    lay = _layout(an, node.args[0])
+    return lay.shifted(token_dim=order.index(lay.token_dim),
+                       batch_dim=None if lay.batch_dim is None else order.index(lay.batch_dim))
+
+
+def _permute(an, node):
+    rank = len(_shape(node))
+    return _permute_like(an, node, [_norm_dim(d, rank) for d in node.args[1]])
+
+
+def _transpose(an, node):
+    rank = len(_shape(node))
+    if _packet(node) is aten.t:
+        a, b = 0, rank - 1
+    else:
+        a, b = (_norm_dim(d, rank) for d in node.args[1:3])
+    order = list(range(rank))
+    order[a], order[b] = order[b], order[a]
+    return _permute_like(an, node, order)
+
+
+def _unsqueeze(an, node):
+    lay = _layout(an, node.args[0])
+    d = _norm_dim(node.args[1], len(_shape(node)))
+    bump = lambda x: None if x is None else (x + 1 if x >= d else x)
+    return lay.shifted(token_dim=bump(lay.token_dim), batch_dim=bump(lay.batch_dim))
+
+
+def _squeeze(an, node):
+    lay = _layout(an, node.args[0])
+    in_shape = _shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(in_shape) if s == 1]
+    dims = [dims] if isinstance(dims, int) else dims
+    removed = {_norm_dim(d, len(in_shape)) for d in dims if in_shape[_norm_dim(d, len(in_shape))] == 1}
+    drop = lambda x: None if x is None or x in removed else x - sum(1 for r in removed if r < x)
+    return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
+
+
+def _expand(an, node):
+    src = node.args[0]
+    return _align(_layout(an, src), len(_shape(src)), len(_shape(node)))
+
+
+def _linear(an, node):
+    lay = _layout(an, node.args[0])
+    if any(_layout(an, a) is not None for a in node.args[1:] if isinstance(a, fx.Node)):
+        an.refuse(node, "a weight operand carries image tokens")
+    if lay.token_dim == len(_shape(node.args[0])) - 1:
+        an.refuse(node, "a projection over the token axis mixes image tokens")
+    return lay
+
+
+def _matmul(an, node):
+    left, right = node.args[0], node.args[1]
+    if _layout(an, right) is not None:
+        an.refuse(node, "a matrix product whose right operand carries image tokens (hand-written attention "
+                        "or token mixing) is not supported yet; use scaled_dot_product_attention")
+    return _linear(an, node)
+
+
+def _layer_norm(an, node):
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    if lay.token_dim >= rank - len(node.args[1]):
+        an.refuse(node, "a normalisation over the token axis mixes image tokens")
+    return lay
+
+
+def _rms_norm(an, node):
+    return _layer_norm(an, node)
+
+
+def _reduction(an, node):
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or dims == []:
+        an.refuse(node, "a reduction over every axis, including the token axis, mixes image tokens")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = {_norm_dim(d, rank) for d in dims}
+    if lay.token_dim in dims:
+        an.refuse(node, "a reduction (mean/sum/norm/...) over the token axis mixes image tokens")
+    keep = len(_shape(node)) == rank
+    if keep:
+        return lay
+    drop = lambda x: None if x is None or x in dims else x - sum(1 for r in dims if r < x)
+    return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
+
+
+def _softmax(an, node):
+    lay = _layout(an, node.args[0])
+    if _norm_dim(node.args[1], len(_shape(node))) == lay.token_dim:
+        an.refuse(node, "a softmax over the token axis mixes image tokens (hand-written attention?)")
+    return lay
+
+
+def _slice_bounds(length, start, end):
+    start = 0 if start is None else (start + length if start < 0 else start)
+    end = length if end is None else (end + length if end < 0 else end)
+    return max(0, min(start, length)), max(0, min(end, length))
+
+
+def _piece_layout(an, node, lay: TokenLayout, start: int, end: int) -> TokenLayout | None:
+    """Layout of rows [start, end) of the token axis (None: no image rows in it)."""
+    lo, hi = lay.offset, lay.offset + an.analysis.num_tokens
+    if end <= lo or start >= hi:
+        return None
+    if start <= lo and end >= hi:
+        return lay.shifted(offset=lo - start, length=end - start)
+    an.refuse(node, "a slice that cuts through the image tokens of the token axis")
+
+
+def _slice(an, node):
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    args = list(node.args) + [None] * 4
+    dim = _norm_dim(args[1] if args[1] is not None else 0, rank)
+    if dim != lay.token_dim:
+        return lay
+    if args[4] not in (None, 1):
+        an.refuse(node, "a strided slice along the token axis")
+    start, end = _slice_bounds(lay.length, args[2], args[3])
+    return _piece_layout(an, node, lay, start, end)
+
+
+def _split(an, node):
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    packet = _packet(node)
+    dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = _norm_dim(dim_arg, rank)
+    outs = node.meta["val"]
+    if dim != lay.token_dim:
+        return [lay for _ in outs]
+    sizes = [int(v.shape[dim]) for v in outs]
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(_piece_layout(an, node, lay, start, start + size))
+        start += size
+    return pieces
+
+
+def _unbind(an, node):
+    lay = _layout(an, node.args[0])
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
+    if dim == lay.token_dim:
+        an.refuse(node, "unbind along the token axis")
+    drop = lambda x: None if x is None else (x - 1 if x > dim else x)
+    return [lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim)) for _ in node.meta["val"]]
+
+
+def _cat(an, node):
+    tensors = node.args[0]
+    rank = len(_shape(node))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
+    annotated = [(i, t) for i, t in enumerate(tensors) if _layout(an, t) is not None]
+    first = _layout(an, annotated[0][1])
+    if dim == first.token_dim:
+        if len(annotated) > 1:
+            an.refuse(node, "two image-token sequences concatenated on the token axis")
+        index = annotated[0][0]
+        before = sum(_shape(t)[dim] for t in tensors[:index])
+        return first.shifted(offset=first.offset + before, length=_shape(node)[dim])
+    for i, t in enumerate(tensors):
+        lay = _layout(an, t)
+        if lay is None:
+            if _shape(t)[first.token_dim] != 1:
+                an.side_input(node, i, first, rank)
+        elif (lay.token_dim, lay.offset, lay.length) != (first.token_dim, first.offset, first.length):
+            an.refuse(node, "concatenated tensors carry image tokens on different axes")
+    return first
+
+
+def _sdpa(an: _Analyzer, node: fx.Node):
+    q, k, v = node.args[:3]
+    lq, lk, lv = _layout(an, q), _layout(an, k), _layout(an, v)
+    if (lk is None) != (lv is None):
+        an.refuse(node, "keys and values disagree on carrying image tokens")
+    is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    if is_causal and lk is not None:
+        an.refuse(node, "causal attention over image tokens")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and _layout(an, mask) is not None:
+        an.refuse(node, "an attention mask computed from image tokens")
+    if isinstance(mask, fx.Node) and (lq is not None or lk is not None):
+        ms = _shape(mask)
+        rank = len(_shape(q))
+        qd = rank - 2 - (rank - len(ms))
+        if lq is not None and qd >= 0 and ms[qd] != 1:
+            an.side_input(node, 3, lq, rank)  # gather the mask's query rows
+        if lk is not None and not an.policy_kv_cache and ms[-1] != 1:
+            an.refuse(node, "a key mask with the K/V cache switched off")
+    if lk is not None:
+        if lq is not None and lq.token_dim != len(_shape(q)) - 2:
+            an.refuse(node, "queries whose token axis is not the sequence axis")
+        an.analysis.attention.append(node.name)
+        an.counts["attention_cached_kv"] += 1
+        if an.policy_kv_cache:
+            an.add_cache(k, "key", lk)
+            an.add_cache(v, "value", lv)
+    else:
+        an.analysis.cross_attention.append(node.name)
+        an.counts["cross_attention"] += 1
+    if lq is None:
+        return None
+    return lq
+
+
+_TOKEN_RULES = {
+    aten.view: _view, aten.reshape: _view, aten._unsafe_view: _view, aten.flatten: _view, aten.unflatten: _view,
+    aten.permute: _permute, aten.transpose: _transpose, aten.t: _transpose,
+    aten.unsqueeze: _unsqueeze, aten.squeeze: _squeeze, aten.expand: _expand,
+    aten.linear: _linear, aten.matmul: _matmul, aten.mm: _matmul, aten.bmm: _matmul,
+    aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
+    aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
+    aten.unbind: _unbind, aten.cat: _cat,
+    aten.scaled_dot_product_attention: _sdpa,
+    **{p: _reduction for p in _REDUCTIONS},
+    **{p: _softmax for p in _SOFTMAX},
+    **{p: _same_shape for p in _SAME_SHAPE},
+}
+
+
+def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True) -> TokenAnalysis:
+    """Analyse ``gm`` (an exported graph with shapes in ``node.meta['val']``)."""
+    analyzer = _Analyzer(gm, latent)
+    analyzer.policy_kv_cache = kv_cache
+    return analyzer.run()

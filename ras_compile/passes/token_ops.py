@@ -1,0 +1,76 @@
+"""Tensor functions the rewritten graphs call to move image-token rows.
+
+They are plain torch code so Dynamo traces straight through them and Inductor
+fuses them with their neighbours. Every function works on an arbitrary
+(batch axis, token axis) pair so that the passes never need to permute a
+tensor into a canonical layout first.
+
+A *position map* ``pos`` is an int64 tensor ``[B, L']``: row ``j`` of the sparse
+token axis of sample ``b`` holds dense row ``pos[b, j]``. For the image-only axis
+it is the active index itself; for a joint axis (text + image) it is the text
+rows followed or preceded by the shifted active index (see ``dense_positions``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dense_positions(index: torch.Tensor, offset: int, dense_length: int, num_tokens: int) -> torch.Tensor:
+    """Dense row of every sparse row of an axis whose image tokens sit at ``[offset, offset + num_tokens)``."""
+    if offset == 0 and dense_length == num_tokens:
+        return index
+    batch = index.shape[0]
+    parts = []
+    if offset > 0:
+        parts.append(torch.arange(offset, device=index.device, dtype=index.dtype).expand(batch, offset))
+    parts.append(index + offset)
+    tail = dense_length - offset - num_tokens
+    if tail > 0:
+        parts.append(
+            torch.arange(offset + num_tokens, dense_length, device=index.device, dtype=index.dtype).expand(batch, tail)
+        )
+    return torch.cat(parts, dim=1)
+
+
+def _batch_arange(pos: torch.Tensor) -> torch.Tensor:
+    return torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
+
+
+def gather_tokens(x: torch.Tensor, pos: torch.Tensor, batch_dim: int | None, token_dim: int, rank: int) -> torch.Tensor:
+    """Rows ``pos`` of ``x`` along ``token_dim``, per sample.
+
+    ``x`` may be a side input that only broadcasts against the token tensor it
+    joins (a ``[1, N, D]`` position table, a ``[N, d]`` RoPE table): it is first
+    given the joined tensor's ``rank`` and its batch axis is expanded to ``B``.
+    """
+    while x.dim() < rank:
+        x = x.unsqueeze(0)
+    if batch_dim is None:  # a batch of one whose tensors carry no batch axis
+        return x.movedim(token_dim, 0)[pos[0]].movedim(0, token_dim)
+    moved = x.movedim((batch_dim, token_dim), (0, 1))
+    batch = pos.shape[0]
+    if moved.shape[0] != batch:
+        moved = moved.expand(batch, *moved.shape[1:])
+    gathered = moved[_batch_arange(pos), pos]
+    return gathered.movedim((0, 1), (batch_dim, token_dim))
+
+
+def scatter_tokens_(cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, batch_dim: int | None, token_dim: int) -> torch.Tensor:
+    """Write ``rows`` into ``cache`` at dense rows ``pos`` (in place) and return ``cache``.
+
+    Duplicate positions in ``pos`` must carry identical rows (padding a bucket by
+    repeating an index does); which duplicate lands is then irrelevant.
+    """
+    if batch_dim is None:
+        cache.movedim(token_dim, 0)[pos[0]] = rows.movedim(token_dim, 0).to(cache.dtype)
+        return cache
+    target = cache.movedim((batch_dim, token_dim), (0, 1))
+    source = rows.movedim((batch_dim, token_dim), (0, 1))
+    target[_batch_arange(pos), pos] = source.to(cache.dtype)
+    return cache
+
+
+def fill_cache_(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Dense-step cache fill: the whole value becomes the cache."""
+    cache.copy_(value)
+    return cache

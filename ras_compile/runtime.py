@@ -1,0 +1,147 @@
+"""The module ``ras_compile`` returns: the model's signature, RAS inside.
+
+Per input signature (shapes, dtypes, non-tensor arguments) it captures the graph,
+analyses it, builds the dense and sparse variants and compiles both. Per call it
+asks the controller for the step's mode, runs the matching graph and hands the
+merged prediction back to the controller, which picks the next active set.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from math import prod
+
+import torch
+
+from .capture import Captured, call_arguments, export_model, latent_placeholder, signature_key
+from .controller import RASController
+from .errors import RASCallError, UnsupportedModelError
+from .passes.rewrite import dense_graph, sparse_graph
+from .passes.token_axis import TokenAnalysis, analyze_tokens
+from .policy import RASPolicy
+
+BACKENDS_WITHOUT_DYNAMO = (None, "none")
+
+
+def compile_graph(gm: torch.fx.GraphModule, backend):
+    if backend in BACKENDS_WITHOUT_DYNAMO:
+        return gm
+    return torch.compile(gm, backend=backend, fullgraph=True)
+
+
+def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
+    """The merged prediction as ``[B, N, S, C]``: token, position inside its patch, channel."""
+    if analysis.grid is None:
+        return prediction.unsqueeze(2)
+    grid = analysis.grid
+    batch, channels = prediction.shape[:2]
+    split = [batch, channels]
+    for cells, patch in zip(grid.grid_shape, grid.patch_size):
+        split += [cells, patch]
+    spatial = len(grid.grid_shape)
+    order = [0] + [2 + 2 * i for i in range(spatial)] + [3 + 2 * i for i in range(spatial)] + [1]
+    return prediction.reshape(split).permute(order).reshape(batch, grid.num_tokens, prod(grid.patch_size), channels)
+
+
+class RASModule(torch.nn.Module):
+    """``model`` with Region-Adaptive Sampling; attributes not defined here are the model's."""
+
+    def __init__(self, model: torch.nn.Module, policy: RASPolicy, *, backend="inductor",
+                 latent_arg: str | None = None, timestep_arg: str | None = None):
+        super().__init__()
+        self.model = model
+        self.ras_policy = policy
+        self.ras_backend = backend
+        self.ras_controller = RASController(policy)
+        self._signature = inspect.signature(model.forward)
+        params = list(self._signature.parameters)
+        self._latent_arg = latent_arg or ("hidden_states" if "hidden_states" in params else params[0])
+        self._timestep_arg = timestep_arg or ("timestep" if "timestep" in params else None)
+        for name, role in ((self._latent_arg, "latent_arg"), (timestep_arg, "timestep_arg")):
+            if name is not None and name not in params:
+                raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
+                                 f"(its arguments: {', '.join(params)})")
+        self._captures: dict = {}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    # -- capture ---------------------------------------------------------------------------
+    def ras_captured(self, call: dict) -> Captured:
+        key = signature_key(call)
+        captured = self._captures.get(key)
+        if captured is None:
+            captured = self._capture(key, call)
+            self._captures[key] = captured
+        return captured
+
+    def _capture(self, key, call: dict) -> Captured:
+        latent = call.get(self._latent_arg)
+        if not isinstance(latent, torch.Tensor):
+            raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got {type(latent).__name__}; "
+                               "pass latent_arg= to ras_compile to name another argument")
+        try:
+            program = export_model(self.model, call)
+            name = latent_placeholder(program, self._latent_arg)
+            gm = program.graph_module
+            latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+            analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
+        except UnsupportedModelError as exc:
+            if self.ras_policy.on_unsupported != "fallback":
+                raise
+            warnings.warn(f"{exc} Running the dense compiled model instead.", stacklevel=3)
+            dense = compile_graph(self.model, self.ras_backend) if self.ras_backend not in BACKENDS_WITHOUT_DYNAMO \
+                else self.model
+            return Captured(key, None, self._latent_arg, fallback=dense)
+        captured = Captured(key, program, name, analysis=analysis)
+        captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend)
+        captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend)
+        return captured
+
+    # -- call ------------------------------------------------------------------------------
+    def _timestep_value(self, call: dict) -> float | None:
+        if self._timestep_arg is None:
+            return None
+        t = call.get(self._timestep_arg)
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0]) if t.numel() else None
+        return None if t is None else float(t)
+
+    def forward(self, *args, **kwargs):
+        call = call_arguments(self._signature, args, kwargs)
+        with torch.no_grad():
+            captured = self.ras_captured(call)
+            if captured.fallback is not None:
+                return self._run_fallback(captured, call)
+            return self._run(captured, call)
+
+    def _run_fallback(self, captured: Captured, call: dict):
+        c = self.ras_controller
+        c.step += 1
+        out = captured.fallback(**call)
+        return out
+
+    def _run(self, captured: Captured, call: dict):
+        analysis: TokenAnalysis = captured.analysis
+        latent = call[self._latent_arg]
+        mode, index = self.ras_controller.begin_step(
+            self._timestep_value(call), captured, analysis.num_tokens, analysis.batch_size, latent.device)
+        if not captured.caches:
+            captured.caches = [torch.empty(c.shape, dtype=c.dtype, device=latent.device) for c in analysis.caches]
+        inputs = captured.graph_inputs(call)
+        if mode == "dense":
+            flat = captured.dense(*inputs, *captured.caches)
+        else:
+            if index.shape[1] >= 2 and self.ras_backend not in BACKENDS_WITHOUT_DYNAMO:
+                torch._dynamo.mark_dynamic(index, 1, min=2)
+            flat = captured.sparse(*inputs, index, *captured.caches)
+        prediction = flat[analysis.output_leaf]
+        self.ras_controller.end_step(mode, prediction_patches(prediction, analysis))
+        return captured.outputs(flat)
+
+    def ras_analysis(self, *args, **kwargs) -> TokenAnalysis:
+        """The token-axis analysis for this call signature (captures if needed; runs nothing)."""
+        return self.ras_captured(call_arguments(self._signature, args, kwargs)).analysis
