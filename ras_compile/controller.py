@@ -69,12 +69,20 @@ class RASController:
         self._override = (mode, active_index)
 
     # -- per step --------------------------------------------------------------------------
-    def begin_step(self, timestep: float | None, owner, num_tokens: int, batch: int,
-                   device: torch.device) -> tuple[str, torch.Tensor | None]:
+    def _advance(self, timestep: float | None) -> None:
         if timestep is not None and self._previous_timestep is not None and timestep > self._previous_timestep:
             self.reset()
         self._previous_timestep = timestep
         self.step += 1
+
+    def fallback_step(self, timestep: float | None) -> None:
+        """A call served by the dense fallback model (token counts unknown: recorded as 0)."""
+        self._advance(timestep)
+        self.stats.append(StepStats(self.step, "fallback", 0, 0, timestep, "model unsupported"))
+
+    def begin_step(self, timestep: float | None, owner, num_tokens: int, batch: int,
+                   device: torch.device) -> tuple[str, torch.Tensor | None]:
+        self._advance(timestep)
         if owner is not self._owner:
             self._owner = owner
             self._caches_ready = False

@@ -43,6 +43,14 @@ def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> tor
     return prediction.reshape(split).permute(order).reshape(batch, grid.num_tokens, prod(grid.patch_size), channels)
 
 
+def _detach_from_caches(flat, caches) -> list:
+    """Outputs that are views of a cache (an unpatchify made only of views) are copied:
+    the next step writes into the cache and must not change what was returned."""
+    cache_storages = {c.untyped_storage().data_ptr() for c in caches}
+    return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in cache_storages else o
+            for o in flat]
+
+
 class RASModule(torch.nn.Module):
     """``model`` with Region-Adaptive Sampling; attributes not defined here are the model's."""
 
@@ -119,10 +127,8 @@ class RASModule(torch.nn.Module):
             return self._run(captured, call)
 
     def _run_fallback(self, captured: Captured, call: dict):
-        c = self.ras_controller
-        c.step += 1
-        out = captured.fallback(**call)
-        return out
+        self.ras_controller.fallback_step(self._timestep_value(call))
+        return captured.fallback(**call)
 
     def _run(self, captured: Captured, call: dict):
         analysis: TokenAnalysis = captured.analysis
@@ -136,8 +142,9 @@ class RASModule(torch.nn.Module):
             flat = captured.dense(*inputs, *captured.caches)
         else:
             if index.shape[1] >= 2 and self.ras_backend not in BACKENDS_WITHOUT_DYNAMO:
-                torch._dynamo.mark_dynamic(index, 1, min=2)
+                torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *captured.caches)
+        flat = _detach_from_caches(flat, captured.caches)
         prediction = flat[analysis.output_leaf]
         self.ras_controller.end_step(mode, prediction_patches(prediction, analysis))
         return captured.outputs(flat)

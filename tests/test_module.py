@@ -1,0 +1,179 @@
+"""The compiled module as a user sees it: signature, outputs, steps, refusals, several models."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from families import Case, flow_sigmas, prediction_of, timestep_for
+from plain_dits import PlainDiT
+from ras_compile import RASCallError, RASPolicy, UnsupportedModelError, ras_compile
+
+SD3 = Case("sd3", layers=1, heads=2, head_dim=8, patch=2, height=8, width=12, batch=2)
+
+
+def _run_loop(ras, kwargs, steps):
+    latent = kwargs["hidden_states"]
+    sigmas = flow_sigmas(steps)
+    for i in range(steps):
+        pred = prediction_of(ras(**dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], latent.shape[0]))))
+        latent = latent + (sigmas[i + 1] - sigmas[i]) * pred
+    return latent
+
+
+def test_outputs_keep_the_models_types():
+    model = SD3.build()
+    ras = ras_compile(model, RASPolicy(), backend=None)
+    kwargs = SD3.inputs(model)
+    out = ras(**dict(kwargs, return_dict=True))
+    assert type(out) is type(model(**dict(kwargs, return_dict=True)))
+    torch.testing.assert_close(out.sample, model(**kwargs)[0])
+    tup = ras(**kwargs)
+    assert isinstance(tup, tuple) and len(tup) == 1
+
+
+def test_positional_and_keyword_calls_agree_and_attributes_are_the_models():
+    model = PlainDiT()
+    ras = ras_compile(model, RASPolicy(), backend=None)
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 999.0)
+    torch.testing.assert_close(ras(x, t), model(x, t))
+    torch.testing.assert_close(ras(hidden_states=x, timestep=t), model(x, t))
+    assert ras.patch == model.patch and ras.model is model
+
+
+def test_schedule_of_modes_and_active_counts_over_a_loop():
+    model = SD3.build()
+    policy = RASPolicy(sample_ratio=0.25, warmup_steps=2, reset_steps=(5,), end_step=8)
+    ras = ras_compile(model, policy, backend=None)
+    _run_loop(ras, SD3.inputs(model), steps=10)
+    stats = ras.ras_controller.stats
+    n = SD3.num_tokens
+    assert [s.step for s in stats] == list(range(10))
+    for s in stats:
+        dense = s.step < 2 or s.step == 5 or s.step >= 8
+        assert s.mode == ("dense" if dense else "sparse"), s
+        assert s.active_tokens == (n if dense else policy.active_tokens(s.step, n))
+    assert stats[0].reason == "warm-up" and stats[5].reason == "reset step" and stats[9].reason == "after end step"
+
+
+def test_a_new_generation_starts_when_the_timestep_goes_up_and_on_reset():
+    model = SD3.build()
+    ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    kwargs = SD3.inputs(model)
+    _run_loop(ras, kwargs, steps=3)
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
+    _run_loop(ras, kwargs, steps=2)  # timestep back at 1000: step 0 again
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse"]
+    ras.ras_controller.reset()
+    ras(**dict(kwargs, timestep=timestep_for(0.1, SD3.batch)))
+    assert ras.ras_controller.stats[0].step == 0 and ras.ras_controller.stats[0].mode == "dense"
+
+
+def test_resolution_change_between_generations_recaptures_and_stays_exact():
+    model = SD3.build()
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
+    for height, width in [(8, 12), (12, 8), (8, 12)]:
+        case = Case("sd3", 1, 2, 8, 2, height, width, 2)
+        kwargs = case.inputs(model)
+        torch.testing.assert_close(_run_loop(ras, kwargs, 3), _run_loop(model, kwargs, 3), rtol=1e-5, atol=1e-5)
+        assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
+
+
+def test_resolution_change_inside_a_generation_runs_dense_instead_of_reading_stale_caches():
+    model = SD3.build()
+    ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    small = SD3.inputs(model)
+    ras(**dict(small, timestep=timestep_for(1.0, 2)))
+    big = Case("sd3", 1, 2, 8, 2, 12, 12, 2).inputs(model)
+    out = ras(**dict(big, timestep=timestep_for(0.9, 2)))
+    assert ras.ras_controller.stats[-1].mode == "dense"
+    assert ras.ras_controller.stats[-1].reason == "caches empty"
+    torch.testing.assert_close(prediction_of(out), prediction_of(model(**dict(big, timestep=timestep_for(0.9, 2)))))
+
+
+def test_two_compiled_models_in_one_process_keep_separate_state():
+    model_a, model_b = SD3.build(), Case("sd3", 1, 2, 8, 2, 8, 12, 2, seed=1).build()
+    ras_a = ras_compile(model_a, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=()), backend=None)
+    ras_b = ras_compile(model_b, RASPolicy(sample_ratio=0.25, warmup_steps=2, reset_steps=()), backend=None)
+    kw_a, kw_b = SD3.inputs(model_a, seed=1), SD3.inputs(model_b, seed=2)
+    solo = ras_compile(model_a, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=()), backend=None)
+    expected = _run_loop(solo, kw_a, 4)
+    latents_a, latents_b = kw_a["hidden_states"], kw_b["hidden_states"]
+    sigmas = flow_sigmas(4)
+    for i in range(4):  # interleaved calls, as two pipelines in one server would make
+        pa = prediction_of(ras_a(**dict(kw_a, hidden_states=latents_a, timestep=timestep_for(sigmas[i], 2))))
+        pb = prediction_of(ras_b(**dict(kw_b, hidden_states=latents_b, timestep=timestep_for(sigmas[i], 2))))
+        latents_a = latents_a + (sigmas[i + 1] - sigmas[i]) * pa
+        latents_b = latents_b + (sigmas[i + 1] - sigmas[i]) * pb
+    torch.testing.assert_close(latents_a, expected)
+    assert [s.active_tokens for s in ras_b.ras_controller.stats][2:] == [SD3.num_tokens // 4] * 2
+
+
+def test_kv_cache_off_lets_active_tokens_attend_only_to_each_other():
+    model = PlainDiT()
+    x, t = torch.randn(1, 4, 8, 8), torch.full((1,), 999.0)
+    with_cache = ras_compile(model, RASPolicy(kv_cache=True), backend=None)
+    without = ras_compile(model, RASPolicy(kv_cache=False), backend=None)
+    idx = torch.tensor([[0, 5, 9, 15]])
+    outs = []
+    for ras in (with_cache, without):
+        ras(x, t)
+        ras.ras_controller.override_next_step("sparse", idx)
+        outs.append(ras(x, t))
+    torch.testing.assert_close(outs[0], model(x, t))  # full K/V from the cache: the dense output
+    assert not torch.allclose(outs[1], model(x, t), atol=1e-4)  # attends to 4 tokens only
+
+
+def test_a_plain_pytorch_dit_nobody_wrote_rules_for_is_handled():
+    model = PlainDiT(depth=3, patch=2)
+    ras = ras_compile(model, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=()), backend="aot_eager")
+    x, t = torch.randn(2, 4, 8, 12), torch.full((2,), 999.0)
+    analysis = ras.ras_analysis(x, t)
+    assert analysis.num_tokens == 24 and len(analysis.attention) == 3
+    dense = ras(x, t)
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[1, 2, 3], [4, 20, 23]]))
+    torch.testing.assert_close(ras(x, t), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer,op,why", [("mean", "aten.mean.dim", "reduction"),
+                                          ("manual_attention", "aten.matmul.default", "right operand")])
+def test_a_token_mixing_op_is_refused_with_node_op_and_reason(mixer, op, why):
+    ras = ras_compile(PlainDiT(token_mixer=mixer), RASPolicy(), backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(torch.randn(1, 4, 8, 8), torch.full((1,), 999.0))
+    assert info.value.op == op and info.value.node
+    assert why in str(info.value) and "on_unsupported='fallback'" in str(info.value)
+
+
+def test_fallback_runs_the_dense_model_with_a_warning():
+    model = PlainDiT(token_mixer="mean")
+    ras = ras_compile(model, RASPolicy(on_unsupported="fallback"), backend=None)
+    x, t = torch.randn(1, 4, 8, 8), torch.full((1,), 999.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ras(x, t)
+    assert any("dense" in str(w.message) and "reduction" in str(w.message) for w in caught)
+    torch.testing.assert_close(out, model(x, t))
+    assert ras.ras_controller.stats[-1].mode == "fallback"
+
+
+def test_bad_arguments_get_clear_errors():
+    model = PlainDiT()
+    with pytest.raises(TypeError, match="RASPolicy"):
+        ras_compile(model, {"sample_ratio": 0.5})
+    with pytest.raises(ValueError, match="backend"):
+        ras_compile(model, RASPolicy(), backend="tensorrt-please")
+    with pytest.raises(ValueError, match="latent_arg='x'"):
+        ras_compile(model, RASPolicy(), latent_arg="x")
+    ras = ras_compile(model, RASPolicy(), backend=None)
+    with pytest.raises(RASCallError, match="does not accept"):
+        ras(torch.randn(1, 4, 8, 8), torch.ones(1), torch.ones(1))
+    with pytest.raises(RASCallError, match="dense step"):
+        ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 1]]))
+        ras(torch.randn(1, 4, 8, 8), torch.ones(1))
+    ras.ras_controller.reset()
+    ras(torch.randn(1, 4, 8, 8), torch.ones(1))
+    with pytest.raises(RASCallError, match=r"\[0, 16\)"):
+        ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 16]]))
+        ras(torch.randn(1, 4, 8, 8), torch.ones(1))
