@@ -199,7 +199,7 @@ class _SparseBuilder:
         lay = side.layout
         gather = lambda value: self.graph.call_function(
             token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
-        if _packet(node) is aten.cat:
+        if _packet(node) in (aten.cat, aten.stack):
             tensors = list(args[0])
             tensors[side.arg_index] = gather(tensors[side.arg_index])
             args[0] = tensors

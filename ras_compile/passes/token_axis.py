@@ -554,6 +554,22 @@ def _cat(an, node):
     return first
 
 
+def _stack(an, node):
+    tensors = node.args[0]
+    rank = len(_shape(node))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
+    first = _layout(an, next(t for t in tensors if _layout(an, t) is not None))
+    bump = lambda x: None if x is None else (x + 1 if x >= dim else x)
+    for i, t in enumerate(tensors):
+        lay = _layout(an, t)
+        if lay is None:
+            if _shape(t)[first.token_dim] != 1:
+                an.side_input(node, i, first, rank - 1)
+        elif (lay.token_dim, lay.offset, lay.length) != (first.token_dim, first.offset, first.length):
+            an.refuse(node, "stacked tensors carry image tokens on different axes")
+    return first.shifted(token_dim=bump(first.token_dim), batch_dim=bump(first.batch_dim))
+
+
 def _sdpa(an: _Analyzer, node: fx.Node):
     q, k, v = node.args[:3]
     lq, lk, lv = _layout(an, q), _layout(an, k), _layout(an, v)
@@ -596,7 +612,7 @@ _TOKEN_RULES = {
     aten.linear: _linear, aten.matmul: _matmul, aten.mm: _matmul, aten.bmm: _matmul,
     aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
     aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
-    aten.unbind: _unbind, aten.cat: _cat,
+    aten.unbind: _unbind, aten.cat: _cat, aten.stack: _stack,
     aten.scaled_dot_product_attention: _sdpa,
     **{p: _reduction for p in _REDUCTIONS},
     **{p: _softmax for p in _SOFTMAX},
