@@ -5,10 +5,11 @@
 """
 from .api import ras_compile
 from .controller import RASController, StepStats
+from .explain import Explanation, explain
 from .errors import RASCallError, RASError, UnsupportedModelError
 from .policy import RASPolicy
 from .runtime import RASModule
 
-__all__ = ["ras_compile", "RASPolicy", "RASModule", "RASController", "StepStats", "RASError",
+__all__ = ["ras_compile", "RASPolicy", "explain", "Explanation", "RASModule", "RASController", "StepStats", "RASError",
            "RASCallError", "UnsupportedModelError"]
 __version__ = "0.1.0"

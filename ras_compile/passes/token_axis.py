@@ -82,7 +82,8 @@ class TokenAnalysis:
     attention: list[str] = field(default_factory=list)         # SDPA nodes whose K/V are cached
     cross_attention: list[str] = field(default_factory=list)   # SDPA nodes with token queries only
     caches: list[CacheSite] = field(default_factory=list)
-    densify_at: dict[str, str] = field(default_factory=dict)   # consumer node -> cache site name
+    densify_at: dict[str, str] = field(default_factory=dict)   # "consumer:value" -> cache site name
+    densify_reasons: dict[str, str] = field(default_factory=dict)  # "consumer:value" -> why
     side_inputs: list[SideInput] = field(default_factory=list)
     output_leaf: int | None = None     # which flat output is the latent-shaped prediction
     counts: dict[str, int] = field(default_factory=dict)
@@ -276,7 +277,7 @@ class _Analyzer:
         leaves = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
         for leaf in leaves:
             if isinstance(leaf, fx.Node) and isinstance(self.layout.get(leaf), TokenLayout):
-                self.densify(leaf, node)
+                self.densify(leaf, node, "a graph output carries image tokens")
         a = self.analysis
         if a is None:
             return
@@ -306,8 +307,9 @@ class _Analyzer:
         a.caches.append(CacheSite(name, node.name, kind, layout, _shape(node), _val(node).dtype))
         return name
 
-    def densify(self, value: fx.Node, consumer: fx.Node) -> None:
+    def densify(self, value: fx.Node, consumer: fx.Node, reason: str) -> None:
         a = self.analysis
+        a.densify_reasons[f"{consumer.name}:{value.name}"] = reason
         existing = [c for c in a.caches if c.node == value.name and c.kind == "activation"]
         name = existing[0].name if existing else self.add_cache(value, "activation", self.layout[value])
         a.densify_at[f"{consumer.name}:{value.name}"] = name
@@ -369,7 +371,7 @@ def _view(an: _Analyzer, node: fx.Node):
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
     if token_dim is None:
         if lay.offset == 0 and lay.length == an.analysis.num_tokens:
-            an.densify(src, node)  # the token axis ends here (unpatchify): run it on the full cache
+            an.densify(src, node, "the token axis is split back into the latent grid (unpatchify)")
             return None
         an.refuse(node, "a view that splits or merges a joint (text + image) token axis")
     batch_dim = None

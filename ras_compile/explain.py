@@ -1,0 +1,143 @@
+"""``explain``: what the pass would do to a model, without running it.
+
+It captures and analyses the model on example inputs, then reports the token source
+and where the token axis ends, how many nodes fall in each class, which attention
+nodes read cached K/V, which side inputs are gathered, what is densified and why,
+and the FLOPs of a sparse step at a given ratio as a fraction of a dense step
+(counted by ``torch.utils.flop_counter`` on fake tensors: nothing is computed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .passes.token_axis import TokenAnalysis
+from .policy import RASPolicy
+
+
+@dataclass
+class Explanation:
+    model: str
+    num_tokens: int
+    batch_size: int
+    patch_size: tuple[int, ...] | None
+    grid_shape: tuple[int, ...] | None
+    source: str
+    densified: list[tuple[str, str, str]]   # (value, consumer, reason)
+    attention_cached_kv: list[str]
+    cross_attention: list[str]
+    side_inputs: list[str]
+    counts: dict[str, int]
+    ratio: float
+    active_tokens: int
+    dense_flops: int
+    sparse_flops: int
+    caches: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+    @property
+    def flop_fraction(self) -> float:
+        """FLOPs of one sparse step at ``ratio`` over those of a dense step."""
+        return self.sparse_flops / self.dense_flops if self.dense_flops else float("nan")
+
+    def __str__(self) -> str:
+        latent = (f"grid {'x'.join(map(str, self.grid_shape))} of patches {'x'.join(map(str, self.patch_size))}"
+                  if self.grid_shape else "already a token sequence")
+        lines = [
+            f"{self.model}: {self.num_tokens} image tokens ({latent}), batch {self.batch_size}",
+            f"  token source: {self.source}",
+        ]
+        for value, consumer, reason in self.densified:
+            lines.append(f"  densified: {value} before {consumer} ({reason})")
+        lines.append("  nodes: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()))
+        lines.append(f"  attention over cached K/V ({len(self.attention_cached_kv)}): "
+                     + (", ".join(self.attention_cached_kv) or "none"))
+        if self.cross_attention:
+            lines.append(f"  cross-attention, token-wise ({len(self.cross_attention)}): " + ", ".join(self.cross_attention))
+        if self.side_inputs:
+            lines.append(f"  side inputs gathered ({len(self.side_inputs)}): " + ", ".join(self.side_inputs))
+        cache_bytes = sum(_numel(s) * torch.empty((), dtype=getattr(torch, d)).element_size() for _, s, d in self.caches)
+        lines.append(f"  caches: {len(self.caches)} tensors, {cache_bytes / 2**20:.2f} MiB")
+        lines.append(f"  sparse step at ratio {self.ratio:g} ({self.active_tokens} active tokens): "
+                     f"{self.flop_fraction:.3f} of a dense step's FLOPs")
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fake_inputs(graph: torch.fx.GraphModule, analysis: TokenAnalysis, k: int | None, mode: FakeTensorMode):
+    caches = {c.name: c for c in analysis.caches}
+    values = []
+    with mode:
+        for node in graph.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            if node.name in caches:
+                site = caches[node.name]
+                values.append(torch.empty(site.shape, dtype=site.dtype))
+            elif node.name == "ras_index":
+                values.append(torch.arange(k).expand(analysis.batch_size, k).contiguous())
+            else:
+                val = node.meta.get("val")
+                values.append(torch.empty(val.shape, dtype=val.dtype) if isinstance(val, torch.Tensor) else val)
+    return values
+
+
+def _count_flops(graph: torch.fx.GraphModule, inputs, mode: FakeTensorMode) -> int:
+    counter = FlopCounterMode(display=False)
+    with mode, counter:
+        graph(*inputs)
+    return counter.get_total_flops()
+
+
+def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, policy: RASPolicy,
+                   ratio: float) -> Explanation:
+    k = max(1, min(analysis.num_tokens, round(ratio * analysis.num_tokens)))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    dense_flops = _count_flops(dense, _fake_inputs(dense, analysis, None, mode), mode)
+    sparse_flops = _count_flops(sparse, _fake_inputs(sparse, analysis, k, mode), mode)
+    grid = analysis.grid
+    densified = []
+    for key in analysis.densify_at:
+        consumer, value = key.split(":")
+        densified.append((value, consumer, analysis.densify_reasons.get(key, "")))
+    return Explanation(
+        model=model_name, num_tokens=analysis.num_tokens, batch_size=analysis.batch_size,
+        patch_size=grid.patch_size if grid else None, grid_shape=grid.grid_shape if grid else None,
+        source=analysis.source, densified=densified,
+        attention_cached_kv=list(analysis.attention), cross_attention=list(analysis.cross_attention),
+        side_inputs=[f"{s.node}[{s.arg_index}]" for s in analysis.side_inputs],
+        counts=dict(analysis.counts), ratio=ratio, active_tokens=k,
+        dense_flops=dense_flops, sparse_flops=sparse_flops,
+        caches=[(c.name, c.shape, str(c.dtype).replace("torch.", "")) for c in analysis.caches],
+    )
+
+
+def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | None = None, *,
+            ratio: float | None = None, latent_arg: str | None = None, timestep_arg: str | None = None,
+            verbose: bool = True) -> Explanation:
+    """Analyse ``model`` on ``example_inputs`` (its forward's keyword arguments) and report.
+
+    ``ratio`` defaults to the policy's ``sample_ratio``. Raises
+    ``UnsupportedModelError`` (naming the node, the operator and why) for a model the
+    pass refuses, whatever ``policy.on_unsupported`` says.
+    """
+    from .capture import call_arguments
+    from .runtime import RASModule  # the module owns capture and rewriting
+
+    policy = policy or RASPolicy()
+    strict = RASPolicy(**{**policy.__dict__, "on_unsupported": "raise"})
+    module = RASModule(model, strict, backend=None, latent_arg=latent_arg, timestep_arg=timestep_arg)
+    captured = module.ras_captured(call_arguments(module._signature, (), dict(example_inputs)))
+    result = explanation_of(type(model).__name__, captured.analysis, captured.dense, captured.sparse, policy,
+                            policy.sample_ratio if ratio is None else ratio)
+    if verbose:
+        print(result)
+    return result
