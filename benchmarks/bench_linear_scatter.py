@@ -1,0 +1,167 @@
+"""Benchmark: K/V projection + cache write, unfused vs the fused Triton op.
+
+    python benchmarks/bench_linear_scatter.py              # needs a CUDA GPU
+    python benchmarks/bench_linear_scatter.py --quick      # one D, two k
+
+For every (D, k) it times, in bf16 with batch 2 and a cache of N = 4096 tokens:
+
+* `aten`:     `F.linear` (cuBLAS) then `index_copy_` into the cache (what the graph
+              does without the fused op);
+* `inductor`: the same two ops under `torch.compile` (Inductor; it cannot fuse the
+              scatter into the matmul epilogue, pytorch#143130 / #142315);
+* `fused`:    `torch.ops.ras_compile.linear_scatter_` (the Triton kernel, autotuned);
+* `gemm`:     `F.linear` alone, the floor an ideal fusion approaches;
+
+and, with the gather prologue (x is the full [B, N, D] sequence, `rows` = the active
+positions): `aten_gather` (index_select + linear + index_copy_) vs `fused_gather`.
+
+Writes `benchmarks/results/linear_scatter_<gpu>.json` and `.md`. Times are medians of
+`triton.testing.do_bench` (CUDA events, L2 flushed between runs), in microseconds.
+Every fused result is checked against the ATen result before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1536, 3072], help="D_in = D_out")
+    parser.add_argument("--ks", type=int, nargs="+", default=[512, 1024, 2048, 3072, 4096], help="active tokens")
+    parser.add_argument("--tokens", type=int, default=4096, help="N, the cache length")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
+    parser.add_argument("--quick", action="store_true", help="D 1536, k 512 and 2048 only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_linear_scatter: CUDA is not available on this machine; this benchmark times GPU "
+              "kernels and has nothing to measure without one. Run it in a session with a GPU.",
+              file=sys.stderr)
+        return 2
+    try:
+        import triton
+        from triton.testing import do_bench
+    except ImportError:
+        print("bench_linear_scatter: Triton is not installed.", file=sys.stderr)
+        return 2
+
+    from ras_compile.kernels import linear_scatter_
+    from ras_compile.kernels.linear_scatter import _linear_scatter_autotuned
+
+    if args.quick:
+        args.dims, args.ks = [1536], [512, 2048]
+    dtype = getattr(torch, args.dtype)
+    B, N = args.batch, args.tokens
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+
+    def aten(x, w, b, index, cache):
+        out = F.linear(x, w, b)
+        flat = (index + torch.arange(B, device=dev).unsqueeze(1) * N).flatten()
+        cache.view(B * N, -1).index_copy_(0, flat, out.reshape(B * index.shape[1], -1))
+        return cache
+
+    def aten_gather(x_full, w, b, index, cache):
+        x = torch.gather(x_full, 1, index.unsqueeze(-1).expand(-1, -1, x_full.shape[2]))
+        return aten(x, w, b, index, cache)
+
+    inductor = None if args.no_compile else torch.compile(aten, fullgraph=True, dynamic=False)
+
+    rows_out = []
+    for D in args.dims:
+        w = torch.randn(D, D, device=dev, dtype=dtype) / D ** 0.5
+        b = torch.randn(D, device=dev, dtype=dtype)
+        x_full = torch.randn(B, N, D, device=dev, dtype=dtype)
+        cache = torch.randn(B, N, D, device=dev, dtype=dtype)
+        for k in args.ks:
+            if k > N:
+                continue
+            index = torch.stack([torch.randperm(N, device=dev)[:k] for _ in range(B)])
+            x = torch.randn(B, k, D, device=dev, dtype=dtype)
+
+            want = aten(x, w, b, index, cache.clone())
+            got = linear_scatter_(x, w, b, index, cache.clone())  # also runs the autotuner
+            err = (got.float() - want.float()).abs().max().item()
+            want_g = aten_gather(x_full, w, b, index, cache.clone())
+            got_g = linear_scatter_(x_full, w, b, index, cache.clone(), rows=index)
+            err = max(err, (got_g.float() - want_g.float()).abs().max().item())
+            if err > 0.1:
+                print(f"bench_linear_scatter: fused result differs from ATen by {err} at D={D} k={k}",
+                      file=sys.stderr)
+                return 1
+            best = getattr(_linear_scatter_autotuned, "best_config", None)
+
+            t = {
+                "aten": do_bench(lambda: aten(x, w, b, index, cache)),
+                "fused": do_bench(lambda: linear_scatter_(x, w, b, index, cache)),
+                "gemm": do_bench(lambda: F.linear(x, w, b)),
+                "aten_gather": do_bench(lambda: aten_gather(x_full, w, b, index, cache)),
+                "fused_gather": do_bench(lambda: linear_scatter_(x_full, w, b, index, cache, rows=index)),
+            }
+            if inductor is not None:
+                inductor(x, w, b, index, cache)
+                t["inductor"] = do_bench(lambda: inductor(x, w, b, index, cache))
+            us = {name: ms * 1e3 for name, ms in t.items()}
+            flops = 2 * B * k * D * D
+            row = dict(D=D, k=k, N=N, B=B, dtype=args.dtype, max_abs_err=err,
+                       best_config=str(best) if best is not None else None,
+                       us=us, fused_tflops=flops / (us["fused"] * 1e-6) / 1e12,
+                       speedup_vs_aten=us["aten"] / us["fused"],
+                       speedup_vs_inductor=(us["inductor"] / us["fused"]) if "inductor" in us else None,
+                       speedup_gather_vs_aten=us["aten_gather"] / us["fused_gather"])
+            rows_out.append(row)
+            print(f"D={D} k={k}: " + ", ".join(f"{n} {v:.1f}us" for n, v in us.items())
+                  + f" | fused x{row['speedup_vs_aten']:.2f} vs aten", flush=True)
+
+    meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                cuda=torch.version.cuda, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "linear_scatter_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=rows_out), indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(_markdown(meta, rows_out))
+    print(f"wrote {args.out / stem}.json and .md")
+    return 0
+
+
+def _markdown(meta, rows) -> str:
+    has_ind = any(r["us"].get("inductor") is not None for r in rows)
+    head = ["D", "k", "gemm", "aten", *(["inductor"] if has_ind else []), "fused", "x vs aten",
+            *(["x vs inductor"] if has_ind else []), "aten gather", "fused gather", "x gather", "fused TFLOP/s"]
+    lines = [
+        "# linear_scatter_ benchmark",
+        "",
+        f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. "
+        f"Batch {rows[0]['B'] if rows else '?'}, N {rows[0]['N'] if rows else '?'}, "
+        f"{rows[0]['dtype'] if rows else '?'}, D_in = D_out = D. Median microseconds "
+        "(`triton.testing.do_bench`). `x`: speed-up of the fused op.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        u = r["us"]
+        cells = [r["D"], r["k"], f"{u['gemm']:.1f}", f"{u['aten']:.1f}",
+                 *([f"{u['inductor']:.1f}"] if has_ind else []), f"{u['fused']:.1f}",
+                 f"{r['speedup_vs_aten']:.2f}",
+                 *([f"{r['speedup_vs_inductor']:.2f}"] if has_ind else []),
+                 f"{u['aten_gather']:.1f}", f"{u['fused_gather']:.1f}", f"{r['speedup_gather_vs_aten']:.2f}",
+                 f"{r['fused_tflops']:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
