@@ -136,9 +136,23 @@ def test_a_plain_pytorch_dit_nobody_wrote_rules_for_is_handled():
     torch.testing.assert_close(ras(x, t), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixer,op,why", [("mean", "aten.mean.dim", "reduction"),
-                                          ("manual_attention", "aten.matmul.default", "right operand")])
-def test_a_token_mixing_op_is_refused_with_node_op_and_reason(mixer, op, why):
+@pytest.mark.parametrize("mixer,densified", [("mean", 3), ("conv", 3), ("linear_attention", 5)])
+def test_token_mixing_ops_are_densified_and_keep_the_dense_equivalence(mixer, densified):
+    model = PlainDiT(token_mixer=mixer, depth=2)
+    ras = ras_compile(model, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=()), backend="aot_eager")
+    x, t = torch.randn(2, 4, 8, 12), torch.full((2,), 999.0)
+    analysis = ras.ras_analysis(x, t)
+    # the mixer's inputs in each of the 2 blocks (K and V for linear attention), and the unpatchify
+    assert analysis.counts["densified"] == densified
+    dense = ras(x, t)
+    torch.testing.assert_close(dense, model(x, t))
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 7, 9, 23], [2, 3, 4, 5]]))
+    torch.testing.assert_close(ras(x, t), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer,op,why", [("cumsum", "aten.cumsum.default", "no token rule"),
+                                          ("manual_attention", "aten.matmul.default", "two token axes")])
+def test_an_op_the_pass_cannot_decide_is_refused_with_node_op_and_reason(mixer, op, why):
     ras = ras_compile(PlainDiT(token_mixer=mixer), RASPolicy(), backend=None)
     with pytest.raises(UnsupportedModelError) as info:
         ras(torch.randn(1, 4, 8, 8), torch.full((1,), 999.0))
@@ -147,13 +161,13 @@ def test_a_token_mixing_op_is_refused_with_node_op_and_reason(mixer, op, why):
 
 
 def test_fallback_runs_the_dense_model_with_a_warning():
-    model = PlainDiT(token_mixer="mean")
+    model = PlainDiT(token_mixer="cumsum")
     ras = ras_compile(model, RASPolicy(on_unsupported="fallback"), backend=None)
     x, t = torch.randn(1, 4, 8, 8), torch.full((1,), 999.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = ras(x, t)
-    assert any("dense" in str(w.message) and "reduction" in str(w.message) for w in caught)
+    assert any("dense" in str(w.message) and "cumsum" in str(w.message) for w in caught)
     torch.testing.assert_close(out, model(x, t))
     assert ras.ras_controller.stats[-1].mode == "fallback"
 

@@ -371,7 +371,7 @@ def _view(an: _Analyzer, node: fx.Node):
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
     if token_dim is None:
         if lay.offset == 0 and lay.length == an.analysis.num_tokens:
-            an.densify(src, node, "the token axis is split back into the latent grid (unpatchify)")
+            an.densify(src, node, "the token axis is split back into the latent grid (unpatchify, or a grid operator such as a convolution follows)")
             return None
         an.refuse(node, "a view that splits or merges a joint (text + image) token axis")
     batch_dim = None
@@ -426,6 +426,28 @@ def _expand(an, node):
     return _align(_layout(an, src), len(_shape(src)), len(_shape(node)))
 
 
+def _complex_view(an, node):
+    """view_as_complex / view_as_real only fold or unfold the trailing (real, imag) axis."""
+    lay = _layout(an, node.args[0])
+    if lay.token_dim >= min(len(_shape(node)), len(_shape(node.args[0]))) - (_packet(node) is aten.view_as_complex):
+        an.refuse(node, "a complex view over the token axis")
+    return lay
+
+
+def _repeat(an, node):
+    """Tiling along other axes (grouped-query K/V heads): tiling the token axis would duplicate tokens."""
+    src = node.args[0]
+    lay = _align(_layout(an, src), len(_shape(src)), len(_shape(node)))
+    if _packet(node) is aten.repeat:
+        if node.args[1][lay.token_dim] != 1:
+            an.refuse(node, "a repeat along the token axis")
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if dim is None or _norm_dim(dim, len(_shape(src))) == lay.token_dim:
+            an.refuse(node, "a repeat_interleave along (or flattening) the token axis")
+    return lay
+
+
 def _linear(an, node):
     lay = _layout(an, node.args[0])
     if any(_layout(an, a) is not None for a in node.args[1:] if isinstance(a, fx.Node)):
@@ -436,11 +458,41 @@ def _linear(an, node):
 
 
 def _matmul(an, node):
-    left, right = node.args[0], node.args[1]
-    if _layout(an, right) is not None:
-        an.refuse(node, "a matrix product whose right operand carries image tokens (hand-written attention "
-                        "or token mixing) is not supported yet; use scaled_dot_product_attention")
-    return _linear(an, node)
+    """``a @ b``: token-wise when tokens index rows of ``a``, columns of ``b`` or a batch axis;
+    mixing when they are the contracted axis (linear attention's K^T V), which is densified."""
+    a, b = node.args[0], node.args[1]
+    out_rank = len(_shape(node))
+    roles = []
+    for operand, contracted, free in ((a, -1, -2), (b, -2, -1)):
+        lay = _layout(an, operand)
+        if lay is None:
+            continue
+        rank = len(_shape(operand))
+        if rank < 2:
+            an.refuse(node, "a vector product with image tokens")
+        if lay.token_dim == rank + contracted:
+            roles.append(("contracted", operand, lay))
+        elif lay.token_dim == rank + free:
+            roles.append(("free", operand, lay.shifted(token_dim=out_rank + free,
+                                                    batch_dim=_shift_batch(lay, rank, out_rank))))
+        else:
+            roles.append(("batch", operand, _align(lay, rank, out_rank)))
+    kinds = {r[0] for r in roles}
+    if kinds == {"contracted"}:
+        for _, operand, _ in roles:
+            an.densify(operand, node, "a matrix product contracts over the token axis")
+        return None
+    if "contracted" in kinds or [r[0] for r in roles].count("free") > 1:
+        an.refuse(node, "a matrix product between two image-token tensors whose result has two token axes "
+                        "(hand-written attention); use scaled_dot_product_attention")
+    outs = {(r[2].token_dim, r[2].offset, r[2].length) for r in roles}
+    if len(outs) > 1:
+        an.refuse(node, "matrix product operands carry image tokens on different axes")
+    return roles[0][2]
+
+
+def _shift_batch(lay, rank, out_rank):
+    return None if lay.batch_dim is None else lay.batch_dim + out_rank - rank
 
 
 def _layer_norm(an, node):
@@ -459,12 +511,11 @@ def _reduction(an, node):
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None or dims == []:
-        an.refuse(node, "a reduction over every axis, including the token axis, mixes image tokens")
-    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
     dims = {_norm_dim(d, rank) for d in dims}
     if lay.token_dim in dims:
-        an.refuse(node, "a reduction (mean/sum/norm/...) over the token axis mixes image tokens")
+        an.densify(node.args[0], node, "a reduction (mean/sum/norm/...) over the token axis")
+        return None
     keep = len(_shape(node)) == rank
     if keep:
         return lay
@@ -475,8 +526,15 @@ def _reduction(an, node):
 def _softmax(an, node):
     lay = _layout(an, node.args[0])
     if _norm_dim(node.args[1], len(_shape(node))) == lay.token_dim:
-        an.refuse(node, "a softmax over the token axis mixes image tokens (hand-written attention?)")
+        an.densify(node.args[0], node, "a softmax over the token axis")
+        return None
     return lay
+
+
+def _convolution(an, node):
+    """A convolution whose input carries tokens mixes neighbouring tokens: run it on the full input."""
+    an.densify(node.args[0], node, "a convolution over the token axis")
+    return None
 
 
 def _slice_bounds(length, start, end):
@@ -615,6 +673,10 @@ _TOKEN_RULES = {
     aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
     aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
     aten.unbind: _unbind, aten.cat: _cat, aten.stack: _stack,
+    aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
+    aten.convolution: _convolution,
+    aten.repeat: _repeat, aten.repeat_interleave: _repeat,
+    aten.view_as_complex: _complex_view, aten.view_as_real: _complex_view,
     aten.scaled_dot_product_attention: _sdpa,
     **{p: _reduction for p in _REDUCTIONS},
     **{p: _softmax for p in _SOFTMAX},
