@@ -1,0 +1,59 @@
+"""GPU checks of the fused K/V-projection + cache-scatter kernel.
+
+CI has no GPU, so these live outside ``tests/`` (nothing there is skipped). Run them
+in a session with a CUDA device: ``python -m pytest benchmarks/gpu_checks -q``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+from test_kernels import (DTYPES, SETTINGS, TOL, Case, _cache_update, _compile_inputs,  # noqa: E402
+                          cases, check_result, kernels, linear_scatter_)
+
+if not torch.cuda.is_available():
+    raise SystemExit("benchmarks/gpu_checks needs a CUDA device")
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=cases())
+def test_kernel_on_cuda_matches_reference(case: Case):
+    on = Case(*(None if t is None else t.cuda() for t in case.args), case.pattern)
+    kernels.linear_scatter_triton_(*on.args)
+    check_result(case, on.cache.cpu())
+    on = Case(*(None if t is None else t.cuda() for t in case.args), case.pattern)
+    linear_scatter_(*on.args)
+    check_result(case, on.cache.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_duplicates_bitwise_on_cuda(dtype):
+    """The contract padded buckets rely on: identical x rows, wherever they sit in the
+    tiles, produce bitwise identical outputs."""
+    g = torch.Generator().manual_seed(0)
+    B, k, N, D_in, D_out = 2, 300, 512, 200, 330
+    x = torch.randn(B, k, D_in, generator=g).to(dtype)
+    x[:, 1::7] = x[:, :1]
+    w = torch.randn(D_out, D_in, generator=g).to(dtype)
+    index = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
+    cache = kernels.linear_scatter_triton_(x.cuda(), w.cuda(), None, index.cuda(),
+                                           torch.zeros(B, N, D_out, dtype=dtype, device="cuda")).cpu()
+    out = cache.gather(1, index.unsqueeze(-1).expand(-1, -1, D_out))
+    assert torch.equal(out[:, 1::7], out[:, :1].expand_as(out[:, 1::7]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_op_under_inductor_on_cuda(dtype):
+    torch._dynamo.reset()
+    inputs = {n: None if t is None else (t.cuda().to(dtype) if t.is_floating_point() else t.cuda())
+              for n, t in _compile_inputs(gather=True).items()}
+    eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
+    want = _cache_update(**eager_in)
+    got = torch.compile(_cache_update, backend="inductor", fullgraph=True)(**inputs)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
