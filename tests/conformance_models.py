@@ -1,0 +1,599 @@
+"""Tiny random-weight diffusers transformers of many families, for a conformance suite.
+
+Every entry of :data:`FAMILIES` is explicit data: how to build the model (a real diffusers
+class from a tiny config, random weights from a seed, eval mode, fp32, well under 1M
+parameters), how to make deterministic forward kwargs for it, which kwarg holds the noisy
+latent, how many image tokens the example latent makes, and where those tokens sit in an
+attention key sequence. Nothing here branches on a class name.
+
+Geometry is fixed per family (batch and seed vary): 2D latents are 8 x 12 latent pixels
+(8 x 8 where the model wants a square latent), videos a few frames of 8 x 8, text is
+``TEXT_LEN = 7`` tokens (prime: never the token count of an image grid of at least 2 x 2).
+
+Weights: every ``nn.Linear`` is re-drawn N(0, 1/fan_in) (see :func:`_variance_preserving_init`)
+so attention moves the output by 10-45% (AuraFlow ~3%, by its architecture); with PyTorch's
+default init it moved it by ~1%, too little for a conformance test to notice a broken rewrite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+TEXT_LEN = 7
+
+
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture with fixed example geometry.
+
+    ``image_rows(seq_len)`` says where image tokens sit in a self / joint attention key
+    sequence of length ``seq_len``: the whole sequence when it is exactly the image tokens,
+    ``slice(context_before, context_before + num_tokens)`` for a joint sequence of
+    ``context_before + num_tokens + context_after`` tokens, else ``None`` (cross-attention
+    to text, text-only refiners, temporal attention over frames, ...).
+    """
+
+    name: str
+    cls_name: str                      # the diffusers class (documentation only; never branched on)
+    build: Callable[[int], torch.nn.Module]
+    inputs: Callable[[torch.nn.Module, int, int], dict]
+    latent_arg: str
+    num_tokens: int                    # image tokens in one image self-attention sequence
+    patch: tuple[int, ...] | None      # patch size per latent axis ((t,) h, w); None: latent passed as tokens
+    output_shape: Callable[[dict], tuple[int, ...]]  # expected shape of out[0] given the inputs
+    context_before: int = 0            # non-image tokens before the image in joint attention
+    context_after: int = 0             # non-image tokens after the image in joint attention
+    notes: str = ""
+    extra_image_lengths: tuple[int, ...] = field(default=())  # other seq lengths that are image-only
+
+    def image_rows(self, seq_len: int) -> slice | None:
+        n = self.num_tokens
+        if seq_len == n or seq_len in self.extra_image_lengths:
+            return slice(0, seq_len)
+        if (self.context_before or self.context_after) and seq_len == self.context_before + n + self.context_after:
+            return slice(self.context_before, self.context_before + n)
+        return None
+
+    def num_params(self, model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seeded_build(seed: int, make: Callable[[], torch.nn.Module],
+                  reinit: tuple[tuple[str, float], ...] = ()) -> torch.nn.Module:
+    """Build under ``seed``, eval mode, fp32.
+
+    ``reinit`` lists ``(parameter name, std)`` to draw from N(0, std^2): parameters diffusers makes
+    with ``torch.empty`` (garbage memory, not deterministic) or zeros that a trained checkpoint
+    fills (a zero gate or zero RoPE frequencies would hide a whole code path).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+        with torch.no_grad():
+            for name, std in reinit:
+                model.get_parameter(name).normal_(std=std)
+            _variance_preserving_init(model)
+    return model.float().eval()
+
+
+def _variance_preserving_init(model: torch.nn.Module) -> None:
+    """Every ``nn.Linear`` weight ~ N(0, 1/fan_in) (PyTorch's default is ~1/sqrt(3) of that).
+
+    With the default init the adaLN modulation chain (timestep MLP -> SiLU -> Linear) gives gates
+    of ~0.05, so a tiny model's attention moves its output by only ~1%: a conformance test could
+    not tell a correct attention rewrite from a broken one. One rule for every class.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(std=module.in_features ** -0.5)
+
+
+class _Rand:
+    """Deterministic random tensors from one generator."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen)
+
+    def timestep(self, batch: int, scale: float = 999.0) -> torch.Tensor:
+        return torch.rand(batch, generator=self.gen) * scale
+
+    def randint(self, high: int, batch: int) -> torch.Tensor:
+        return torch.randint(0, high, (batch,), generator=self.gen)
+
+
+def _same_as(key: str) -> Callable[[dict], tuple[int, ...]]:
+    return lambda kw: tuple(kw[key].shape)
+
+
+def _channels_times(key: str, factor: int, dim: int = 1) -> Callable[[dict], tuple[int, ...]]:
+    def shape(kw):
+        s = list(kw[key].shape)
+        s[dim] *= factor
+        return tuple(s)
+    return shape
+
+
+# 2D geometry
+H, W = 8, 12           # latent pixels
+SQ = 8                 # square latent side (DiT, LuminaNext)
+# video geometry
+F, VH, VW = 3, 8, 8    # latent frames, height, width
+
+
+# --------------------------------------------------------------------------- DiT
+
+
+def _dit_build(seed):
+    from diffusers import DiTTransformer2DModel
+    return _seeded_build(seed, lambda: DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=SQ, patch_size=2, num_embeds_ada_norm=10))
+
+
+def _dit_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, SQ, SQ), timestep=r.randint(1000, batch),
+                class_labels=r.randint(10, batch), return_dict=False)
+
+
+# --------------------------------------------------------------------------- PixArt
+
+
+def _pixart_build(seed):
+    from diffusers import PixArtTransformer2DModel
+    return _seeded_build(seed, lambda: PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, caption_channels=32, sample_size=16, patch_size=2,
+        use_additional_conditions=False))
+
+
+def _pixart_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False)
+
+
+# --------------------------------------------------------------------------- SD3 / SD3.5
+
+
+def _sd3_build_with(qk_norm, dual):
+    def build(seed):
+        from diffusers import SD3Transformer2DModel
+        return _seeded_build(seed, lambda: SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+            pos_embed_max_size=16, qk_norm=qk_norm, dual_attention_layers=dual))
+    return build
+
+
+def _sd3_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                pooled_projections=r.randn(batch, 24), timestep=r.timestep(batch), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Flux
+
+
+def _flux_build(seed):
+    from diffusers import FluxTransformer2DModel
+    return _seeded_build(seed, lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6)))
+
+
+def _flux_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2      # a 4-channel 8x12 latent packed 2x2 -> 4x6 tokens of 16 channels
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                pooled_projections=r.randn(batch, 24), timestep=r.timestep(batch, 1.0),
+                img_ids=img_ids.reshape(h * w, 3), txt_ids=torch.zeros(TEXT_LEN, 3),
+                guidance=torch.full((batch,), 3.5), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Lumina-Next
+
+
+def _lumina_next_build(seed):
+    from diffusers import LuminaNextDiT2DModel
+    return _seeded_build(seed, lambda: LuminaNextDiT2DModel(
+        sample_size=SQ, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+        num_kv_heads=1, multiple_of=16, norm_eps=1e-5, learn_sigma=True, qk_norm=True, cross_attention_dim=32),
+        # pad_token: torch.empty; the cross-attention gates (tanh) start at zero
+        reinit=(("pad_token", 0.02), ("layers.0.gate", 1.0), ("layers.1.gate", 1.0)))
+
+
+def _lumina_next_inputs(model, batch, seed):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+    r = _Rand(seed)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    return dict(hidden_states=r.randn(batch, 4, SQ, SQ), timestep=r.timestep(batch, 1.0),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                encoder_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                # the pipeline builds a 384 x 384 table; a small one covering the grid is the same rows
+                image_rotary_emb=get_2d_rotary_pos_embed_lumina(head_dim, 16, 16),
+                # proportional attention: softmax scale sqrt(log_base(seq_len)) * 1/sqrt(d)
+                cross_attention_kwargs={"base_sequence_length": 16},
+                return_dict=False)
+
+
+# --------------------------------------------------------------------------- Sana
+
+
+def _sana_build(seed):
+    from diffusers import SanaTransformer2DModel
+    return _seeded_build(seed, lambda: SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        mlp_ratio=2.5, sample_size=16, patch_size=1))
+
+
+def _sana_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), return_dict=False)
+
+
+# --------------------------------------------------------------------------- HunyuanDiT
+
+
+def _hunyuan_dit_build(seed):
+    from diffusers import HunyuanDiT2DModel
+    return _seeded_build(seed, lambda: HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=16,
+        hidden_size=16, num_layers=2, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32,
+        cross_attention_dim_t5=24, pooled_projection_dim=16, text_len=TEXT_LEN, text_len_t5=TEXT_LEN,
+        use_style_cond_and_image_meta_size=False))
+
+
+def _hunyuan_dit_inputs(model, batch, seed):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+    r = _Rand(seed)
+    p = model.config.patch_size
+    grid = (H // p, W // p)
+    crops = get_resize_crop_region_for_grid(grid, 512 // 8 // p)
+    rope = get_2d_rotary_pos_embed(model.inner_dim // model.num_heads, crops, grid, output_type="pt")
+    return dict(hidden_states=r.randn(batch, 4, H, W), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                text_embedding_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                encoder_hidden_states_t5=r.randn(batch, TEXT_LEN, 24),
+                text_embedding_mask_t5=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                image_meta_size=None, style=None, image_rotary_emb=rope, return_dict=False)
+
+
+# --------------------------------------------------------------------------- AuraFlow
+
+
+def _auraflow_build(seed):
+    from diffusers import AuraFlowTransformer2DModel
+    return _seeded_build(seed, lambda: AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=64))
+
+
+def _auraflow_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # the pipeline passes t / 1000: the timestep embedding multiplies by 1000 itself
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch, 1.0), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Lumina2
+
+
+def _lumina2_build(seed):
+    from diffusers import Lumina2Transformer2DModel
+    return _seeded_build(seed, lambda: Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6),
+        axes_lens=(64, 32, 32), cap_feat_dim=32))
+
+
+def _lumina2_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, H, W), timestep=r.timestep(batch, 1.0),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.bool), return_dict=False)
+
+
+# --------------------------------------------------------------------------- CogView4
+
+
+def _cogview4_build(seed):
+    from diffusers import CogView4Transformer2DModel
+    return _seeded_build(seed, lambda: CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=16,
+        rope_axes_dim=(32, 32)))
+
+
+def _cogview4_inputs(model, batch, seed):
+    r = _Rand(seed)
+    size = torch.tensor([[H * 8.0, W * 8.0]]).repeat(batch, 1)
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), original_size=size, target_size=size.clone(),
+                crop_coords=torch.zeros(batch, 2), return_dict=False)
+
+
+# --------------------------------------------------------------------------- LTX-Video
+
+
+def _ltx_build(seed):
+    from diffusers import LTXVideoTransformer3DModel
+    return _seeded_build(seed, lambda: LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=32))
+
+
+def _ltx_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, F * VH * VW, 8), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                num_frames=F, height=VH, width=VW, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)
+
+
+# --------------------------------------------------------------------------- CogVideoX
+
+
+def _cogvideox_build(seed):
+    from diffusers import CogVideoXTransformer3DModel
+    return _seeded_build(seed, lambda: CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=32, num_layers=2, sample_width=VW, sample_height=VH, sample_frames=(F - 1) * 4 + 1,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN))
+
+
+def _cogvideox_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # CogVideoX takes [B, F, C, H, W] (frames before channels)
+    return dict(hidden_states=r.randn(batch, F, 4, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.randint(1000, batch), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Latte
+
+
+def _latte_build(seed):
+    from diffusers import LatteTransformer3DModel
+    return _seeded_build(seed, lambda: LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=16, sample_size=VH, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        caption_channels=32, video_length=F))
+
+
+def _latte_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), enable_temporal_attentions=True,
+                return_dict=False)
+
+
+# --------------------------------------------------------------------------- Wan
+
+
+def _wan_build(seed):
+    from diffusers import WanTransformer3DModel
+    return _seeded_build(seed, lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32))
+
+
+def _wan_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Allegro
+
+
+def _allegro_build(seed):
+    from diffusers import AllegroTransformer3DModel
+    return _seeded_build(seed, lambda: AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=24, sample_height=VH, sample_width=VW, sample_frames=F,
+        caption_channels=32))
+
+
+def _allegro_inputs(model, batch, seed):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+    r = _Rand(seed)
+    c = model.config
+    gh, gw = VH // c.patch_size, VW // c.patch_size
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=c.attention_head_dim, crops_coords=((0, 0), (gh, gw)), grid_size=(gh, gw), temporal_size=F,
+        interpolation_scale=(c.interpolation_scale_t, c.interpolation_scale_h, c.interpolation_scale_w))
+    pos = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long())
+    pos = pos.reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    rope = ((freqs_t, freqs_h, freqs_w), tuple(pos))
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                image_rotary_emb=rope, return_dict=False)
+
+
+# --------------------------------------------------------------------------- Mochi
+
+
+def _mochi_build(seed):
+    from diffusers import MochiTransformer3DModel
+    return _seeded_build(seed, lambda: MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=32, time_embed_dim=16, max_sequence_length=TEXT_LEN),
+        reinit=(("pos_frequencies", 1.0),))  # learned RoPE frequencies start at zero (RoPE = identity)
+
+
+def _mochi_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                return_dict=False)
+
+
+# --------------------------------------------------------------------------- HunyuanVideo
+
+
+def _hunyuan_video_build(seed):
+    from diffusers import HunyuanVideoTransformer3DModel
+    return _seeded_build(seed, lambda: HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=24, rope_axes_dim=(4, 6, 6)))
+
+
+def _hunyuan_video_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                pooled_projections=r.randn(batch, 24), guidance=torch.full((batch,), 6000.0), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Stable Audio (1D)
+
+AUDIO_LEN = 24
+
+
+def _stable_audio_build(seed):
+    from diffusers import StableAudioDiTModel
+    return _seeded_build(seed, lambda: StableAudioDiTModel(
+        sample_size=AUDIO_LEN, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=16,
+        global_states_input_dim=24, cross_attention_input_dim=32))
+
+
+def _stable_audio_inputs(model, batch, seed):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+    r = _Rand(seed)
+    rope = get_1d_rotary_pos_embed(model.config.attention_head_dim // 2, AUDIO_LEN + 1, use_real=True,
+                                   repeat_interleave_real=False)
+    # the cosine DPM-solver's timesteps are atan(sigma) * 2 / pi, in [0, 1]
+    return dict(hidden_states=r.randn(batch, 4, AUDIO_LEN), timestep=r.timestep(batch, 1.0),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), global_hidden_states=r.randn(batch, 1, 24),
+                rotary_embedding=rope, return_dict=False)
+
+
+# --------------------------------------------------------------------------- the registry
+
+_P2 = (2, 2)
+_N2 = (H // 2) * (W // 2)          # 24 tokens of an 8x12 latent at patch 2
+_NSQ = (SQ // 2) ** 2              # 16 tokens of an 8x8 latent at patch 2
+_NV = F * (VH // 2) * (VW // 2)    # 48 tokens of a 3x8x8 video at patch (1, 2, 2)
+
+FAMILY_LIST: list[Family] = [
+    Family("dit", "DiTTransformer2DModel", _dit_build, _dit_inputs, "hidden_states", _NSQ, _P2,
+           _channels_times("hidden_states", 2),
+           notes="class-conditional (class_labels), integer timestep; learned sigma: out has 2x channels; "
+                 "unpatchify assumes a square latent, so inputs are 8x8"),
+    Family("pixart", "PixArtTransformer2DModel", _pixart_build, _pixart_inputs, "hidden_states", _N2, _P2,
+           _channels_times("hidden_states", 2),
+           notes="adaLN-single; cross-attention to text; added_cond_kwargs with None entries; learned sigma"),
+    Family("sd3", "SD3Transformer2DModel", _sd3_build_with(None, ()), _sd3_inputs, "hidden_states", _N2, _P2,
+           _same_as("hidden_states"), context_after=TEXT_LEN,
+           notes="MMDiT joint attention: image tokens first, then text"),
+    Family("sd35", "SD3Transformer2DModel", _sd3_build_with("rms_norm", (0,)), _sd3_inputs, "hidden_states",
+           _N2, _P2, _same_as("hidden_states"), context_after=TEXT_LEN,
+           notes="SD3.5-style: RMS qk-norm; layer 0 has a second image-only self-attention (attn2)"),
+    Family("flux", "FluxTransformer2DModel", _flux_build, _flux_inputs, "hidden_states", _N2, None,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="latent passed packed [B, N, C] (2x2 patches of a 4-channel latent); img_ids / txt_ids are 2D "
+                 "[N, 3]; timestep in [0, 1] (scaled by 1000 inside); guidance-distilled (guidance kwarg); "
+                 "joint attention text first, then image, in both double and single blocks; real RoPE "
+                 "(cos, sin) from the ids"),
+    Family("lumina_next", "LuminaNextDiT2DModel", _lumina_next_build, _lumina_next_inputs, "hidden_states",
+           _NSQ, _P2, _channels_times("hidden_states", 2),
+           notes="needs image_rotary_emb precomputed (complex freqs_cis from get_2d_rotary_pos_embed_lumina); "
+                 "GQA (num_kv_heads=1 of 2 heads); proportional attention: cross_attention_kwargs "
+                 "base_sequence_length makes the softmax scale depend on the sequence length; timestep in "
+                 "[0, 1] with 1 = clean image; self- and cross-attention outputs are summed before to_out; "
+                 "learned sigma; unpatchify assumes square"),
+    Family("sana", "SanaTransformer2DModel", _sana_build, _sana_inputs, "hidden_states", H * W, (1, 1),
+           _same_as("hidden_states"),
+           notes="linear (ReLU-kernel) self-attention, not softmax; patch 1; the Mix-FFN (GLUMBConv) runs a "
+                 "depthwise 3x3 conv over the token grid, so tokens mix spatially outside attention"),
+    Family("hunyuan_dit", "HunyuanDiT2DModel", _hunyuan_dit_build, _hunyuan_dit_inputs, "hidden_states", _N2, _P2,
+           _channels_times("hidden_states", 2),
+           notes="needs image_rotary_emb precomputed (get_2d_rotary_pos_embed with the pipeline's crop region); "
+                 "two text streams (CLIP-like + T5) with masks, concatenated for cross-attention (14 keys); "
+                 "long skip connections between first and second half of blocks; learned sigma; "
+                 "v1.2 config (no style / image_meta_size)"),
+    Family("auraflow", "AuraFlowTransformer2DModel", _auraflow_build, _auraflow_inputs, "hidden_states", _N2, _P2,
+           _same_as("hidden_states"), context_before=8 + TEXT_LEN,
+           notes="8 learned register tokens are prepended to the text: joint sequence is registers, text, image; "
+                 "MMDiT blocks then single-stream DiT blocks; timestep in [0, 1]; the attention output "
+                 "reaches the residual stream only through the feed-forward (norm2(residual + gate * attn) "
+                 "feeds ff, the residual skips attn), so attention moves the output only ~3% here"),
+    Family("lumina2", "Lumina2Transformer2DModel", _lumina2_build, _lumina2_inputs, "hidden_states", _N2, _P2,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="GQA (num_kv_heads=1 of 2); complex RoPE computed inside from position ids; image-only noise "
+                 "refiner, text-only context refiner, then joint blocks with text first; the effective text "
+                 "length is the mask sum; timestep in [0, 1] with 1 = clean image; supports proportional "
+                 "attention via attention_kwargs base_sequence_length"),
+    Family("cogview4", "CogView4Transformer2DModel", _cogview4_build, _cogview4_inputs, "hidden_states", _N2, _P2,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="needs original_size / target_size / crop_coords [B, 2]; joint attention text first; RoPE "
+                 "computed inside (from the latent's grid)"),
+    Family("ltx_video", "LTXVideoTransformer3DModel", _ltx_build, _ltx_inputs, "hidden_states", F * VH * VW, None,
+           _same_as("hidden_states"),
+           notes="latent passed packed [B, F*H*W, C] with num_frames / height / width ints; "
+                 "rope_interpolation_scale (as the pipeline: temporal 8/frame_rate, spatial 32); patch 1; "
+                 "self-attention over all video tokens, cross-attention to text; qk RMS-norm across heads"),
+    Family("cogvideox", "CogVideoXTransformer3DModel", _cogvideox_build, _cogvideox_inputs, "hidden_states", _NV,
+           (1, 2, 2), _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="latent is [B, F, C, H, W] (frames before channels); integer timestep; joint attention text "
+                 "first (text length must equal max_text_seq_length when using sincos positions); "
+                 "no RoPE in this (1.0, 2B-style) config"),
+    Family("latte", "LatteTransformer3DModel", _latte_build, _latte_inputs, "hidden_states", (VH // 2) * (VW // 2),
+           _P2, _channels_times("hidden_states", 2),
+           notes="factorised attention: spatial blocks attend within a frame (num_tokens = tokens per frame, "
+                 "batch*frames sequences), temporal blocks attend across the F frames at each position "
+                 "(image_rows returns None for those); cross-attention to text in spatial blocks; learned sigma"),
+    Family("wan", "WanTransformer3DModel", _wan_build, _wan_inputs, "hidden_states", _NV, (1, 2, 2),
+           _same_as("hidden_states"),
+           notes="self-attention over all video tokens with complex 3D RoPE, cross-attention to text; qk RMS-norm "
+                 "across heads"),
+    Family("allegro", "AllegroTransformer3DModel", _allegro_build, _allegro_inputs, "hidden_states", _NV, (1, 2, 2),
+           _same_as("hidden_states"),
+           notes="needs image_rotary_emb precomputed (get_3d_rotary_pos_embed_allegro freqs + integer grid "
+                 "positions, as the pipeline builds it); head_dim must split in 3 even parts (t, h, w) so 2 x 12; self-attention over video, cross-attention to text"),
+    Family("mochi", "MochiTransformer3DModel", _mochi_build, _mochi_inputs, "hidden_states", _NV, (1, 2, 2),
+           _same_as("hidden_states"), context_after=TEXT_LEN,
+           notes="asymmetric joint attention: image first, then only the valid (mask) text tokens, per sample in "
+                 "a Python loop; text stream is narrower than the image stream; RoPE computed inside"),
+    Family("hunyuan_video", "HunyuanVideoTransformer3DModel", _hunyuan_video_build, _hunyuan_video_inputs,
+           "hidden_states", _NV, (1, 2, 2), _same_as("hidden_states"), context_after=TEXT_LEN,
+           notes="token refiner on text first (text-only attention); double then single stream blocks, joint "
+                 "sequence image first then text; guidance-distilled (guidance kwarg, x1000 scale); RoPE "
+                 "computed inside"),
+    Family("stable_audio", "StableAudioDiTModel", _stable_audio_build, _stable_audio_inputs, "hidden_states",
+           AUDIO_LEN, (1,), _same_as("hidden_states"), context_before=1,
+           notes="1D latent [B, C, L]; one global (timestep + conditioning) token is prepended to the sequence, "
+                 "so self-attention is 1 + L keys with image rows 1..L; needs rotary_embedding precomputed "
+                 "(real cos/sin over L+1 positions); GQA (1 kv head of 2); cross-attention to text"),
+]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
+
+# Skipped: none of the families asked for. Every class above builds tiny on CPU in well under a
+# second (the first build of a process pays diffusers' import). Not covered (no time taken to try):
+# the newer diffusers families (QwenImage, HiDream, Chroma, Cosmos, SkyReels-V2, Wan-VACE, LTX2, ...).
+
+__all__ = ["Family", "FAMILIES", "FAMILY_LIST", "TEXT_LEN"]
