@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes (2 layers, 64 image tokens): a smoke run in seconds"
+        "--quick", action="store_true", help="tiny sizes (2 layers, 64 image tokens); compiling still takes most of the time"
     )
     return parser.parse_args(argv)
 
