@@ -42,18 +42,18 @@ def dense_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
     env: dict = {}
     _copy_placeholders(gm.graph, graph, env)
     caches = _cache_placeholders(analysis, graph)
-    fills: dict[str, list[str]] = {}
+    fills: dict[str, list] = {}
     for site in analysis.caches:
-        fills.setdefault(site.node, []).append(site.name)
+        fills.setdefault(site.reader, []).append(site)
+    nodes = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
+        for site in fills.get(node.name, ()):
+            graph.call_function(token_ops.fill_cache_, (caches[site.name], env[nodes[site.node]]))
         if node.op == "placeholder":
-            pass
-        elif node.op == "call_function" and _packet(node) in _SKIPPED:
             continue
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-        for name in fills.get(node.name, ()):
-            graph.call_function(token_ops.fill_cache_, (caches[name], env[node]))
+        if node.op == "call_function" and _packet(node) in _SKIPPED:
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
     return fx.GraphModule(gm, graph)
 
 

@@ -59,6 +59,8 @@ class CacheSite:
     layout: TokenLayout
     shape: tuple[int, ...]
     dtype: torch.dtype
+    reader: str        # the first node that reads it: the dense graph fills the cache just before,
+                       # after any in-place update (CogView4 applies RoPE to K in place)
 
 
 @dataclass(frozen=True)
@@ -151,13 +153,13 @@ class _Analyzer:
         raise UnsupportedModelError(reason, node=node.name, op=_op_name(node))
 
     # -- entry --------------------------------------------------------------------------
-    def run(self) -> TokenAnalysis:
+    def run(self, tokens_first: bool) -> TokenAnalysis:
         shape = _shape(self.latent)
-        if len(shape) == 3:
+        if len(shape) == 3 and tokens_first:
             n = shape[1]
             self.analysis = TokenAnalysis(n, shape[0], None, self.latent.name, self.latent.name)
             self.layout[self.latent] = TokenLayout(1, 0 if shape[0] > 1 else None, 0, n)
-        elif len(shape) >= 4:
+        elif len(shape) >= 3:
             self.grid_values[self.latent] = lg.latent_grid(shape)
         else:
             raise UnsupportedModelError(
@@ -298,20 +300,20 @@ class _Analyzer:
                 "token latents), so the next active tokens cannot be scored from the prediction")
 
     # -- sites --------------------------------------------------------------------------
-    def add_cache(self, node: fx.Node, kind: str, layout: TokenLayout) -> str:
+    def add_cache(self, node: fx.Node, kind: str, layout: TokenLayout, reader: fx.Node) -> str:
         a = self.analysis
         if layout.batch_dim is None and self.batch_size > 1:
             self.refuse(node, "the batch axis of this token tensor is merged with another axis; "
                               "rows cannot be cached per sample")
         name = f"ras_cache_{len(a.caches)}_{kind}"
-        a.caches.append(CacheSite(name, node.name, kind, layout, _shape(node), _val(node).dtype))
+        a.caches.append(CacheSite(name, node.name, kind, layout, _shape(node), _val(node).dtype, reader.name))
         return name
 
     def densify(self, value: fx.Node, consumer: fx.Node, reason: str) -> None:
         a = self.analysis
         a.densify_reasons[f"{consumer.name}:{value.name}"] = reason
         existing = [c for c in a.caches if c.node == value.name and c.kind == "activation"]
-        name = existing[0].name if existing else self.add_cache(value, "activation", self.layout[value])
+        name = existing[0].name if existing else self.add_cache(value, "activation", self.layout[value], consumer)
         a.densify_at[f"{consumer.name}:{value.name}"] = name
         self.counts["densified"] += 1
 
@@ -445,6 +447,18 @@ def _repeat(an, node):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if dim is None or _norm_dim(dim, len(_shape(src))) == lay.token_dim:
             an.refuse(node, "a repeat_interleave along (or flattening) the token axis")
+    return lay
+
+
+def _pad(an, node):
+    """Padding other axes is token-wise; padding the token axis changes it, so it runs on the full input."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    amounts = list(node.args[1])
+    padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+    if lay.token_dim in padded:
+        an.densify(node.args[0], node, "padding along the token axis")
+        return None
     return lay
 
 
@@ -655,8 +669,8 @@ def _sdpa(an: _Analyzer, node: fx.Node):
         an.analysis.attention.append(node.name)
         an.counts["attention_cached_kv"] += 1
         if an.policy_kv_cache:
-            an.add_cache(k, "key", lk)
-            an.add_cache(v, "value", lv)
+            an.add_cache(k, "key", lk, node)
+            an.add_cache(v, "value", lv, node)
     else:
         an.analysis.cross_attention.append(node.name)
         an.counts["cross_attention"] += 1
@@ -675,6 +689,9 @@ _TOKEN_RULES = {
     aten.unbind: _unbind, aten.cat: _cat, aten.stack: _stack,
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
     aten.convolution: _convolution,
+    aten.pad: _pad, aten.constant_pad_nd: _pad, aten.copy_: _pointwise, aten.copy: _pointwise,
+    aten.empty_like: _same_shape, aten.zeros_like: _same_shape, aten.ones_like: _same_shape,
+    aten.full_like: _same_shape,
     aten.repeat: _repeat, aten.repeat_interleave: _repeat,
     aten.view_as_complex: _complex_view, aten.view_as_real: _complex_view,
     aten.scaled_dot_product_attention: _sdpa,
@@ -684,8 +701,38 @@ _TOKEN_RULES = {
 }
 
 
+def _require_static_shapes(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (list, tuple)) else [val]
+        for v in vals:
+            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+                raise UnsupportedModelError(
+                    f"the shape {list(v.shape)} depends on tensor values (data-dependent shapes, e.g. tokens "
+                    "selected by a mask in a Python loop); a graph with static shapes is required",
+                    node=node.name, op=str(node.target))
+
+
 def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True) -> TokenAnalysis:
-    """Analyse ``gm`` (an exported graph with shapes in ``node.meta['val']``)."""
-    analyzer = _Analyzer(gm, latent)
-    analyzer.policy_kv_cache = kv_cache
-    return analyzer.run()
+    """Analyse ``gm`` (an exported graph with shapes in ``node.meta['val']``).
+
+    A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
+    1-D signal ``[B, C, L]``; shapes alone cannot tell, so the token reading is tried
+    first and the signal reading if the graph refutes it.
+    """
+    _require_static_shapes(gm)
+    readings = [True, False] if latent.meta["val"].dim() == 3 else [False]
+    errors = []
+    for tokens_first in readings:
+        analyzer = _Analyzer(gm, latent)
+        analyzer.policy_kv_cache = kv_cache
+        try:
+            return analyzer.run(tokens_first)
+        except UnsupportedModelError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    first, second = errors
+    raise UnsupportedModelError(
+        f"read as tokens [B, N, C]: {first.reason} (node '{first.node}', {first.op}); read as a signal "
+        f"[B, C, L]: {second.reason}", node=first.node, op=first.op)
