@@ -1,9 +1,9 @@
 """The runtime controller: one per compiled module, the only state RAS keeps.
 
-It counts denoising steps (a new generation starts when the timestep goes back
-up, or on ``reset()``), decides whether a step is dense or sparse, and after each
-step scores the merged prediction and picks the next active set on the
-prediction's device. Nothing here reads a tensor value on the host, so the
+It counts denoising steps (a new generation starts when the timestep jumps back
+against the direction the loop runs in, or on ``reset()``), decides whether a step
+is dense or sparse, and after each step scores the merged prediction and picks
+the next active set on the prediction's device. Nothing here reads a tensor value on the host, so the
 selection never waits for the device; only the timestep (a scalar the pipeline
 hands in) is read to tell steps and generations apart.
 """
@@ -49,6 +49,7 @@ class RASController:
         self.generation += 1
         self.stats = []
         self._previous_timestep: float | None = None
+        self._direction: float | None = None
         self._owner = None           # the capture whose caches and drop counts we hold
         self._caches_ready = False
         self._drops: torch.Tensor | None = None
@@ -70,8 +71,18 @@ class RASController:
 
     # -- per step --------------------------------------------------------------------------
     def _advance(self, timestep: float | None) -> None:
-        if timestep is not None and self._previous_timestep is not None and timestep > self._previous_timestep:
-            self.reset()
+        """Count a step; a timestep that moves against the loop's direction starts a new generation.
+
+        Most pipelines count time down (1000 -> 0); Lumina's count it up (0 -> 1). The
+        first two steps of a generation fix the direction.
+        """
+        previous = self._previous_timestep
+        if timestep is not None and previous is not None:
+            moved = timestep - previous
+            if self._direction is not None and moved * self._direction < 0:
+                self.reset()
+            elif self._direction is None and moved != 0:
+                self._direction = 1.0 if moved > 0 else -1.0
         self._previous_timestep = timestep
         self.step += 1
 

@@ -70,6 +70,16 @@ def test_a_new_generation_starts_when_the_timestep_goes_up_and_on_reset():
     assert ras.ras_controller.stats[0].step == 0 and ras.ras_controller.stats[0].mode == "dense"
 
 
+def test_pipelines_that_count_time_upwards_are_followed_too():
+    model = PlainDiT()
+    ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    x = torch.randn(1, 4, 8, 8)
+    for t in (0.0, 0.25, 0.5, 0.75, 0.0, 0.5):  # Lumina-style: 0 -> 1, then a new generation
+        ras(x, torch.full((1,), t))
+    assert [s.step for s in ras.ras_controller.stats] == [0, 1]
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse"]
+
+
 def test_resolution_change_between_generations_recaptures_and_stays_exact():
     model = SD3.build()
     ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
