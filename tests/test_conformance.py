@@ -1,0 +1,103 @@
+"""Conformance over every diffusers transformer family we can build small (tests/conformance_models.py).
+
+For each supported family: ratio 1.0 equals the dense model over a sampling loop, and a
+sparse step right after a dense step equals the dense output for random active sets.
+For each refused family: the refusal names what the pass cannot handle. The pass has
+no per-family code: these families exercise only the generic rules.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conformance_models import FAMILIES
+from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
+
+# family -> (node or op named in the refusal, words of the reason)
+REFUSED = {
+    "latte": (None, "no token sequence found"),  # spatial attention per frame: tokens merged with the batch
+    "lumina2": (None, "torch.export could not capture"),
+    "mochi": ("aten.nonzero.default", "depends on tensor values"),
+    "cogvideox": (None, "no scaled_dot_product_attention"),  # latent [B, F, C, H, W]: frames before channels
+}
+SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
+BATCH = 2
+
+_modules: dict[str, tuple] = {}
+
+
+def _prediction(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _compiled(name: str, ratio: float = 0.5):
+    """One compiled module per family, shared by the examples (capture once)."""
+    key = (name, ratio)
+    if key not in _modules:
+        family = FAMILIES[name]
+        model = family.build(0)
+        policy = RASPolicy(sample_ratio=ratio, warmup_steps=1, reset_steps=(3,))
+        _modules[key] = (family, model, ras_compile(model, policy, backend=None, latent_arg=family.latent_arg))
+    return _modules[key]
+
+
+def _timestep(t0, step: int, steps: int):
+    """A monotonic schedule in the family's own timestep convention (int or float, any scale)."""
+    scale = 1.0 - step / (steps + 1)
+    if isinstance(t0, torch.Tensor):
+        return (t0.double() * scale).to(t0.dtype) if t0.is_floating_point() else (t0 * scale).round().to(t0.dtype)
+    return t0 * scale
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_ratio_one_equals_the_dense_model_over_a_loop(name):
+    family, model, ras = _compiled(name, ratio=1.0)
+    kwargs = family.inputs(model, BATCH, 0)
+    latent_arg = family.latent_arg
+    dense_latent = ras_latent = kwargs[latent_arg]
+    t0 = kwargs["timestep"]
+    steps = 5
+    with torch.no_grad():
+        for i in range(steps):
+            t = _timestep(t0, i, steps)
+            want = _prediction(model(**dict(kwargs, **{latent_arg: dense_latent, "timestep": t})))
+            got = _prediction(ras(**dict(kwargs, **{latent_arg: ras_latent, "timestep": t})))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            channels = dense_latent.shape[1]
+            dense_latent = dense_latent - 0.2 * want[:, :channels]
+            ras_latent = ras_latent - 0.2 * got[:, :channels]
+    modes = [s.mode for s in ras.ras_controller.stats]
+    assert modes == ["dense", "sparse", "sparse", "dense", "sparse"], modes
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_sparse_step_after_dense_step_equals_dense_for_random_active_sets(name, data):
+    family, model, ras = _compiled(name)
+    kwargs = family.inputs(model, BATCH, data.draw(st.integers(0, 3), label="seed"))
+    n = family.num_tokens
+    ras.ras_controller.reset()
+    dense = _prediction(ras(**kwargs))
+    k = data.draw(st.integers(1, n), label="k")
+    rows = [sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)]
+    ras.ras_controller.override_next_step("sparse", torch.tensor(rows))
+    sparse = _prediction(ras(**kwargs))
+    assert ras.ras_controller.stats[-1].mode == "sparse"
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_families_say_why(name):
+    family = FAMILIES[name]
+    model = family.build(0)
+    ras = ras_compile(model, RASPolicy(), backend=None, latent_arg=family.latent_arg)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**family.inputs(model, BATCH, 0))
+    op, words = REFUSED[name]
+    assert words in str(info.value)
+    if op is not None:
+        assert info.value.op == op and info.value.node
