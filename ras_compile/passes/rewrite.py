@@ -68,6 +68,7 @@ class _SparseBuilder:
         self._k = None
         self._pos: dict[tuple[int, int], fx.Node] = {}
         self._densified: dict[str, fx.Node] = {}
+        self._side_gathers: dict[tuple, fx.Node] = {}
         self.side = {}
         for s in analysis.side_inputs:
             self.side.setdefault(s.node, []).append(s)
@@ -197,8 +198,15 @@ class _SparseBuilder:
 
     def gather_side(self, node: fx.Node, side, args: list, kwargs: dict) -> None:
         lay = side.layout
-        gather = lambda value: self.graph.call_function(
-            token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
+
+        def gather(value):
+            # a RoPE or position table meets the token stream in every layer: gather it once
+            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank)
+            if key not in self._side_gathers:
+                self._side_gathers[key] = self.graph.call_function(
+                    token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
+            return self._side_gathers[key]
+
         if _packet(node) in (aten.cat, aten.stack):
             tensors = list(args[0])
             tensors[side.arg_index] = gather(tensors[side.arg_index])
