@@ -30,17 +30,25 @@ def compile_graph(gm: torch.fx.GraphModule, backend):
 
 
 def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
-    """The merged prediction as ``[B, N, S, C]``: token, position inside its patch, channel."""
+    """The merged prediction as ``[B, N, S, C]``: token, position inside its patch, channel.
+
+    The prediction has the latent's layout (its channel dimensions may be wider, e.g.
+    a learned variance), so the grid axes found by the analysis say how to cut it.
+    """
     if analysis.grid is None:
         return prediction.unsqueeze(2)
     grid = analysis.grid
-    batch, channels = prediction.shape[:2]
-    split = [batch, channels]
+    batch = prediction.shape[0]
+    channel_axes = grid.channel_axes
+    channels = prod(prediction.shape[a] for a in channel_axes)
+    x = prediction.permute(0, *grid.grid_axes, *channel_axes)
+    split = [batch]
     for cells, patch in zip(grid.grid_shape, grid.patch_size):
         split += [cells, patch]
-    spatial = len(grid.grid_shape)
-    order = [0] + [2 + 2 * i for i in range(spatial)] + [3 + 2 * i for i in range(spatial)] + [1]
-    return prediction.reshape(split).permute(order).reshape(batch, grid.num_tokens, prod(grid.patch_size), channels)
+    x = x.reshape(*split, channels)
+    n = len(grid.grid_axes)
+    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n]
+    return x.permute(order).reshape(batch, grid.num_tokens, prod(grid.patch_size), channels)
 
 
 def _detach_from_caches(flat, caches) -> list:

@@ -20,7 +20,6 @@ REFUSED = {
     "latte": (None, "no token sequence found"),  # spatial attention per frame: tokens merged with the batch
     "lumina2": (None, "torch.export could not capture"),
     "mochi": ("aten.nonzero.default", "depends on tensor values"),
-    "cogvideox": (None, "no scaled_dot_product_attention"),  # latent [B, F, C, H, W]: frames before channels
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 BATCH = 2

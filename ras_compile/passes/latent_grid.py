@@ -1,7 +1,8 @@
 """Where does the latent become a token sequence?
 
-Before the token axis exists, the analysis follows the latent ``[B, C, *spatial]``
-through patch embedding (a non-overlapping convolution, or views and permutes
+Before the token axis exists, the analysis follows the latent ``[B, *axes]`` (any
+order of channels, frames and spatial axes: ``[B, C, H, W]``, ``[B, C, F, H, W]``,
+``[B, F, C, H, W]``, ``[B, C, L]``) through patch embedding (a non-overlapping convolution, or views and permutes
 that cut the image into patches) by giving every tensor dimension a tuple of
 *atoms*. An atom ``(axis, stride, size)`` says "this dimension walks ``size``
 steps of latent ``axis`` with step ``stride``": splitting ``H`` into patches of 2
@@ -28,8 +29,13 @@ class GridValue:
 
 
 def latent_grid(shape: tuple[int, ...]) -> GridValue:
-    """The latent ``[B, C, *spatial]`` itself."""
-    names = ["b", "c"] + [f"s{i}" for i in range(len(shape) - 2)]
+    """The latent itself: the batch axis, then one axis ``s<i>`` per latent dimension ``i + 1``.
+
+    Which axes are channels is not assumed: a channel axis is one the patch embedding
+    consumes (a convolution's input channels, a projection's features) or folds into
+    the per-token feature dimension together with the inside of the patches.
+    """
+    names = ["b"] + [f"s{i}" for i in range(len(shape) - 1)]
     return GridValue(tuple(((name, 1, size),) if size > 1 else () for name, size in zip(names, shape)))
 
 
@@ -105,10 +111,23 @@ def _expand(values, n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """How image tokens tile the latent: token ``i`` is the row-major patch ``i``."""
+    """How image tokens tile the latent: token ``i`` is the row-major patch ``i``.
 
-    spatial_shape: tuple[int, ...]  # latent spatial extents
-    patch_size: tuple[int, ...]     # patch extent per spatial axis
+    ``grid_axes`` are latent dimensions (1-based, 0 is the batch) that the patches tile;
+    every other latent dimension is a channel dimension.
+    """
+
+    latent_shape: tuple[int, ...]   # the whole latent, batch included
+    grid_axes: tuple[int, ...]
+    patch_size: tuple[int, ...]     # patch extent per grid axis
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.latent_shape[a] for a in self.grid_axes)
+
+    @property
+    def channel_axes(self) -> tuple[int, ...]:
+        return tuple(a for a in range(1, len(self.latent_shape)) if a not in self.grid_axes)
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
@@ -119,33 +138,38 @@ class TokenGrid:
         return prod(self.grid_shape)
 
 
-def find_token_dim(value: GridValue, spatial_shape: tuple[int, ...]) -> tuple[int, TokenGrid] | None:
-    """The dimension holding the row-major patch grid, if this tensor has one."""
+def _is_outer(atom: Atom, extents: tuple[int, ...]) -> bool:
+    axis, stride, size = atom
+    return axis.startswith("s") and stride * size == extents[int(axis[1:])]
+
+
+def find_token_dim(value: GridValue, latent_shape: tuple[int, ...]) -> tuple[int, TokenGrid] | None:
+    """The dimension holding the row-major patch grid, if this tensor has one.
+
+    A candidate is made only of the outermost atoms of distinct latent axes, in axis
+    order. Every other dimension holding the outermost atom of some axis must be a
+    per-token feature dimension, i.e. also hold the inside of a patch; otherwise that
+    axis (frames kept apart, say) still tiles the image and the candidate is only part
+    of the grid.
+    """
+    extents = tuple(latent_shape[1:])
     for dim, atoms in enumerate(value.dims):
-        if not atoms or any(not axis.startswith("s") for axis, _, _ in atoms):
+        if not atoms or not all(_is_outer(a, extents) for a in atoms):
             continue
-        axes = [int(axis[1:]) for axis, _, _ in atoms]
-        if axes != sorted(set(axes)):
+        axes = [int(a[0][1:]) for a in atoms]
+        if axes != sorted(set(axes)) or prod(a[2] for a in atoms) <= 1:
             continue
-        patch = []
-        ok = True
-        for i, extent in enumerate(spatial_shape):
-            match = [a for a in atoms if a[0] == f"s{i}"]
-            if not match:
-                elsewhere = any(a[0] == f"s{i}" and a[1] * a[2] == extent and a[2] > 1
-                                for other in value.dims for a in other)
-                if elsewhere:  # this axis's patch grid lives in another dimension
-                    ok = False
-                    break
-                patch.append(extent)  # the grid is one patch wide along this axis
+        complete = True
+        for other, other_atoms in enumerate(value.dims):
+            if other == dim:
                 continue
-            _, stride, size = match[0]
-            if stride * size != extent:
-                ok = False  # an inner (within-patch) atom: this is not the patch grid
+            outer = [a for a in other_atoms if _is_outer(a, extents) and int(a[0][1:]) not in axes]
+            inner = [a for a in other_atoms if a[0].startswith("s") and not _is_outer(a, extents)]
+            if outer and not inner:
+                complete = False
                 break
-            patch.append(stride)
-        if ok and prod(s for _, _, s in atoms) > 1:
-            return dim, TokenGrid(tuple(spatial_shape), tuple(patch))
+        if complete:
+            return dim, TokenGrid(tuple(latent_shape), tuple(a + 1 for a in axes), tuple(a[1] for a in atoms))
     return None
 
 

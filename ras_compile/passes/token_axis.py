@@ -144,7 +144,6 @@ class _Analyzer:
         shape = _shape(latent)
         self.batch_size = shape[0]
         self.analysis: TokenAnalysis | None = None
-        self.spatial_shape = shape[2:]
         self.counts = {"token_wise": 0, "attention_cached_kv": 0, "cross_attention": 0,
                        "side_inputs_gathered": 0, "densified": 0, "untouched": 0}
 
@@ -163,7 +162,7 @@ class _Analyzer:
             self.grid_values[self.latent] = lg.latent_grid(shape)
         else:
             raise UnsupportedModelError(
-                f"the latent input '{self.latent.name}' has shape {list(shape)}; expected [B, C, *spatial] "
+                f"the latent input '{self.latent.name}' has shape {list(shape)}; expected [B, *channels-and-grid-axes] "
                 "or token-shaped [B, N, C]. Pass latent_arg= to ras_compile to name the latent argument")
         for node in self.gm.graph.nodes:
             if node.op == "call_function":
@@ -223,7 +222,7 @@ class _Analyzer:
         if out is None:
             return  # the latent is used by something else; that value stays dense
         self.grid_values[node] = out
-        found = lg.find_token_dim(out, self.spatial_shape)
+        found = lg.find_token_dim(out, _shape(self.latent))
         if found is not None and self.analysis is None:
             token_dim, grid = found
             batch_dim = lg.find_batch_dim(out)
@@ -287,8 +286,8 @@ class _Analyzer:
             if not _is_tensor(leaf):
                 continue
             shape = _shape(leaf)
-            if a.grid is not None and len(shape) == 2 + len(a.grid.spatial_shape) \
-                    and shape[0] == a.batch_size and shape[2:] == a.grid.spatial_shape:
+            if a.grid is not None and len(shape) == len(a.grid.latent_shape) and shape[0] == a.batch_size \
+                    and all(shape[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes):
                 a.output_leaf = i
                 break
             if a.grid is None and len(shape) == 3 and shape[:2] == (a.batch_size, a.num_tokens):
@@ -296,7 +295,7 @@ class _Analyzer:
                 break
         if a.output_leaf is None:
             raise UnsupportedModelError(
-                "no output has the latent's layout ([B, C, *spatial] matching the latent, or [B, N, C] for "
+                "no output has the latent's layout (the latent's grid axes, any channel count, or [B, N, C] for "
                 "token latents), so the next active tokens cannot be scored from the prediction")
 
     # -- sites --------------------------------------------------------------------------
