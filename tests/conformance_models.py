@@ -491,6 +491,95 @@ def _stable_audio_inputs(model, batch, seed):
                 rotary_embedding=rope, return_dict=False)
 
 
+# --------------------------------------------------------------------------- QwenImage
+
+
+def _qwen_image_build(seed):
+    from diffusers import QwenImageTransformer2DModel
+    return _seeded_build(seed, lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
+
+
+def _qwen_image_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2      # a 4-channel 8x12 latent packed 2x2 -> 4x6 tokens of 16 channels
+    # the pipeline passes t / 1000 and img_shapes [[(1, h, w)]] * batch
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                encoder_hidden_states_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                timestep=r.timestep(batch, 1.0), img_shapes=[[(1, h, w)]] * batch, return_dict=False)
+
+
+# --------------------------------------------------------------------------- Chroma
+
+
+def _chroma_build(seed):
+    from diffusers import ChromaTransformer2DModel
+    return _seeded_build(seed, lambda: ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1))
+
+
+def _chroma_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    # the pipeline's attention_mask covers the joint sequence: text mask, then ones for the image tokens
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch, 1.0), img_ids=img_ids.reshape(h * w, 3), txt_ids=torch.zeros(TEXT_LEN, 3),
+                attention_mask=torch.ones(batch, TEXT_LEN + h * w, dtype=torch.bool), return_dict=False)
+
+
+# --------------------------------------------------------------------------- CogView3-Plus
+
+
+def _cogview3plus_build(seed):
+    from diffusers import CogView3PlusTransformer2DModel
+    return _seeded_build(seed, lambda: CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=16))
+
+
+def _cogview3plus_inputs(model, batch, seed):
+    r = _Rand(seed)
+    size = torch.tensor([[H * 8.0, W * 8.0]]).repeat(batch, 1)
+    return dict(hidden_states=r.randn(batch, 4, H, W), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), original_size=size, target_size=size.clone(),
+                crop_coords=torch.zeros(batch, 2), return_dict=False)
+
+
+# --------------------------------------------------------------------------- HiDream-I1
+
+
+def _hidream_build(seed):
+    from diffusers import HiDreamImageTransformer2DModel
+    return _seeded_build(seed, lambda: HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[24, 32], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1]))
+
+
+def _hidream_inputs(model, batch, seed):
+    r = _Rand(seed)
+    n_llama = len(model.config.llama_layers)
+    # the pipeline passes the stacked hidden states of the Llama layers [L, B, T, C] and the scheduler's timestep
+    return dict(hidden_states=r.randn(batch, 4, SQ, SQ), timesteps=r.timestep(batch),
+                encoder_hidden_states_t5=r.randn(batch, TEXT_LEN, 24),
+                encoder_hidden_states_llama3=r.randn(n_llama, batch, TEXT_LEN, 32),
+                pooled_embeds=r.randn(batch, 16), return_dict=False)
+
+
+def _hidream_dense_build(seed):
+    from diffusers import HiDreamImageTransformer2DModel
+    return _seeded_build(seed, lambda: HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[24, 32], text_emb_dim=16, num_routed_experts=0,
+        num_activated_experts=0, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1]))
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -588,6 +677,38 @@ FAMILY_LIST: list[Family] = [
            notes="1D latent [B, C, L]; one global (timestep + conditioning) token is prepended to the sequence, "
                  "so self-attention is 1 + L keys with image rows 1..L; needs rotary_embedding precomputed "
                  "(real cos/sin over L+1 positions); GQA (1 kv head of 2); cross-attention to text"),
+    Family("qwen_image", "QwenImageTransformer2DModel", _qwen_image_build, _qwen_image_inputs, "hidden_states", _N2,
+           None, _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="latent passed packed [B, N, C] (2x2 patches of a 4-channel latent) with img_shapes "
+                 "[[(1, h, w)]] * B (a Python list, read for RoPE); timestep in [0, 1] (x1000 inside); "
+                 "double-stream blocks only, joint attention text first then image; complex RoPE (centred "
+                 "image positions, text positions after the image's max index); text RMS-norm before txt_in; "
+                 "encoder_hidden_states_mask builds a joint [B, 1, 1, T + N] boolean mask inside the processor"),
+    Family("chroma", "ChromaTransformer2DModel", _chroma_build, _chroma_inputs, "hidden_states", _N2, None,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="Flux-like (double then single stream, text first, img_ids / txt_ids 2D [N, 3], packed latent, "
+                 "timestep in [0, 1]); no pooled text / guidance: modulation comes from a distilled "
+                 "approximator MLP per layer; attention_mask [B, T + N] covers the joint sequence (text mask "
+                 "then ones for image tokens) and is expanded to an outer-product [B, 1, T+N, T+N] mask"),
+    Family("cogview3plus", "CogView3PlusTransformer2DModel", _cogview3plus_build, _cogview3plus_inputs,
+           "hidden_states", _N2, _P2, _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="needs original_size / target_size / crop_coords [B, 2]; joint attention text first (CogVideoX "
+                 "processor); the feed-forward runs over the concatenated text + image sequence; sincos "
+                 "positions cropped from a pos_embed_max_size grid; integer-scale timestep"),
+    Family("hidream", "HiDreamImageTransformer2DModel", _hidream_build, _hidream_inputs, "hidden_states", _NSQ, _P2,
+           _same_as("hidden_states"), context_after=3 * TEXT_LEN,
+           notes="joint attention image first, then text = T5 + last-Llama-layer tokens (carried through the "
+                 "double blocks) + this block's Llama-layer tokens (a fresh slice per block, dropped after it); "
+                 "encoder_hidden_states_llama3 is a stacked [L, B, T, C] tensor indexed by config.llama_layers; "
+                 "pooled text added to the timestep embedding; MoE feed-forward on image tokens (top-k gate, "
+                 "argsort / bincount dispatch in eval); inputs square 8x8: a non-square latent is zero-padded "
+                 "to max_resolution tokens with a key mask (hidden_states_masks); RoPE (2x2 rotation matrices) "
+                 "from ids computed inside"),
+    Family("hidream_dense", "HiDreamImageTransformer2DModel", _hidream_dense_build, _hidream_inputs,
+           "hidden_states", _NSQ, _P2, _same_as("hidden_states"), context_after=3 * TEXT_LEN,
+           notes="the hidream entry with num_routed_experts=0 (plain SwiGLU feed-forward instead of the MoE, "
+                 "not a shipped config): the rest of the architecture without the data-dependent expert "
+                 "dispatch"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
