@@ -1,0 +1,51 @@
+"""Over a whole loop the graphs compile once; the controller never reads the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from families import Case, flow_sigmas, prediction_of, timestep_for
+from ras_compile import RASPolicy, ras_compile
+from ras_compile.controller import RASController
+
+
+def test_a_28_step_dynamic_schedule_compiles_each_graph_once():
+    case = Case("sd3", layers=1, heads=2, head_dim=8, patch=2, height=16, width=16, batch=2)
+    model = case.build()
+    policy = RASPolicy(sample_ratio=0.5, warmup_steps=4, reset_steps=(12, 20), schedule="dynamic", num_steps=28,
+                       skip_num_step=8, skip_num_step_length=4, dynamic_drop_multiple=4)
+    ras = ras_compile(model, policy, backend="aot_eager")
+    kwargs = case.inputs(model)
+    latent, sigmas = kwargs["hidden_states"], flow_sigmas(28)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for i in range(28):
+            # the first dense and the first sparse call compile; nothing may compile after that
+            torch._dynamo.config.error_on_recompile = i >= 5
+            pred = prediction_of(ras(**dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], 2))))
+            latent = latent + (sigmas[i + 1] - sigmas[i]) * pred
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    counts = [s.active_tokens for s in ras.ras_controller.stats if s.mode == "sparse"]
+    assert len(set(counts)) >= 4  # the active count really changes
+    assert counters["stats"]["unique_graphs"] == 2  # dense and sparse
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("metric", ["std", "l2norm", lambda p: p.float().abs().mean(dim=(2, 3))])
+@pytest.mark.parametrize("rule", ["paper", "official"])
+@pytest.mark.parametrize("share", ["per_sample", "cfg", "batch"])
+def test_choosing_the_next_active_set_never_reads_a_tensor_on_the_host(metric, rule, share):
+    """On the meta device any host read (item, bool, nonzero, tolist) raises."""
+    controller = RASController(RASPolicy(metric=metric, starvation_rule=rule, share_active_set=share,
+                                         high_ratio=0.7, warmup_steps=1, reset_steps=()))
+    meta = torch.device("meta")
+    for step in range(4):
+        mode, index = controller.begin_step(1.0 - step / 4, "capture", 64, 4, meta)
+        assert mode == ("dense" if step == 0 else "sparse")
+        if index is not None:
+            assert index.device == meta and index.shape == (4, 32)
+        controller.end_step(mode, torch.empty(4, 64, 4, 16, device=meta))
