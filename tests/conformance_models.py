@@ -580,6 +580,50 @@ def _hidream_dense_build(seed):
         num_activated_experts=0, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1]))
 
 
+# --------------------------------------------------------------------------- Flux.2
+
+
+def _flux2_build(seed):
+    from diffusers import Flux2Transformer2DModel
+    return _seeded_build(seed, lambda: Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True))
+
+
+def _flux2_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2      # a 4-channel 8x12 latent packed 2x2 -> 4x6 tokens of 16 channels
+    # the pipeline's 4-axis ids (t, h, w, l), [B, S, 4]: image (0, y, x, 0), text (0, 0, 0, i)
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(TEXT_LEN))
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch, 1.0), img_ids=img_ids.expand(batch, -1, -1),
+                txt_ids=txt_ids.expand(batch, -1, -1), guidance=torch.full((batch,), 4.0), return_dict=False)
+
+
+# --------------------------------------------------------------------------- Z-Image
+
+ZW = 16                # Z-Image pads each sequence to a multiple of 32 tokens: an 8x16 latent is exactly 32
+
+
+def _z_image_build(seed):
+    from diffusers import ZImageTransformer2DModel
+    return _seeded_build(seed, lambda: ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]),
+        # pad tokens: torch.empty
+        reinit=(("x_pad_token", 0.02), ("cap_pad_token", 0.02)))
+
+
+def _z_image_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # as the pipeline: a list of per-sample [C, 1, H, W] latents, a list of per-sample [T, C] caption
+    # features, timestep (1000 - t) / 1000 in [0, 1] with 1 = clean image
+    return dict(x=list(r.randn(batch, 4, 1, H, ZW).unbind(0)), t=r.timestep(batch, 1.0),
+                cap_feats=list(r.randn(batch, TEXT_LEN, 32).unbind(0)), return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -709,6 +753,21 @@ FAMILY_LIST: list[Family] = [
            notes="the hidream entry with num_routed_experts=0 (plain SwiGLU feed-forward instead of the MoE, "
                  "not a shipped config): the rest of the architecture without the data-dependent expert "
                  "dispatch"),
+    Family("flux2", "Flux2Transformer2DModel", _flux2_build, _flux2_inputs, "hidden_states", _N2, None,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="Flux.2: latent passed packed [B, N, C]; 4-axis ids (t, h, w, l) passed 3D [B, S, 4] as the "
+                 "pipeline does (the model reads ids[0]); timestep and guidance in [0, 1]-ish, x1000 inside; "
+                 "modulation shared across blocks (computed once from temb); double then single stream, text "
+                 "first; SwiGLU feed-forward; single blocks use a fused QKV+MLP projection"),
+    Family("z_image", "ZImageTransformer2DModel", _z_image_build, _z_image_inputs, "x", (H // 2) * (ZW // 2), _P2,
+           lambda kw: tuple(kw["x"][0].shape), context_after=32,
+           notes="x is a LIST of per-sample [C, 1, H, W] latents and cap_feats a list of per-sample [T, C] "
+                 "(variable lengths allowed); out[0] is a list too: output_shape is one element's shape; each "
+                 "sequence is padded to a multiple of 32 tokens with a learned pad token (latent 8x16 so the "
+                 "image is exactly 32 tokens, text 7 -> 32 with 25 pad tokens); image-only noise refiner, "
+                 "text-only context refiner, then joint layers image first then (padded) text; complex RoPE "
+                 "from position ids; timestep in [0, 1] with 1 = clean image; ~360k parameters, ~300k of them the "
+                 "timestep MLP whose hidden width 1024 is hard-coded"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
