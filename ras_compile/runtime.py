@@ -21,6 +21,7 @@ from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
 
 BACKENDS_WITHOUT_DYNAMO = (None, "none")
+MAX_CAPTURES = 8  # input signatures kept (graphs and caches); older ones are captured again when they return
 
 
 def compile_graph(gm: torch.fx.GraphModule, backend):
@@ -88,10 +89,12 @@ class RASModule(torch.nn.Module):
     # -- capture ---------------------------------------------------------------------------
     def ras_captured(self, call: dict) -> Captured:
         key = signature_key(call)
-        captured = self._captures.get(key)
+        captured = self._captures.pop(key, None)
         if captured is None:
             captured = self._capture(key, call)
-            self._captures[key] = captured
+            while len(self._captures) >= MAX_CAPTURES:  # forget the least recently used signature
+                self._captures.pop(next(iter(self._captures)))
+        self._captures[key] = captured
         return captured
 
     def _capture(self, key, call: dict) -> Captured:

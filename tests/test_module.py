@@ -90,6 +90,18 @@ def test_resolution_change_between_generations_recaptures_and_stays_exact():
         assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
 
 
+def test_only_the_most_recent_signatures_keep_their_graphs_and_caches(monkeypatch):
+    import ras_compile.runtime as runtime
+
+    monkeypatch.setattr(runtime, "MAX_CAPTURES", 2)
+    model = SD3.build()
+    ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    for height in (8, 12, 16, 8):
+        kwargs = Case("sd3", 1, 2, 8, 2, height, 12, 2).inputs(model)
+        torch.testing.assert_close(prediction_of(ras(**kwargs)), prediction_of(model(**kwargs)))
+    assert len(ras._captures) == 2
+
+
 def test_resolution_change_inside_a_generation_runs_dense_instead_of_reading_stale_caches():
     model = SD3.build()
     ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
