@@ -624,6 +624,44 @@ def _z_image_inputs(model, batch, seed):
                 cap_feats=list(r.randn(batch, TEXT_LEN, 32).unbind(0)), return_dict=False)
 
 
+# --------------------------------------------------------------------------- Cosmos (1.0 / Predict2 DiT)
+
+
+def _cosmos_build(seed):
+    from diffusers import CosmosTransformer3DModel
+    return _seeded_build(seed, lambda: CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=8, max_size=(8, 16, 16), patch_size=(1, 2, 2),
+        # the shipped configs concatenate a padding-mask channel, resized with torchvision (not installed here)
+        concat_padding_mask=False, extra_pos_embed_type="learnable"))
+
+
+def _cosmos_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # EDM: the pipeline's timestep is the scheduler's c_noise (a small real number), fps an int
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch, 1.0),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), fps=30, return_dict=False)
+
+
+# --------------------------------------------------------------------------- SkyReels-V2 (diffusion forcing)
+
+
+def _skyreels_v2_build(seed):
+    from diffusers import SkyReelsV2Transformer3DModel
+    return _seeded_build(seed, lambda: SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, inject_sample_info=False,
+        num_frame_per_block=1))
+
+
+def _skyreels_v2_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # the diffusion-forcing pipeline: one timestep per latent frame [B, F]
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch * F).view(batch, F),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), enable_diffusion_forcing=True,
+                return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -768,6 +806,19 @@ FAMILY_LIST: list[Family] = [
                  "text-only context refiner, then joint layers image first then (padded) text; complex RoPE "
                  "from position ids; timestep in [0, 1] with 1 = clean image; ~360k parameters, ~300k of them the "
                  "timestep MLP whose hidden width 1024 is hard-coded"),
+    Family("cosmos", "CosmosTransformer3DModel", _cosmos_build, _cosmos_inputs, "hidden_states", _NV, (1, 2, 2),
+           _same_as("hidden_states"),
+           notes="self-attention over all video tokens with 3D RoPE (fps-scaled temporal axis; head_dim split "
+                 "t/h/w, so 12) plus a learnable absolute position embedding added to q/k, cross-attention to "
+                 "text; adaLN with a LoRA-style low-rank modulation; concat_padding_mask=False (the shipped "
+                 "configs concatenate a resized padding-mask channel, which needs torchvision); EDM timestep"),
+    Family("skyreels_v2", "SkyReelsV2Transformer3DModel", _skyreels_v2_build, _skyreels_v2_inputs,
+           "hidden_states", _NV, (1, 2, 2), _same_as("hidden_states"),
+           notes="Wan-like (self-attention over all video tokens with complex 3D RoPE, cross-attention to text) in "
+                 "diffusion-forcing mode: timestep is per latent frame [B, F], so the modulation is per token "
+                 "(broadcast over each frame's tokens); num_frame_per_block=1 (no block-causal mask); "
+                 "inject_sample_info=False: with it, diffusers 0.42.1 adds the fps modulation [B*F, 6, D] to the "
+                 "per-frame one [B, F, 6, D], which only broadcasts for batch 1"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
