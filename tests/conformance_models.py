@@ -662,6 +662,52 @@ def _skyreels_v2_inputs(model, batch, seed):
                 return_dict=False)
 
 
+# --------------------------------------------------------------------------- EasyAnimate
+
+
+def _easyanimate_build(seed):
+    from diffusers import EasyAnimateTransformer3DModel
+    return _seeded_build(seed, lambda: EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=VW,
+        sample_height=VH, num_layers=2, mmdit_layers=1, time_embed_dim=16, add_norm_text_encoder=True,
+        text_embed_dim=32, text_embed_dim_t5=None, after_norm=False, time_position_encoding_type="3d_rope"))
+
+
+def _easyanimate_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32), return_dict=False)
+
+
+# --------------------------------------------------------------------------- OmniGen
+
+
+def _omnigen_build(seed):
+    from diffusers import OmniGenTransformer2DModel
+    head_half = 16 // 2 // 2       # rotary factors: one per frequency (head_dim / 2)
+    return _seeded_build(seed, lambda: OmniGenTransformer2DModel(
+        in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, num_layers=2, pad_token_id=0, vocab_size=64, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, pos_embed_max_size=16, time_step_dim=16,
+        rope_scaling={"type": "su", "short_factor": [1.0 + 0.1 * i for i in range(head_half)],
+                      "long_factor": [2.0 + 0.1 * i for i in range(head_half)]}))
+
+
+def _omnigen_inputs(model, batch, seed):
+    r = _Rand(seed)
+    n = (H // 2) * (W // 2)
+    s = TEXT_LEN + 1 + n
+    # as OmniGenCollator for text-to-image with unpadded prompts: sequence = prompt tokens, one time token,
+    # image tokens; causal over prompt + time token, image rows see everything; positions 0..S-1
+    mask = torch.zeros(s, s)
+    mask[: TEXT_LEN + 1, : TEXT_LEN + 1] = torch.tril(torch.ones(TEXT_LEN + 1, TEXT_LEN + 1))
+    mask[TEXT_LEN + 1:, :] = 1.0
+    ids = torch.randint(1, model.config.vocab_size, (batch, TEXT_LEN), generator=r.gen)
+    return dict(hidden_states=r.randn(batch, 4, H, W), timestep=r.timestep(batch, 1.0), input_ids=ids,
+                input_img_latents=[], input_image_sizes={}, attention_mask=mask.expand(batch, s, s).clone(),
+                position_ids=torch.arange(s).expand(batch, s).clone(), return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -819,6 +865,21 @@ FAMILY_LIST: list[Family] = [
                  "(broadcast over each frame's tokens); num_frame_per_block=1 (no block-causal mask); "
                  "inject_sample_info=False: with it, diffusers 0.42.1 adds the fps modulation [B*F, 6, D] to the "
                  "per-frame one [B, F, 6, D], which only broadcasts for batch 1"),
+    Family("easyanimate", "EasyAnimateTransformer3DModel", _easyanimate_build, _easyanimate_inputs, "hidden_states",
+           _NV, (1, 2, 2), _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="joint attention over text first, then all video tokens, with 3D real RoPE (computed inside, "
+                 "HunyuanDiT-style crop region) on the video part; block 0 is MMDiT (separate text q/k/v), "
+                 "block 1 a shared-weight block (text concatenated before the projections inside the "
+                 "processor); the feed-forward runs on text and video separately with the same weights; "
+                 "patch embedding is a per-frame Conv2d"),
+    Family("omnigen", "OmniGenTransformer2DModel", _omnigen_build, _omnigen_inputs, "hidden_states", _N2, _P2,
+           _same_as("hidden_states"), context_before=TEXT_LEN + 1,
+           notes="one Phi-3-style decoder over [prompt token embeddings, 1 time token, image tokens] (single "
+                 "stream, no adaLN in the layers); input_ids are token ids (learned embedding); a 3D [B, S, S] "
+                 "0/1 attention_mask from the collator (causal over prompt + time token, image rows attend to "
+                 "everything) turned additive inside; position_ids [B, S]; su-scaled (LongRoPE) rotary "
+                 "embedding; text-to-image: no input images (input_img_latents=[], input_image_sizes={}); "
+                 "timestep in [0, 1]"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
