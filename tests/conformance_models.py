@@ -708,6 +708,24 @@ def _omnigen_inputs(model, batch, seed):
                 position_ids=torch.arange(s).expand(batch, s).clone(), return_dict=False)
 
 
+# --------------------------------------------------------------------------- HunyuanImage-2.1
+
+
+def _hunyuan_image_build(seed):
+    from diffusers import HunyuanImageTransformer2DModel
+    return _seeded_build(seed, lambda: HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), qk_norm="rms_norm",
+        guidance_embeds=False, text_embed_dim=32, text_embed_2_dim=None, rope_axes_dim=(8, 8)))
+
+
+def _hunyuan_image_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, H, W), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long), return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -880,6 +898,14 @@ FAMILY_LIST: list[Family] = [
                  "everything) turned additive inside; position_ids [B, S]; su-scaled (LongRoPE) rotary "
                  "embedding; text-to-image: no input images (input_img_latents=[], input_image_sizes={}); "
                  "timestep in [0, 1]"),
+    Family("hunyuan_image", "HunyuanImageTransformer2DModel", _hunyuan_image_build, _hunyuan_image_inputs,
+           "hidden_states", H * W, (1, 1), _same_as("hidden_states"), context_after=TEXT_LEN,
+           notes="HunyuanVideo-like: token refiner on text (text-only attention, timestep-conditioned), double then "
+                 "single stream blocks, joint sequence image first then text, key mask = text mask padded with "
+                 "True for the image; patch 1; 2D RoPE computed inside; no byT5 second text stream "
+                 "(text_embed_2_dim=None): its projection has a hard-coded 2048-wide hidden layer (~4M "
+                 "parameters), and with it the text tokens are reordered per sample by boolean masks "
+                 "(valid byT5, valid MLLM, invalid ...)"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
