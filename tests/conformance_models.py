@@ -726,6 +726,56 @@ def _hunyuan_image_inputs(model, batch, seed):
                 encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long), return_dict=False)
 
 
+# --------------------------------------------------------------------------- Bria 3.x
+
+
+def _packed_img_ids(h, w, start=(0, 0), modality=0.0):
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = modality
+    ids[..., 1] = torch.arange(h)[:, None] + start[0]
+    ids[..., 2] = torch.arange(w)[None, :] + start[1]
+    return ids.reshape(h * w, 3)
+
+
+def _bria_build(seed):
+    from diffusers import BriaTransformer2DModel
+    return _seeded_build(seed, lambda: BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, guidance_embeds=False,
+        axes_dims_rope=[4, 6, 6]))
+
+
+def _bria_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2
+    # the pipeline passes 3D ids [B, S, 3] (text all zeros) and the scheduler's timestep unscaled
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), img_ids=_packed_img_ids(h, w).expand(batch, -1, -1),
+                txt_ids=torch.zeros(batch, TEXT_LEN, 3), return_dict=False)
+
+
+# --------------------------------------------------------------------------- LongCat-Image
+
+
+def _longcat_image_build(seed):
+    from diffusers import LongCatImageTransformer2DModel
+    return _seeded_build(seed, lambda: LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]))
+
+
+def _longcat_image_inputs(model, batch, seed):
+    r = _Rand(seed)
+    h, w = H // 2, W // 2
+    # the pipeline's ids: text (0, i, i); image (1, y + L, x + L) with L the tokenizer max length (512)
+    txt_ids = torch.zeros(TEXT_LEN, 3)
+    txt_ids[:, 1] = torch.arange(TEXT_LEN)
+    txt_ids[:, 2] = torch.arange(TEXT_LEN)
+    return dict(hidden_states=r.randn(batch, h * w, 16), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch, 1.0), img_ids=_packed_img_ids(h, w, (512, 512), 1.0), txt_ids=txt_ids,
+                return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -906,6 +956,16 @@ FAMILY_LIST: list[Family] = [
                  "(text_embed_2_dim=None): its projection has a hard-coded 2048-wide hidden layer (~4M "
                  "parameters), and with it the text tokens are reordered per sample by boolean masks "
                  "(valid byT5, valid MLLM, invalid ...)"),
+    Family("bria", "BriaTransformer2DModel", _bria_build, _bria_inputs, "hidden_states", _N2, None,
+           _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="Flux-like (packed latent, double then single stream, text first, RoPE from ids); no pooled text, "
+                 "no guidance; ids passed 3D [B, S, 3] as the pipeline does (the model reads ids[0]); timestep "
+                 "unscaled (0..1000)"),
+    Family("longcat_image", "LongCatImageTransformer2DModel", _longcat_image_build, _longcat_image_inputs,
+           "hidden_states", _N2, None, _same_as("hidden_states"), context_before=TEXT_LEN,
+           notes="Flux-like (packed latent, double then single stream, text first); 2D ids: text (0, i, i), image "
+                 "(1, y + 512, x + 512) as the pipeline builds them; timestep in [0, 1] (x1000 inside); no "
+                 "pooled text at runtime"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
