@@ -776,6 +776,26 @@ def _longcat_image_inputs(model, batch, seed):
                 return_dict=False)
 
 
+# --------------------------------------------------------------------------- Wan-VACE
+
+
+def _wan_vace_build(seed):
+    from diffusers import WanVACETransformer3DModel
+    return _seeded_build(seed, lambda: WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+        vace_in_channels=12))
+
+
+def _wan_vace_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # control latent: the pipeline's [inactive video, reactive video, 8x8-unshuffled mask] channels, same grid
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), timestep=r.timestep(batch),
+                encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                control_hidden_states=r.randn(batch, 12, F, VH, VW),
+                control_hidden_states_scale=torch.tensor([1.0, 0.5]), return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -966,6 +986,13 @@ FAMILY_LIST: list[Family] = [
            notes="Flux-like (packed latent, double then single stream, text first); 2D ids: text (0, i, i), image "
                  "(1, y + 512, x + 512) as the pipeline builds them; timestep in [0, 1] (x1000 inside); no "
                  "pooled text at runtime"),
+    Family("wan_vace", "WanVACETransformer3DModel", _wan_vace_build, _wan_vace_inputs, "hidden_states", _NV,
+           (1, 2, 2), _same_as("hidden_states"),
+           notes="Wan plus a VACE control stream: control_hidden_states (same latent grid, own patch embedding, "
+                 "zero-padded to the video's token count) runs through its own Wan blocks (the first adds the "
+                 "video tokens), each producing a hint added (x control_hidden_states_scale[i]) to the "
+                 "video stream after main block vace_layers[i]; self-attention in both streams is over all "
+                 "video tokens with the same complex 3D RoPE; cross-attention to text"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
