@@ -796,6 +796,47 @@ def _wan_vace_inputs(model, batch, seed):
                 control_hidden_states_scale=torch.tensor([1.0, 0.5]), return_dict=False)
 
 
+# --------------------------------------------------------------------------- Sana-Video
+
+
+def _sana_video_build(seed):
+    from diffusers import SanaVideoTransformer3DModel
+    return _seeded_build(seed, lambda: SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        mlp_ratio=2.5, sample_size=VH, patch_size=(1, 2, 2), rope_max_seq_len=32))
+
+
+def _sana_video_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(hidden_states=r.randn(batch, 4, F, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                return_dict=False)
+
+
+# --------------------------------------------------------------------------- Kandinsky 5
+
+
+def _kandinsky5_build(seed):
+    from diffusers import Kandinsky5Transformer3DModel
+    return _seeded_build(seed, lambda: Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=32, in_text_dim2=24, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False,
+        attention_type="regular"))
+
+
+def _kandinsky5_inputs(model, batch, seed):
+    r = _Rand(seed)
+    # channels-last latent [B, F, H, W, C]; rope positions as the pipeline builds them (token grid per axis);
+    # scale_factor (1, 2, 2) is the pipeline's value for 480p
+    return dict(hidden_states=r.randn(batch, F, VH, VW, 4), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.timestep(batch), pooled_projections=r.randn(batch, 24),
+                visual_rope_pos=[torch.arange(F), torch.arange(VH // 2), torch.arange(VW // 2)],
+                text_rope_pos=torch.arange(TEXT_LEN), scale_factor=(1.0, 2.0, 2.0), sparse_params=None,
+                # return_dict=False returns the bare tensor (not a tuple); the output object indexes like one
+                return_dict=True)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -993,6 +1034,18 @@ FAMILY_LIST: list[Family] = [
                  "video tokens), each producing a hint added (x control_hidden_states_scale[i]) to the "
                  "video stream after main block vace_layers[i]; self-attention in both streams is over all "
                  "video tokens with the same complex 3D RoPE; cross-attention to text"),
+    Family("sana_video", "SanaVideoTransformer3DModel", _sana_video_build, _sana_video_inputs, "hidden_states", _NV,
+           (1, 2, 2), _same_as("hidden_states"),
+           notes="linear (ReLU-kernel) self-attention over all video tokens with 3D RoPE, cross-attention to "
+                 "text (softmax, masked); the Mix-FFN (GLUMBTempConv) runs a depthwise 3x3 conv per frame plus "
+                 "a temporal conv across frames, so tokens mix spatially and temporally outside attention"),
+    Family("kandinsky5", "Kandinsky5Transformer3DModel", _kandinsky5_build, _kandinsky5_inputs, "hidden_states",
+           _NV, (1, 2, 2), _same_as("hidden_states"),
+           notes="channels-LAST latent [B, F, H, W, C]; text-only encoder blocks first (text self-attention with "
+                 "1D RoPE), then visual blocks: self-attention over all video tokens (3D RoPE from "
+                 "visual_rope_pos, a list of per-axis position ranges, scaled by scale_factor), "
+                 "cross-attention to text; pooled CLIP text added to the time embedding; the out layer is "
+                 "modulated; regular (dense) attention, no sparse_params / fractal token order"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
