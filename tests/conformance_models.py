@@ -837,6 +837,42 @@ def _kandinsky5_inputs(model, batch, seed):
                 return_dict=True)
 
 
+# --------------------------------------------------------------------------- ConsisID
+
+
+CONSISID_VIT_TOKENS = 5
+
+
+def _consisid_build(seed):
+    from diffusers import ConsisIDTransformer3DModel
+    # face conditioning on: its perceiver output width must be 2/3 of the transformer width (48 -> 32)
+    return _seeded_build(seed, lambda: ConsisIDTransformer3DModel(
+        num_attention_heads=3, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,
+        text_embed_dim=32, num_layers=2, sample_width=VW, sample_height=VH, sample_frames=(F - 1) * 4 + 1,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True, is_train_face=True,
+        is_kps=False, cross_attn_interval=2, cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_id_dim=16,
+        LFE_vit_dim=16, LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4,
+        LFE_output_dim=32, LFE_ff_mult=2, LFE_num_scale=2))
+
+
+def _consisid_inputs(model, batch, seed):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.consisid.pipeline_consisid import get_resize_crop_region_for_grid
+    r = _Rand(seed)
+    c = model.config
+    gh, gw = VH // c.patch_size, VW // c.patch_size
+    crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // c.patch_size, c.sample_height // c.patch_size)
+    rope = get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
+                                   temporal_size=F)
+    # [B, F, C, H, W]: noisy latent (4 ch) concatenated with the reference image latent (4 ch); the face
+    # embedding id_cond [B, id_dim] and per-scale ViT hidden states, as process_face_embeddings gives them
+    return dict(hidden_states=r.randn(batch, F, 8, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
+                timestep=r.randint(1000, batch), image_rotary_emb=rope, id_cond=r.randn(batch, c.LFE_id_dim),
+                id_vit_hidden=[r.randn(batch, CONSISID_VIT_TOKENS, c.LFE_vit_dim) for _ in range(c.LFE_num_scale)],
+                return_dict=False)
+
+
 # --------------------------------------------------------------------------- the registry
 
 _P2 = (2, 2)
@@ -1046,6 +1082,14 @@ FAMILY_LIST: list[Family] = [
                  "visual_rope_pos, a list of per-axis position ranges, scaled by scale_factor), "
                  "cross-attention to text; pooled CLIP text added to the time embedding; the out layer is "
                  "modulated; regular (dense) attention, no sparse_params / fractal token order"),
+    Family("consisid", "ConsisIDTransformer3DModel", _consisid_build, _consisid_inputs, "hidden_states", _NV,
+           (1, 2, 2), lambda kw: (kw["hidden_states"].shape[0], F, 4, VH, VW), context_before=TEXT_LEN,
+           notes="CogVideoX-5B-I2V-style: latent [B, F, C, H, W] (frames before channels) with the reference "
+                 "image latent concatenated on channels (8 in, 4 out); joint attention text first; needs "
+                 "image_rotary_emb precomputed (get_3d_rotary_pos_embed with the pipeline's crop region); "
+                 "learned positional embedding; integer timestep; face identity: a perceiver "
+                 "(LocalFacialExtractor) turns id_cond + id_vit_hidden into 4 face tokens, and after every "
+                 "cross_attn_interval-th block the video tokens cross-attend to them (residual add)"),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
