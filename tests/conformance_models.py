@@ -1094,8 +1094,12 @@ FAMILY_LIST: list[Family] = [
 
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
 
-# Skipped: none of the families asked for. Every class above builds tiny on CPU in well under a
-# second (the first build of a process pays diffusers' import). Not covered (no time taken to try):
-# the newer diffusers families (QwenImage, HiDream, Chroma, Cosmos, SkyReels-V2, Wan-VACE, LTX2, ...).
+# Skipped: none of the families asked for. Every class above builds tiny on CPU in about a second
+# (the first build of a process pays diffusers' import). Deviations from the shipped configs, each noted in
+# its entry: Cosmos without the padding-mask channel (needs torchvision), SkyReels-V2 without
+# inject_sample_info (broken for batch > 1 in diffusers 0.42.1 diffusion forcing), HunyuanImage without the
+# byT5 stream (~4M-parameter projection), HiDream also as a dense-FF variant, Z-Image at 8x16 (its sequences
+# pad to multiples of 32). Not covered (no time taken to try): LTX2, Wan-Animate, HunyuanVideo-1.5,
+# Flux.1-Kontext-style reference tokens, CogView4-Control, and the other newer transformer files.
 
 __all__ = ["Family", "FAMILIES", "FAMILY_LIST", "TEXT_LEN"]
