@@ -21,8 +21,9 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
 
     ``latent_arg`` names the forward argument holding the noisy latent (default:
     ``hidden_states`` if the forward has it, else its first argument);
-    ``timestep_arg`` the one holding the timestep (default ``timestep``), from
-    which steps and new generations are told apart.
+    ``timestep_arg`` the one holding the timestep (default: the first of
+    ``timestep``, ``timesteps``, ``t`` the forward has), from which steps and new
+    generations are told apart; without one, every call is a new step.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"ras_compile expects a torch.nn.Module, got {type(model).__name__}")

@@ -7,7 +7,10 @@ module returns exactly what the model returns.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -71,14 +74,18 @@ class Captured:
 
 
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
+    printed = io.StringIO()  # torch.export prints the partial graph of a failed capture to stderr
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(
+        error = UnsupportedModelError(
             f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {first}); "
-            "data-dependent control flow or shapes are not supported") from exc
+            "data-dependent control flow or shapes are not supported")
+        error.partial_graph = printed.getvalue()  # what export had traced before it failed, for debugging
+        raise error from exc
+    sys.stderr.write(printed.getvalue())
     bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
     if bad:
         raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "

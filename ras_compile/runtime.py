@@ -21,6 +21,7 @@ from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
 
 BACKENDS_WITHOUT_DYNAMO = (None, "none")
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # tried in this order when timestep_arg is not given
 MAX_CAPTURES = 8  # input signatures kept (graphs and caches); older ones are captured again when they return
 
 
@@ -73,7 +74,7 @@ class RASModule(torch.nn.Module):
         self._signature = inspect.signature(model.forward)
         params = list(self._signature.parameters)
         self._latent_arg = latent_arg or ("hidden_states" if "hidden_states" in params else params[0])
-        self._timestep_arg = timestep_arg or ("timestep" if "timestep" in params else None)
+        self._timestep_arg = timestep_arg or next((n for n in TIMESTEP_NAMES if n in params), None)
         for name, role in ((self._latent_arg, "latent_arg"), (timestep_arg, "timestep_arg")):
             if name is not None and name not in params:
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
@@ -99,10 +100,15 @@ class RASModule(torch.nn.Module):
 
     def _capture(self, key, call: dict) -> Captured:
         latent = call.get(self._latent_arg)
-        if not isinstance(latent, torch.Tensor):
-            raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got {type(latent).__name__}; "
-                               "pass latent_arg= to ras_compile to name another argument")
         try:
+            if isinstance(latent, (list, tuple)) and latent and all(isinstance(x, torch.Tensor) for x in latent):
+                raise UnsupportedModelError(
+                    f"the latent argument '{self._latent_arg}' is a {type(latent).__name__} of {len(latent)} tensors "
+                    "(one sequence per sample); RAS needs one batched latent tensor whose token rows it can "
+                    "gather, so models that take per-sample latent lists are not supported")
+            if not isinstance(latent, torch.Tensor):
+                raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
+                                   f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
             program = export_model(self.model, call)
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module

@@ -49,6 +49,7 @@ class Family:
     context_before: int = 0            # non-image tokens before the image in joint attention
     context_after: int = 0             # non-image tokens after the image in joint attention
     notes: str = ""
+    timestep_arg: str = "timestep"     # the forward argument holding the timestep
     extra_image_lengths: tuple[int, ...] = field(default=())  # other seq lengths that are image-only
 
     def image_rows(self, seq_len: int) -> slice | None:
@@ -989,7 +990,7 @@ FAMILY_LIST: list[Family] = [
                  "processor); the feed-forward runs over the concatenated text + image sequence; sincos "
                  "positions cropped from a pos_embed_max_size grid; integer-scale timestep"),
     Family("hidream", "HiDreamImageTransformer2DModel", _hidream_build, _hidream_inputs, "hidden_states", _NSQ, _P2,
-           _same_as("hidden_states"), context_after=3 * TEXT_LEN,
+           _same_as("hidden_states"), context_after=3 * TEXT_LEN, timestep_arg="timesteps",
            notes="joint attention image first, then text = T5 + last-Llama-layer tokens (carried through the "
                  "double blocks) + this block's Llama-layer tokens (a fresh slice per block, dropped after it); "
                  "encoder_hidden_states_llama3 is a stacked [L, B, T, C] tensor indexed by config.llama_layers; "
@@ -998,7 +999,7 @@ FAMILY_LIST: list[Family] = [
                  "to max_resolution tokens with a key mask (hidden_states_masks); RoPE (2x2 rotation matrices) "
                  "from ids computed inside"),
     Family("hidream_dense", "HiDreamImageTransformer2DModel", _hidream_dense_build, _hidream_inputs,
-           "hidden_states", _NSQ, _P2, _same_as("hidden_states"), context_after=3 * TEXT_LEN,
+           "hidden_states", _NSQ, _P2, _same_as("hidden_states"), context_after=3 * TEXT_LEN, timestep_arg="timesteps",
            notes="the hidream entry with num_routed_experts=0 (plain SwiGLU feed-forward instead of the MoE, "
                  "not a shipped config): the rest of the architecture without the data-dependent expert "
                  "dispatch"),
@@ -1009,7 +1010,7 @@ FAMILY_LIST: list[Family] = [
                  "modulation shared across blocks (computed once from temb); double then single stream, text "
                  "first; SwiGLU feed-forward; single blocks use a fused QKV+MLP projection"),
     Family("z_image", "ZImageTransformer2DModel", _z_image_build, _z_image_inputs, "x", (H // 2) * (ZW // 2), _P2,
-           lambda kw: tuple(kw["x"][0].shape), context_after=32,
+           lambda kw: tuple(kw["x"][0].shape), context_after=32, timestep_arg="t",
            notes="x is a LIST of per-sample [C, 1, H, W] latents and cap_feats a list of per-sample [T, C] "
                  "(variable lengths allowed); out[0] is a list too: output_shape is one element's shape; each "
                  "sequence is padded to a multiple of 32 tokens with a learned pad token (latent 8x16 so the "

@@ -80,6 +80,26 @@ def test_pipelines_that_count_time_upwards_are_followed_too():
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse"]
 
 
+class _TimestepsDiT(PlainDiT):
+    def forward(self, hidden_states, timesteps):  # HiDream's name
+        return super().forward(hidden_states, timesteps)
+
+
+class _TDiT(PlainDiT):
+    def forward(self, x, t):  # Z-Image's names
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("cls,latent,time", [(_TimestepsDiT, "hidden_states", "timesteps"), (_TDiT, "x", "t")])
+def test_the_timestep_argument_is_found_under_its_common_names(cls, latent, time):
+    ras = ras_compile(cls(), RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    x = torch.randn(1, 4, 8, 8)
+    for t in (900.0, 600.0, 300.0, 900.0, 600.0):  # the timestep going back up starts a new generation
+        ras(**{latent: x, time: torch.full((1,), t)})
+    assert [s.step for s in ras.ras_controller.stats] == [0, 1]
+    assert [s.timestep for s in ras.ras_controller.stats] == [900.0, 600.0]
+
+
 def test_resolution_change_between_generations_recaptures_and_stays_exact():
     model = SD3.build()
     ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)

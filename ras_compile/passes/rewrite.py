@@ -150,6 +150,8 @@ class _SparseBuilder:
         g = self.graph
         args = [fx.node.map_arg(a, lambda n: self.arg(node, n)) for a in node.args]
         kwargs = {k: fx.node.map_arg(v, lambda n: self.arg(node, n)) for k, v in node.kwargs.items()}
+        if node.name == self.a.source:  # the source computes the dense tokens; the gather follows it
+            return self.copy(node, args, kwargs)
         for side in self.side.get(node.name, ()):
             self.gather_side(node, side, args, kwargs)
         packet = _packet(node) if node.op == "call_function" else None
@@ -191,8 +193,11 @@ class _SparseBuilder:
             return g.call_function(aten.squeeze.dims, (args[0], removed))
         elif packet is aten.scaled_dot_product_attention and node.name in self.a.attention:
             args = self.attention_over_cache(node, args)
-        new = g.call_function(node.target, tuple(args), kwargs) if node.op == "call_function" else \
-            g.node_copy(node, lambda n: self.env[n])
+        return self.copy(node, args, kwargs)
+
+    def copy(self, node: fx.Node, args: list, kwargs: dict) -> fx.Node:
+        new = self.graph.call_function(node.target, tuple(args), kwargs) if node.op == "call_function" else \
+            self.graph.node_copy(node, lambda n: self.env[n])
         new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
         return new
 
