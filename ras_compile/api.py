@@ -10,7 +10,8 @@ SUPPORTED_BACKENDS = ("inductor", "aot_eager", "eager", None)
 
 
 def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, backend: str | None = "inductor",
-                latent_arg: str | None = None, timestep_arg: str | None = None) -> RASModule:
+                latent_arg: str | None = None, timestep_arg: str | None = None,
+                fuse_kv_projection: bool | str = "auto") -> RASModule:
     """Return ``model`` with Region-Adaptive Sampling, compiled.
 
     The result has the model's call signature and outputs. Graphs are captured on
@@ -24,6 +25,12 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
     ``timestep_arg`` the one holding the timestep (default: the first of
     ``timestep``, ``timesteps``, ``t`` the forward has), from which steps and new
     generations are told apart; without one, every call is a new step.
+
+    ``fuse_kv_projection``: where a K or V projection reaches attention through
+    layout changes only, project the active rows straight into the cache with
+    ``ras_compile.kernels.linear_scatter_`` (a Triton GeMM with a scatter epilogue).
+    ``"auto"`` fuses on CUDA when Triton is installed; ``True`` always (off CUDA the op
+    runs its ATen reference, which gives the same values); ``False`` never.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"ras_compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -36,4 +43,5 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
     if backend not in SUPPORTED_BACKENDS and not callable(backend):
         raise ValueError(f"backend={backend!r} is not supported: use one of {SUPPORTED_BACKENDS} or a callable "
                          "torch.compile backend")
-    return RASModule(model, policy, backend=backend, latent_arg=latent_arg, timestep_arg=timestep_arg)
+    return RASModule(model, policy, backend=backend, latent_arg=latent_arg, timestep_arg=timestep_arg,
+                     fuse_kv_projection=fuse_kv_projection)

@@ -14,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .passes.fuse_projection import fuse_kv_projections
 from .passes.token_axis import TokenAnalysis
 from .policy import RASPolicy
 
@@ -36,6 +37,7 @@ class Explanation:
     dense_flops: int
     sparse_flops: int
     caches: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    fusible_projections: list[str] = field(default_factory=list)  # K/V linears fused with the cache write on CUDA
 
     @property
     def flop_fraction(self) -> float:
@@ -58,6 +60,9 @@ class Explanation:
             lines.append(f"  cross-attention, token-wise ({len(self.cross_attention)}): " + ", ".join(self.cross_attention))
         if self.side_inputs:
             lines.append(f"  side inputs gathered ({len(self.side_inputs)}): " + ", ".join(self.side_inputs))
+        kv = sum(1 for name, _, _ in self.caches if name.endswith(("_key", "_value")))
+        lines.append(f"  K/V projections fused with the cache write on CUDA: {len(self.fusible_projections)} of {kv}"
+                     + (f" ({', '.join(self.fusible_projections)})" if self.fusible_projections else ""))
         cache_bytes = sum(_numel(s) * torch.empty((), dtype=getattr(torch, d)).element_size() for _, s, d in self.caches)
         lines.append(f"  caches: {len(self.caches)} tensors, {cache_bytes / 2**20:.2f} MiB")
         lines.append(f"  sparse step at ratio {self.ratio:g} ({self.active_tokens} active tokens): "
@@ -138,6 +143,8 @@ def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | No
     captured = module.ras_captured(call_arguments(module._signature, (), dict(example_inputs)))
     result = explanation_of(type(model).__name__, captured.analysis, captured.dense, captured.sparse, policy,
                             policy.sample_ratio if ratio is None else ratio)
+    fused = fuse_kv_projections(captured.program.graph_module, captured.analysis).fused_projections
+    result.fusible_projections = [f.linear for f in fused]
     if verbose:
         print(result)
     return result

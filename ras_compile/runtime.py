@@ -16,6 +16,8 @@ import torch
 from .capture import Captured, call_arguments, export_model, latent_placeholder, signature_key
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
+from .kernels.linear_scatter import triton_available
+from .passes.fuse_projection import fuse_kv_projections
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
@@ -65,8 +67,12 @@ class RASModule(torch.nn.Module):
     """``model`` with Region-Adaptive Sampling; attributes not defined here are the model's."""
 
     def __init__(self, model: torch.nn.Module, policy: RASPolicy, *, backend="inductor",
-                 latent_arg: str | None = None, timestep_arg: str | None = None):
+                 latent_arg: str | None = None, timestep_arg: str | None = None, fuse_kv_projection="auto"):
         super().__init__()
+        if fuse_kv_projection not in ("auto", True, False):
+            raise ValueError(f"fuse_kv_projection={fuse_kv_projection!r} is not allowed: use 'auto' (fused on CUDA), "
+                             "True (always; elsewhere the op runs its ATen reference) or False")
+        self.ras_fuse_kv_projection = fuse_kv_projection
         self.model = model
         self.ras_policy = policy
         self.ras_backend = backend
@@ -114,6 +120,8 @@ class RASModule(torch.nn.Module):
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
             analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
+            if self._fuses(latent.device):
+                analysis = fuse_kv_projections(gm, analysis)
         except UnsupportedModelError as exc:
             if self.ras_policy.on_unsupported != "fallback":
                 raise
@@ -125,6 +133,11 @@ class RASModule(torch.nn.Module):
         captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend)
         captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend)
         return captured
+
+    def _fuses(self, device: torch.device) -> bool:
+        if self.ras_fuse_kv_projection == "auto":
+            return device.type == "cuda" and triton_available()
+        return self.ras_fuse_kv_projection
 
     # -- call ------------------------------------------------------------------------------
     def _timestep_value(self, call: dict) -> float | None:
@@ -165,6 +178,11 @@ class RASModule(torch.nn.Module):
         prediction = flat[analysis.output_leaf]
         self.ras_controller.end_step(mode, prediction_patches(prediction, analysis))
         return captured.outputs(flat)
+
+    def ras_capture(self, *args, **kwargs) -> Captured:
+        """The capture for this call signature: its analysis and its dense and sparse graphs
+        (``.dense`` / ``.sparse``; GraphModules with ``backend=None``). Captures if needed; runs nothing."""
+        return self.ras_captured(call_arguments(self._signature, args, kwargs))
 
     def ras_analysis(self, *args, **kwargs) -> TokenAnalysis:
         """The token-axis analysis for this call signature (captures if needed; runs nothing)."""

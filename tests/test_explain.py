@@ -19,6 +19,8 @@ def test_explain_names_source_rewritten_attention_and_densified_sink(capsys):
     assert "unpatchify" in printed and result.source in printed
     assert result.counts["attention_cached_kv"] == 2 and result.counts["densified"] == 1
     assert result.active_tokens == 32
+    # every K and V projection reaches attention through layout changes only: fusible on CUDA
+    assert len(result.fusible_projections) == 4 and "fused with the cache write on CUDA: 4 of 4" in printed
     # a sparse step at half the tokens costs between the image share and the whole (text tokens stay)
     assert 0.5 < result.flop_fraction < 0.65
 

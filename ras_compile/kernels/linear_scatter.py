@@ -61,10 +61,16 @@ __all__ = [
     "linear_scatter_triton_",
     "HOPPER_CONFIGS",
     "INTERPRET_CONFIG",
+    "triton_available",
     "triton_interpreting",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    """True when Triton is installed, so CUDA tensors can run the fused kernel."""
+    return triton is not None
 
 
 def triton_interpreting() -> bool:

@@ -73,6 +73,9 @@ class _SparseBuilder:
         for s in analysis.side_inputs:
             self.side.setdefault(s.node, []).append(s)
         self.cache_of = {(c.node, c.kind): c.name for c in analysis.caches}
+        self.fused_linear = {f.linear: f for f in analysis.fused_projections}
+        self.fused_operand = {f.chain[-1]: f for f in analysis.fused_projections}
+        self.fused_chain = {name for f in analysis.fused_projections for name in f.chain}
 
     # -- symbolic pieces -------------------------------------------------------------
     @property
@@ -152,6 +155,10 @@ class _SparseBuilder:
         kwargs = {k: fx.node.map_arg(v, lambda n: self.arg(node, n)) for k, v in node.kwargs.items()}
         if node.name == self.a.source:  # the source computes the dense tokens; the gather follows it
             return self.copy(node, args, kwargs)
+        if node.name in self.fused_linear:
+            return self.project_into_cache(node, args, kwargs)
+        if node.name in self.fused_chain:  # re-lays the full cache out for attention: dense shapes
+            return self.copy(node, args, kwargs)
         for side in self.side.get(node.name, ()):
             self.gather_side(node, side, args, kwargs)
         packet = _packet(node) if node.op == "call_function" else None
@@ -221,13 +228,23 @@ class _SparseBuilder:
         else:  # the attention mask passed by keyword
             kwargs["attn_mask"] = gather(kwargs["attn_mask"])
 
+    def project_into_cache(self, node: fx.Node, args: list, kwargs: dict) -> fx.Node:
+        """``linear`` on the active rows, written straight into its cache (one fused op)."""
+        fused = self.fused_linear[node.name]
+        x, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        lay = self.layout(node)
+        return self.graph.call_function(
+            token_ops.project_into_cache_, (x, weight, bias, self.positions(lay), self.caches[fused.cache]))
+
     def attention_over_cache(self, node: fx.Node, args: list) -> list:
         """Fresh K/V rows go into the layer's cache; attention reads the whole cache."""
-        key_name = self.cache_of.get((node.args[1].name, "key"))
-        if key_name is None:  # K/V cache switched off: active tokens attend to each other only
-            return args
         for slot, kind in ((1, "key"), (2, "value")):
             value = node.args[slot]
+            if value.name in self.fused_operand:  # already the full cache, re-laid out
+                continue
+            if (value.name, kind) not in self.cache_of:  # K/V cache switched off: active tokens attend
+                continue                                   # to each other only
             lay = self.layout(value)
             cache = self.caches[self.cache_of[(value.name, kind)]]
             args[slot] = self.graph.call_function(

@@ -89,6 +89,7 @@ class TokenAnalysis:
     side_inputs: list[SideInput] = field(default_factory=list)
     output_leaf: int | None = None     # which flat output is the latent-shaped prediction
     counts: dict[str, int] = field(default_factory=dict)
+    fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
 
 
 def _val(node):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.linear_scatter import linear_scatter_
+
 
 def dense_positions(index: torch.Tensor, offset: int, dense_length: int, num_tokens: int) -> torch.Tensor:
     """Dense row of every sparse row of an axis whose image tokens sit at ``[offset, offset + num_tokens)``."""
@@ -74,3 +76,13 @@ def fill_cache_(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Dense-step cache fill: the whole value becomes the cache."""
     cache.copy_(value)
     return cache
+
+
+def project_into_cache_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor,
+                        cache: torch.Tensor) -> torch.Tensor:
+    """``cache[b, pos[b, i]] = x[b, i] @ weight.T + bias`` in place (the fused K/V projection); returns ``cache``.
+
+    ``cache`` is ``[B, L, D_out]`` in the projection's own layout. On CUDA the op is the
+    Triton GeMM with a scatter epilogue; elsewhere its ATen reference.
+    """
+    return linear_scatter_(x, weight, bias, pos, cache)

@@ -1,0 +1,262 @@
+"""Train the reference DiT with rectified flow on the synthetic generator.
+
+    python -m ras_compile.reference.train --out DIR --minutes M [--steps N] [--seed S]
+
+Objective (diffusers' flow-matching convention, the one ``FlowMatchEulerDiscreteScheduler``
+integrates): draw ``sigma`` in (0, 1) (logit-normal by default), ``x_sigma = (1 - sigma) x0
++ sigma noise``, and regress the model's output at ``timestep = 1000 sigma`` onto the
+velocity ``noise - x0`` with a mean squared error. The scheduler's Euler step
+``x + (sigma_next - sigma) v`` then moves a sample from noise (sigma = 1) to data
+(sigma = 0).
+
+Classes are dropped to the null class (index ``NUM_CLASSES``) with probability
+``label_dropout`` so the model also learns the unconditional velocity for classifier-free
+guidance. The dropout is drawn here from the run's generator; diffusers' own label
+dropout (which draws from the global RNG, independently in every block) is switched off.
+
+Every random draw of step ``k`` comes from generators seeded by ``(seed, k)``: the data
+(:func:`~ras_compile.reference.data.training_seed`) and the noise / sigma / dropout.
+So a run is a function of its arguments and thread count, and ``--resume`` continues a
+run exactly where its last checkpoint stopped. Stopping is by ``--steps`` (reproducible)
+or ``--minutes`` (a wall-clock cap), whichever comes first.
+
+Outputs in ``DIR``: the EMA model (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+loadable with :func:`~ras_compile.reference.model.load_reference_model`),
+``training_log.json`` (settings and loss curve), ``training_state.pt`` (for ``--resume``;
+not to be shipped) and, with ``--preview``, ``preview.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers.models.embeddings import LabelEmbedding
+
+from .data import NUM_CLASSES, make_batch, training_seed
+from .model import NULL_CLASS, build_reference_model, parameter_count
+
+__all__ = ["TrainSettings", "sample_sigmas", "noisy_pair", "drop_labels", "flow_matching_loss",
+           "disable_builtin_label_dropout", "learning_rate", "ema_update", "make_optimizer", "step_generator",
+           "train_step", "train", "main"]
+
+_NOISE_STREAM = 2 ** 62  # offset between a step's data seed and its noise seed
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of a training run (all recorded in ``training_log.json``)."""
+
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    time_sampling: str = "logit_normal"  # or "uniform"
+
+
+def sample_sigmas(n: int, gen: torch.Generator, kind: str = "logit_normal") -> torch.Tensor:
+    """``n`` noise levels in (0, 1): ``sigmoid(N(0, 1))`` ("logit_normal") or ``U(0, 1)`` ("uniform")."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn((n,), generator=gen))
+    if kind == "uniform":
+        return torch.rand((n,), generator=gen)
+    raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {kind!r}")
+
+
+def noisy_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rectified-flow input ``(1 - sigma) x0 + sigma noise`` and its velocity target ``noise - x0``."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+def drop_labels(labels: torch.Tensor, p: float, gen: torch.Generator, null_class: int = NULL_CLASS
+                ) -> torch.Tensor:
+    """``labels`` with each entry replaced by ``null_class`` with probability ``p``."""
+    drop = torch.rand(labels.shape, generator=gen) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def disable_builtin_label_dropout(model: torch.nn.Module) -> int:
+    """Switch off diffusers' in-model label dropout (global RNG, per block); returns how many
+    embedders were changed. The null-class embedding row stays, so guidance still works."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+            changed += 1
+    return changed
+
+
+def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+                       settings: TrainSettings = TrainSettings()) -> torch.Tensor:
+    """The rectified-flow MSE of ``model`` on clean images ``x0`` with classes ``labels``."""
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = sample_sigmas(x0.shape[0], gen, settings.time_sampling)
+    labels = drop_labels(labels, settings.label_dropout, gen)
+    x_t, target = noisy_pair(x0, noise, sigma)
+    pred = model(hidden_states=x_t, timestep=sigma * 1000.0, class_labels=labels, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target)
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant."""
+    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """``ema <- d ema + (1 - d) model`` with ``d = min(decay, (1 + step) / (10 + step))`` (fast early on)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW over all parameters."""
+    return torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99),
+                             weight_decay=settings.weight_decay)
+
+
+def step_generator(run_seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s noise, noise levels and label dropout."""
+    return torch.Generator().manual_seed(training_seed(run_seed, step) + _NOISE_STREAM)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, labels: torch.Tensor,
+               gen: torch.Generator, lr: float, settings: TrainSettings) -> float:
+    """One AdamW step on one batch (with gradient clipping); returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = flow_matching_loss(model, x0, labels, gen, settings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _save_model(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` a copy of ``model`` in ``dtype`` (safetensors)."""
+    copy.deepcopy(model).to(dtype).save_pretrained(out, safe_serialization=True)
+
+
+def _save_state(path: Path, model, ema, optimizer, step: int, curve: list) -> None:
+    """Write the resumable training state (atomically)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "curve": curve}, tmp)
+    tmp.replace(path)
+
+
+def _save_preview(ema: torch.nn.Module, out: Path, steps: int = 20) -> Path:
+    """Sample two images per class with the EMA model and write ``preview.png``."""
+    from .images import save_image_grid
+    from .sampling import sample
+
+    labels = torch.arange(NUM_CLASSES).repeat(2)
+    images = sample(ema.eval(), labels, steps=steps, seed=0, guidance_scale=1.0)
+    return save_image_grid(images, out / "preview.png", nrow=NUM_CLASSES, scale=3)
+
+
+def train(out: str | Path, minutes: float | None = None, steps: int | None = None, seed: int = 0,
+          settings: TrainSettings = TrainSettings(), log_every: int = 25, checkpoint_minutes: float = 10.0,
+          save_dtype: torch.dtype = torch.float32, resume: bool = False, preview: bool = False,
+          model_overrides: dict | None = None) -> dict:
+    """Train a reference DiT into ``out`` until ``steps`` steps or ``minutes`` minutes; returns the log."""
+    if minutes is None and steps is None:
+        raise ValueError("give --minutes or --steps (or both)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "training_state.pt"
+    model = build_reference_model(seed, **(model_overrides or {})).train()
+    disable_builtin_label_dropout(model)
+    ema = copy.deepcopy(model).eval()
+    optimizer = make_optimizer(model, settings)
+    start_step, curve = 0, []
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, curve = state["step"], state["curve"]
+        print(f"resumed at step {start_step}", flush=True)
+    print(f"reference DiT: {parameter_count(model) / 1e6:.2f} M parameters, batch {settings.batch_size}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    t0 = last_ckpt = time.perf_counter()
+    window: list[float] = []
+    step = start_step
+    while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < minutes * 60):
+        x0, labels = make_batch(training_seed(seed, step), settings.batch_size)
+        window.append(train_step(model, optimizer, x0, labels, step_generator(seed, step),
+                                 learning_rate(step, settings), settings))
+        ema_update(ema, model, settings.ema_decay, step)
+        step += 1
+        if step % log_every == 0 or not math.isfinite(window[-1]):
+            elapsed = time.perf_counter() - t0
+            mean = sum(window) / len(window)
+            curve.append({"step": step, "loss": mean, "elapsed_s": round(elapsed, 1)})
+            rate = (step - start_step) * settings.batch_size / elapsed
+            print(f"step {step:6d}  loss {mean:.4f}  {rate:6.1f} samples/s  {elapsed / 60:6.1f} min", flush=True)
+            window = []
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"loss is {mean} at step {step}")
+        if time.perf_counter() - last_ckpt > checkpoint_minutes * 60:
+            _save_state(state_path, model, ema, optimizer, step, curve)
+            last_ckpt = time.perf_counter()
+
+    _save_state(state_path, model, ema, optimizer, step, curve)
+    _save_model(ema, out, save_dtype)
+    log = {"seed": seed, "steps": step, "minutes": minutes, "threads": torch.get_num_threads(),
+           "wall_s": round(time.perf_counter() - t0, 1), "settings": dataclasses.asdict(settings),
+           "parameters": parameter_count(model), "save_dtype": str(save_dtype), "torch": torch.__version__,
+           "curve": curve}
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    if preview:
+        _save_preview(ema, out)
+    return log
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (defaults from :class:`TrainSettings`)."""
+    d = TrainSettings()
+    p = argparse.ArgumentParser(prog="python -m ras_compile.reference.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (from_pretrained layout)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--steps", type=int, default=None, help="number of optimiser steps (reproducible stop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--label-dropout", type=float, default=d.label_dropout)
+    p.add_argument("--time-sampling", choices=["logit_normal", "uniform"], default=d.time_sampling)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/training_state.pt")
+    p.add_argument("--preview", action="store_true", help="write DIR/preview.png (2 samples per class)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``python -m ras_compile.reference.train``."""
+    a = _parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    settings = TrainSettings(batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, ema_decay=a.ema_decay,
+                             label_dropout=a.label_dropout, time_sampling=a.time_sampling)
+    return train(a.out, a.minutes, a.steps, a.seed, settings, log_every=a.log_every,
+                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview)
+
+
+if __name__ == "__main__":
+    main()

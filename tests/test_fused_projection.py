@@ -1,0 +1,116 @@
+"""The fused K/V projection (passes/fuse_projection.py): "linear on the active rows, then
+scatter into the cache" becomes one ``ras_compile.linear_scatter_`` op, and nothing changes.
+
+On CPU the op runs its ATen reference, so fusing must give exactly the unfused values;
+the Triton kernel's own numerics are checked in test_kernels.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conformance_models import FAMILIES
+from families import Case, flow_sigmas, prediction_of, timestep_for
+from ras_compile import RASPolicy, ras_compile
+from ras_compile.passes import token_ops
+from test_conformance import REFUSED, SUPPORTED
+
+BATCH = 2
+_modules: dict = {}
+
+
+def _out(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _pair(name: str):
+    """The family compiled without and with fusion (backend None: the rewritten graphs run as they are)."""
+    if name not in _modules:
+        family = FAMILIES[name]
+        model = family.build(0)
+        policy = RASPolicy(sample_ratio=0.5)
+        _modules[name] = (family, model, *(ras_compile(model, policy, backend=None, latent_arg=family.latent_arg,
+                                                       fuse_kv_projection=fuse) for fuse in (False, True)))
+    return _modules[name]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fused_sparse_step_equals_the_unfused_one_and_the_dense_output(name, data):
+    family, model, plain, fused = _pair(name)
+    kwargs = family.inputs(model, BATCH, data.draw(st.integers(0, 3), label="seed"))
+    n = family.num_tokens
+    k = data.draw(st.integers(1, n), label="k")
+    index = torch.tensor([sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)])
+    results = []
+    for ras in (plain, fused):
+        ras.ras_controller.reset()
+        dense = _out(ras(**kwargs))
+        ras.ras_controller.override_next_step("sparse", index)
+        results.append((dense, _out(ras(**kwargs))))
+    (dense, unfused), (dense_f, sparse_f) = results
+    torch.testing.assert_close(dense_f, dense, rtol=0, atol=0)
+    torch.testing.assert_close(sparse_f, unfused, rtol=0, atol=0)
+    torch.testing.assert_close(sparse_f, dense, rtol=1e-4, atol=1e-5)
+
+
+def _ops(graph_module, target) -> int:
+    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+@pytest.mark.parametrize("name,fused,caches", [
+    ("dit", 4, 4),      # self-attention: K and V of every layer
+    ("sd3", 4, 4),      # joint attention: the image projections, joined with fresh text rows
+    ("flux", 2, 4),     # K goes through RMSNorm and RoPE: only V is fused
+    ("sana", 0, 0),     # linear attention: no K/V cache at all
+])
+def test_which_projections_fuse_and_the_sparse_graph_calls_the_op_instead_of_a_scatter(name, fused, caches):
+    family, model, plain, ras = _pair(name)
+    kwargs = family.inputs(model, BATCH, 0)
+    ras(**kwargs)
+    analysis = ras.ras_analysis(**kwargs)
+    assert len(analysis.fused_projections) == fused
+    assert sum(c.kind in ("key", "value") for c in analysis.caches) == caches
+    assert analysis.counts["kv_projections_fused"] == fused
+    sparse = ras.ras_capture(**kwargs).sparse
+    unfused = plain.ras_capture(**kwargs).sparse
+    assert _ops(sparse, token_ops.project_into_cache_) == fused
+    assert _ops(sparse, token_ops.scatter_tokens_) == _ops(unfused, token_ops.scatter_tokens_) - fused
+    for site in analysis.caches:  # a fused cache lives in the projection's [B, L, D] layout
+        if any(f.cache == site.name for f in analysis.fused_projections):
+            assert (site.layout.batch_dim, site.layout.token_dim, len(site.shape)) == (0, 1, 3)
+
+
+def test_auto_fuses_only_on_cuda():
+    family, model, _, _ = _pair("dit")
+    ras = ras_compile(model, RASPolicy(), backend=None)  # fuse_kv_projection="auto", CPU tensors
+    kwargs = family.inputs(model, BATCH, 0)
+    ras(**kwargs)
+    assert ras.ras_analysis(**kwargs).fused_projections == []
+
+
+def test_bad_fuse_option_is_refused():
+    with pytest.raises(ValueError, match="fuse_kv_projection='yes'"):
+        ras_compile(torch.nn.Linear(2, 2), RASPolicy(), fuse_kv_projection="yes")
+
+
+def test_fused_whole_loop_through_dynamo_equals_the_unfused_loop():
+    case = Case("sd3", layers=2, heads=2, head_dim=8, patch=2, height=8, width=12, batch=2)
+    model = case.build()
+    policy = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=(4,))
+    kwargs = case.inputs(model)
+    sigmas = flow_sigmas(6)
+    latents = []
+    for fuse in (False, True):
+        ras = ras_compile(model, policy, backend="aot_eager", fuse_kv_projection=fuse)
+        latent = kwargs["hidden_states"]
+        for i in range(6):
+            t = timestep_for(sigmas[i], case.batch)
+            latent = latent + (sigmas[i + 1] - sigmas[i]) * prediction_of(ras(**dict(kwargs, hidden_states=latent,
+                                                                                      timestep=t)))
+        assert [s.mode for s in ras.ras_controller.stats].count("sparse") == 4
+        latents.append(latent)
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
