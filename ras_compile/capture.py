@@ -63,7 +63,7 @@ class Captured:
     sparse: object = None
     analysis: object = None
     fallback: object = None
-    caches: list = field(default_factory=list)
+    caches: dict = field(default_factory=dict)  # call slot -> the cache tensors of that slot
 
     def graph_inputs(self, call: dict) -> list:
         """Parameters, buffers, constants and user inputs, in the graph's placeholder order."""

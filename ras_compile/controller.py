@@ -69,6 +69,11 @@ class RASController:
             raise RASCallError("override_next_step(mode='sparse') needs active_index, a [B, k] or [k] tensor")
         self._override = (mode, active_index)
 
+    @property
+    def has_override(self) -> bool:
+        """True when ``override_next_step`` set the next call's mode."""
+        return self._override is not None
+
     # -- per step --------------------------------------------------------------------------
     def _advance(self, timestep: float | None) -> None:
         """Count a step; a timestep that moves against the loop's direction starts a new generation.

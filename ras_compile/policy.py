@@ -80,6 +80,12 @@ class RASPolicy:
     seed: seed of the ``"random"`` metric's generator, ``0 <= seed < 2**64``.
     token_multiple: a sparse step's k is rounded down to a multiple of this
         (never below it, never above N) so few kernel sizes get compiled.
+    calls_per_step: how many times the pipeline calls the model per denoising
+        step. 1 (default) for pipelines that batch guidance (SD3, Flux, PixArt);
+        2 for pipelines that run the conditional and unconditional passes as
+        separate calls at the same timestep (Wan, QwenImage or Flux true CFG): each
+        call of a step then gets its own caches, drop counts and active set
+        (``RASModule.ras_controllers[i]``), which the two passes must not share.
     """
 
     sample_ratio: float = 0.5
@@ -100,6 +106,7 @@ class RASPolicy:
     on_unsupported: str = "raise"
     seed: int = 0
     token_multiple: int = 1
+    calls_per_step: int = 1
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
@@ -111,7 +118,7 @@ class RASPolicy:
         store("sample_ratio", float(self.sample_ratio))
 
         for name, low in (("warmup_steps", 0), ("skip_num_step_length", 1), ("dynamic_drop_multiple", 1),
-                          ("token_multiple", 1)):
+                          ("token_multiple", 1), ("calls_per_step", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise _invalid(name, value, f"must be an int >= {low}")

@@ -76,7 +76,10 @@ class RASModule(torch.nn.Module):
         self.model = model
         self.ras_policy = policy
         self.ras_backend = backend
-        self.ras_controller = RASController(policy)
+        self.ras_controllers = [RASController(policy) for _ in range(policy.calls_per_step)]
+        self._slot = 0                        # the call slot of the last call (see RASPolicy.calls_per_step)
+        self._last_timestep: float | None = None
+        self._warned_repeat = False
         self._signature = inspect.signature(model.forward)
         params = list(self._signature.parameters)
         self._latent_arg = latent_arg or ("hidden_states" if "hidden_states" in params else params[0])
@@ -86,6 +89,11 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
+
+    @property
+    def ras_controller(self) -> RASController:
+        """The controller of the first call of every step (the only one unless ``calls_per_step > 1``)."""
+        return self.ras_controllers[0]
 
     def __getattr__(self, name):
         try:
@@ -156,27 +164,49 @@ class RASModule(torch.nn.Module):
                 return self._run_fallback(captured, call)
             return self._run(captured, call)
 
+    def _next_slot(self, timestep: float | None) -> int:
+        """Which call of the current step this is: a call at the same timestep as the one
+        before it is the next call of that step (up to ``calls_per_step``), any other starts a step."""
+        repeat = timestep is not None and timestep == self._last_timestep
+        self._last_timestep = timestep
+        slots = len(self.ras_controllers)
+        self._slot = self._slot + 1 if repeat and self._slot + 1 < slots else 0
+        if repeat and slots == 1 and not self._warned_repeat and not self.ras_controller.has_override:
+            self._warned_repeat = True
+            warnings.warn(
+                f"the model was called twice in a row at timestep {timestep:g}. If the pipeline runs the conditional "
+                "and unconditional passes as separate calls, pass RASPolicy(calls_per_step=2) so they do not share "
+                "RAS caches; if it repeats timesteps on purpose (e.g. a Heun sampler), ignore this warning.",
+                stacklevel=4)
+        return self._slot
+
     def _run_fallback(self, captured: Captured, call: dict):
-        self.ras_controller.fallback_step(self._timestep_value(call))
+        timestep = self._timestep_value(call)
+        self.ras_controllers[self._next_slot(timestep)].fallback_step(timestep)
         return captured.fallback(**call)
 
     def _run(self, captured: Captured, call: dict):
         analysis: TokenAnalysis = captured.analysis
         latent = call[self._latent_arg]
-        mode, index = self.ras_controller.begin_step(
-            self._timestep_value(call), captured, analysis.num_tokens, analysis.batch_size, latent.device)
-        if not captured.caches:
-            captured.caches = [torch.empty(c.shape, dtype=c.dtype, device=latent.device) for c in analysis.caches]
+        timestep = self._timestep_value(call)
+        slot = self._next_slot(timestep)
+        controller = self.ras_controllers[slot]
+        mode, index = controller.begin_step(timestep, captured, analysis.num_tokens, analysis.batch_size,
+                                            latent.device)
+        caches = captured.caches.get(slot)
+        if caches is None:
+            caches = captured.caches[slot] = [torch.empty(c.shape, dtype=c.dtype, device=latent.device)
+                                              for c in analysis.caches]
         inputs = captured.graph_inputs(call)
         if mode == "dense":
-            flat = captured.dense(*inputs, *captured.caches)
+            flat = captured.dense(*inputs, *caches)
         else:
             if index.shape[1] >= 2 and self.ras_backend not in BACKENDS_WITHOUT_DYNAMO:
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
-            flat = captured.sparse(*inputs, index, *captured.caches)
-        flat = _detach_from_caches(flat, captured.caches)
+            flat = captured.sparse(*inputs, index, *caches)
+        flat = _detach_from_caches(flat, caches)
         prediction = flat[analysis.output_leaf]
-        self.ras_controller.end_step(mode, prediction_patches(prediction, analysis))
+        controller.end_step(mode, prediction_patches(prediction, analysis))
         return captured.outputs(flat)
 
     def ras_capture(self, *args, **kwargs) -> Captured:

@@ -129,7 +129,7 @@ def train_classifier(minutes: float | None = None, steps: int | None = None, see
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         step += 1
         if step % log_every == 0:
             curve.append({"step": step, "loss": sum(window) / len(window),

@@ -144,8 +144,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x0: tor
 
 
 def _save_model(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
-    """``save_pretrained`` a copy of ``model`` in ``dtype`` (safetensors)."""
-    copy.deepcopy(model).to(dtype).save_pretrained(out, safe_serialization=True)
+    """``save_pretrained`` ``model`` (a copy cast to ``dtype`` if it differs) as safetensors."""
+    if next(model.parameters()).dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def _save_state(path: Path, model, ema, optimizer, step: int, curve: list) -> None:
