@@ -36,22 +36,28 @@ CLASSIFIER_FILE = "classifier.safetensors"
 _EVAL_SET_SEED = EVAL_SEED_BASE + 1
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """Two 3x3 convolutions with GroupNorm and SiLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
+def _conv_block(c_in: int, c_out: int, convs: int) -> nn.Sequential:
+    """``convs`` 3x3 convolutions, each followed by GroupNorm and SiLU."""
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1),
+                   nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
+    return nn.Sequential(*layers)
 
 
 class ShapeClassifier(nn.Module):
-    """A 4-stage CNN (32 -> 16 -> 8 -> 4 pixels) with global average pooling.
+    """A 4-stage CNN (32 -> 16 -> 8 -> 4 pixels; widths ``width/2, width, 2 width, 4 width``;
+    one convolution at full resolution, two at each lower one) with global average pooling.
 
-    ``features(x)`` is the pooled ``4 * width``-dimensional vector; ``forward(x)`` the logits."""
+    ``features(x)`` is the pooled ``4 * width``-dimensional vector; ``forward(x)`` the logits.
+    About 11 M multiply-adds per 32x32 image at ``width=32``, so it trains in minutes on a CPU."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, width: int = 32):
         super().__init__()
         self.num_classes, self.width = num_classes, width
-        self.stages = nn.ModuleList([_conv_block(3, width), _conv_block(width, 2 * width),
-                                     _conv_block(2 * width, 4 * width), _conv_block(4 * width, 4 * width)])
+        widths = (width // 2, width, 2 * width, 4 * width)
+        self.stages = nn.ModuleList([_conv_block(3, widths[0], 1)] + [
+            _conv_block(c_in, c_out, 2) for c_in, c_out in zip(widths, widths[1:])])
         self.head = nn.Linear(4 * width, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

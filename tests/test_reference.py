@@ -1,0 +1,222 @@
+"""The reference-model foundations: data generator, DiT config and loader, sampler, training
+step, evaluator and metrics (issue 6). Everything here is small and runs on one thread."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ras_compile.reference import data, evaluator, metrics, model, sampling, train
+
+TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- data -------------------------------------------------------------------------------
+
+def test_make_batch_is_deterministic_and_seed_dependent():
+    a, la = data.make_batch(3, 24)
+    b, lb = data.make_batch(3, 24)
+    c, lc = data.make_batch(4, 24)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+
+
+def test_make_batch_shapes_range_and_classes():
+    images, labels = data.make_batch(0, 80, size=32)
+    assert images.shape == (80, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.shape == (80,) and labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.equal(torch.bincount(labels, minlength=data.NUM_CLASSES),
+                       torch.full((data.NUM_CLASSES,), 80 // data.NUM_CLASSES))
+    assert images.std() > 0.2  # not degenerate
+    assert data.NUM_CLASSES == len(data.CLASS_NAMES) >= 6
+
+
+def test_make_batch_does_not_touch_the_global_rng():
+    state = torch.random.get_rng_state()
+    data.make_batch(0, 4)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_make_batch_other_sizes():
+    images, _ = data.make_batch(1, 3, size=16)
+    assert images.shape == (3, 3, 16, 16)
+
+
+def test_training_seeds_stay_below_evaluation_seeds():
+    assert data.training_seed(0, 0) != data.training_seed(0, 1) != data.training_seed(1, 0)
+    assert data.training_seed(999_999, 999_999_999) < data.EVAL_SEED_BASE
+    with pytest.raises(ValueError):
+        data.training_seed(10 ** 6, 0)
+
+
+# --- model ------------------------------------------------------------------------------
+
+def test_reference_config_has_256_tokens_and_fits_the_size_budget():
+    cfg = model.reference_config()
+    assert (cfg["sample_size"] // cfg["patch_size"]) ** 2 >= 256
+    assert cfg["in_channels"] == cfg["out_channels"] == 3
+    assert cfg["num_embeds_ada_norm"] == data.NUM_CLASSES
+    m = model.build_reference_model()
+    assert model.parameter_count(m) * 4 <= 25 * 2 ** 20  # fp32 safetensors <= 25 MB
+
+
+def test_dit_init_predicts_zero_and_diffusers_init_does_not():
+    x = torch.randn(2, 3, 8, 8)
+    kwargs = dict(hidden_states=x, timestep=torch.tensor([500.0, 10.0]), class_labels=torch.tensor([0, 1]),
+                  return_dict=False)
+    with torch.no_grad():
+        assert model.build_reference_model(0, **TINY)(**kwargs)[0].abs().max() == 0
+        assert model.build_reference_model(0, init="diffusers", **TINY)(**kwargs)[0].abs().max() > 0
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    m = model.build_reference_model(1, init="diffusers", **TINY).eval()
+    m.save_pretrained(tmp_path)
+    loaded = model.load_reference_model(tmp_path)
+    x = torch.randn(2, 3, 8, 8)
+    kwargs = dict(timestep=torch.tensor([999.0, 1.0]), class_labels=torch.tensor([2, model.NULL_CLASS]),
+                  return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(m(hidden_states=x, **kwargs)[0], loaded(hidden_states=x, **kwargs)[0])
+    assert not loaded.training
+
+
+def test_loader_explains_how_to_train_missing_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m ras_compile.reference.train"):
+        model.load_reference_model(tmp_path / "nothing")
+    if not (model.WEIGHTS_DIR / "config.json").exists():
+        with pytest.raises(FileNotFoundError, match="ras_compile.reference.train"):
+            model.load_reference_model()
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+def test_sampler_shape_determinism_and_guidance():
+    m = model.build_reference_model(2, init="diffusers", **TINY).eval()
+    labels = torch.tensor([0, 3, model.NULL_CLASS])
+    a = sampling.sample(m, labels, steps=2, seed=5)
+    b = sampling.sample(m, labels, steps=2, seed=5)
+    g = sampling.sample(m, labels, steps=2, seed=5, guidance_scale=3.0)
+    assert a.shape == (3, 3, 8, 8) and a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.isfinite(g).all()
+    assert not torch.allclose(a[:2], g[:2])
+    # the null class is its own unconditional velocity, so guidance leaves it unchanged
+    torch.testing.assert_close(a[2], g[2], rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_integrates_the_training_convention():
+    """A 'model' returning the exact velocity noise - x0 of one target image makes the Euler
+    sampler land on that image: the train / scheduler sign conventions agree."""
+    target = data.make_batch(0, 1, size=8)[0]
+
+    class Oracle(torch.nn.Module):
+        config = type("C", (), {"in_channels": 3, "sample_size": 8, "num_embeds_ada_norm": data.NUM_CLASSES})
+
+        def forward(self, hidden_states, timestep, class_labels, return_dict=False):
+            sigma = (timestep / 1000.0).view(-1, 1, 1, 1)
+            noise = (hidden_states - (1 - sigma) * target) / sigma  # invert x_t = (1-s) x0 + s noise
+            return (noise - target,)
+
+    out = sampling.sample(Oracle(), torch.tensor([0]), steps=4, seed=0)
+    torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-4)
+
+
+# --- training ---------------------------------------------------------------------------
+
+def test_noisy_pair_endpoints():
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x_t, v = train.noisy_pair(x0, noise, torch.tensor([0.0, 1.0]))
+    assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[1], noise[1])
+    assert torch.equal(v, noise - x0)
+
+
+def test_label_dropout_is_ours_and_seeded():
+    m = model.build_reference_model(0, **TINY)
+    assert train.disable_builtin_label_dropout(m) == TINY["num_layers"]
+    labels = torch.arange(1000) % data.NUM_CLASSES
+    dropped = train.drop_labels(labels, 0.1, torch.Generator().manual_seed(0))
+    frac = (dropped == model.NULL_CLASS).float().mean()
+    assert 0.05 < frac < 0.15
+    assert torch.equal(dropped, train.drop_labels(labels, 0.1, torch.Generator().manual_seed(0)))
+
+
+def test_training_steps_reduce_the_loss_on_a_fixed_batch():
+    settings = train.TrainSettings(batch_size=8, label_dropout=0.0)
+    m = model.build_reference_model(0, **TINY).train()
+    train.disable_builtin_label_dropout(m)
+    opt = train.make_optimizer(m, settings)
+    x0, labels = data.make_batch(0, 8, size=8)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return float(train.flow_matching_loss(m, x0, labels, torch.Generator().manual_seed(0), settings))
+
+    before = fixed_loss()
+    for step in range(15):
+        loss = train.train_step(m, opt, x0, labels, torch.Generator().manual_seed(step), 3e-3, settings)
+        assert math.isfinite(loss)
+    assert fixed_loss() < before
+
+
+def test_train_writes_a_loadable_model_and_log(tmp_path):
+    log = train.train(tmp_path, steps=2, settings=train.TrainSettings(batch_size=2), log_every=1,
+                      model_overrides=TINY)
+    assert log["steps"] == 2 and len(log["curve"]) == 2
+    loaded = model.load_reference_model(tmp_path)
+    assert loaded.config.sample_size == 8
+    assert (tmp_path / "training_log.json").exists()
+    again = train.train(tmp_path, steps=3, settings=train.TrainSettings(batch_size=2), log_every=1,
+                        model_overrides=TINY, resume=True)
+    assert again["steps"] == 3 and len(again["curve"]) == 3
+
+
+def test_ema_update_moves_towards_the_model():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = (a.weight - b.weight).abs().sum()
+    train.ema_update(a, b, decay=0.9, step=10 ** 6)
+    torch.testing.assert_close((a.weight - b.weight).abs().sum(), 0.9 * before)
+
+
+# --- evaluator and metrics --------------------------------------------------------------
+
+def test_psnr_ssim_identical_and_different():
+    x = data.make_batch(0, 4)[0]
+    assert torch.isinf(metrics.psnr(x, x)).all()
+    torch.testing.assert_close(metrics.ssim(x, x), torch.ones(4))
+    noisy = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    p, s = metrics.psnr(x, noisy), metrics.ssim(x, noisy)
+    assert ((p > 10) & (p < 30)).all() and ((s > 0) & (s < 0.99)).all()
+    assert (metrics.psnr(x, -x) < p).all()
+
+
+def test_frechet_distance():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=gen)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
+    b = torch.randn(500, 8, generator=gen)
+    shifted = b + 2.0
+    near, far = metrics.frechet_distance(a, b), metrics.frechet_distance(a, shifted)
+    assert near < 1.0 and far == pytest.approx(near + 4 * 8, rel=0.1)
+
+
+def test_classifier_shapes_save_load_and_quick_training(tmp_path):
+    clf, log = evaluator.train_classifier(steps=3, batch_size=16, width=8, log_every=1)
+    assert len(log["curve"]) == 3 and 0.0 <= log["eval_accuracy"] <= 1.0
+    images, _ = data.make_batch(7, 5)
+    assert evaluator.classify(clf, images).shape == (5,)
+    assert evaluator.features(clf, images).shape == (5, 32)
+    path = evaluator.save_classifier(clf, tmp_path / "c.safetensors")
+    loaded = evaluator.load_classifier(path)
+    torch.testing.assert_close(evaluator.features(loaded, images), evaluator.features(clf, images))
+    with pytest.raises(FileNotFoundError, match="ras_compile.reference.evaluator"):
+        evaluator.load_classifier(tmp_path / "missing.safetensors")
