@@ -176,6 +176,8 @@ if triton is not None:
     # (fp32 operands) fail to compile and the autotuner drops them. Shapes after the
     # Triton matmul tutorial's CUDA list plus BLOCK_K=64 variants.
     HOPPER_CONFIGS = [
+        _config(128, 256, 64, 8, 8, 4),
+        _config(256, 128, 64, 8, 8, 3),
         _config(128, 256, 64, 8, 8, 3),
         _config(128, 128, 64, 8, 8, 3),
         _config(128, 128, 64, 8, 4, 4),
@@ -194,7 +196,7 @@ if triton is not None:
     @triton.jit
     def _linear_scatter_kernel(
         x_ptr, w_ptr, bias_ptr, rows_ptr, index_ptr, cache_ptr,
-        M, D_OUT, D_IN,
+        M, D_OUT, D_IN, M_BUCKET,
         stride_xb, stride_xm, stride_xk,
         stride_wn, stride_wk,
         stride_bias,
@@ -225,22 +227,28 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
         mask_n = offs_n < D_OUT
+        # Operand loads are unmasked along M and N: out-of-range rows / columns of a
+        # ragged edge tile read a valid row / column instead (wrapped), and the masked
+        # store drops them. Unmasked, contiguous loads keep the software pipeline and
+        # the vectorised copies that masks along M / N would break up.
+        offs_mw = offs_m % M
+        offs_nw = offs_n % D_OUT
 
         # Prologue: which x rows feed this tile (int64 offsets: a big cache or x can
         # exceed 2**31 elements).
         if HAS_ROWS:
-            src = tl.load(rows_ptr + pid_b * stride_rb + offs_m * stride_rm, mask=mask_m, other=0)
+            src = tl.load(rows_ptr + pid_b * stride_rb + offs_mw * stride_rm)
         else:
-            src = offs_m.to(tl.int64)
+            src = offs_mw.to(tl.int64)
         a_ptrs = x_ptr + pid_b * stride_xb + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
         # weight is [D_out, D_in]; read it as the [D_in, D_out] B operand.
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_nw[None, :].to(tl.int64) * stride_wn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, tl.cdiv(D_IN, BLOCK_K)):
             k_left = D_IN - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             if UPCAST:
                 # The interpreter's dot is numpy matmul, and numpy has no bfloat16
                 # (Triton stores it as uint16 there): compute in fp32. Exact for the
@@ -259,23 +267,34 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        dst = tl.load(index_ptr + pid_b * stride_ib + offs_m * stride_im, mask=mask_m, other=0)
+        dst = tl.load(index_ptr + pid_b * stride_ib + offs_mw * stride_im)
         c_ptrs = (cache_ptr + pid_b * stride_cb + dst[:, None] * stride_cn
                   + offs_n[None, :].to(tl.int64) * stride_cd)
         tl.store(c_ptrs, acc.to(cache_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    # Keyed on the GeMM's fixed dimensions: within one model they are the same on every
-    # step, while k changes with the active set. Triton adds the tensors' dtypes to the
-    # key. Re-running the kernel while benchmarking is harmless: it is idempotent
-    # (it only writes cache rows computed from x, which it never writes).
+    # Keyed on the GeMM's fixed dimensions and on the row count rounded up to a power of
+    # two (M_BUCKET, unused by the kernel body): a few hundred active rows want smaller
+    # tiles than a few thousand (enough programs to fill the SMs), while a schedule whose
+    # k changes every step re-tunes only once per power of two. Triton adds the tensors'
+    # dtypes to the key. Re-running the kernel while benchmarking is harmless: it is
+    # idempotent (it only writes cache rows computed from x, which it never writes).
     _linear_scatter_autotuned = triton.autotune(
         configs=[INTERPRET_CONFIG] if _INTERPRET else HOPPER_CONFIGS,
-        key=["D_OUT", "D_IN"],
+        key=["D_OUT", "D_IN", "M_BUCKET"],
     )(_linear_scatter_kernel)
 else:  # pragma: no cover
     HOPPER_CONFIGS = []
     INTERPRET_CONFIG = None
     _linear_scatter_kernel = _linear_scatter_autotuned = None
+
+
+def _bucket(m: int) -> int:
+    """``m`` rounded up to a power of two (at least 64): the autotuner's row-count key.
+    A symbolic ``m`` (a dynamic row count under torch.compile) gets one shared key, so
+    reading it never adds a guard."""
+    if not isinstance(m, int):
+        return 0
+    return max(64, 1 << (m - 1).bit_length())
 
 
 def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None):
@@ -299,7 +318,7 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None):
 
     args = (
         x, weight, bias if bias is not None else x, rows if rows is not None else index, index, cache,
-        M, D_out, D_in,
+        M, D_out, D_in, _bucket(M),
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
