@@ -423,6 +423,11 @@ def run_config(spec: dict) -> dict:
     result["torch_threads"] = torch.get_num_threads()
     result["cores_available"] = cores_available()
     rss_before = maxrss_mib()
+    on_cuda = spec["device"].startswith("cuda")
+    if on_cuda:
+        torch.cuda.synchronize()
+        result["gpu_allocated_before_mib"] = torch.cuda.memory_allocated() / 2 ** 20
+        torch.cuda.reset_peak_memory_stats()
     generations = []
     try:
         with torch.no_grad():
@@ -447,6 +452,9 @@ def run_config(spec: dict) -> dict:
         return failed(result, "run failed", exc, model, limit=8)
     result["load_after"] = load_average()
     rss_after = maxrss_mib()
+    if on_cuda:
+        # Peak GPU memory over all generations: weights, activations and (RAS) the caches.
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
 
     first, timed = generations[0], generations[1:]
     best = min(timed, key=lambda g: g["total_s"])
@@ -662,6 +670,14 @@ def markdown(report: dict) -> str:
             f"{fmt(r.get('other_cpu_cores'))}{' (!)' if r.get('contended') else ''} |")
         if r.get("cache_config"):
             notes.append(f"- `{r['config']}`: {r['cache_config']}")
+    gpu = [r for r in report["results"] if r.get("gpu_peak_mib") is not None]
+    if gpu:
+        base = next((r["gpu_peak_mib"] for r in gpu if r["config"] == "compiled"), None)
+        lines += ["", "Peak GPU memory (`torch.cuda.max_memory_allocated` over the generations: weights, "
+                      "activations, RAS caches): " + ", ".join(
+                          f"{r['config']} {r['gpu_peak_mib']:.0f} MiB"
+                          + (f" ({100 * (r['gpu_peak_mib'] / base - 1):+.1f} % vs compiled)" if base else "")
+                          for r in gpu) + "."]
     lines += ["", f"Reference scale: max |latent| of the compiled dense result = "
                   f"{fmt(report['summary']['reference_latent_max_abs'], '.3f')}.", ""]
     lines += [
