@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ras_compile.reference import data, evaluator, metrics, model, sampling, train
+from ras_compile.reference import check, data, evaluator, metrics, model, sampling, train
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8)
 
@@ -220,3 +220,33 @@ def test_classifier_shapes_save_load_and_quick_training(tmp_path):
     torch.testing.assert_close(evaluator.features(loaded, images), evaluator.features(clf, images))
     with pytest.raises(FileNotFoundError, match="ras_compile.reference.evaluator"):
         evaluator.load_classifier(tmp_path / "missing.safetensors")
+
+
+def test_shipped_classifier_recognises_the_generators_classes():
+    """The evaluator ships trained (ras_compile/reference/weights/classifier.safetensors):
+    on real images of seeds it never saw it must be a reliable judge of the classes."""
+    clf = evaluator.load_classifier()
+    images, labels = data.make_batch(data.EVAL_SEED_BASE + 777, 512)
+    assert evaluator.accuracy(clf, images, labels) >= 0.95
+
+
+def test_batch_stream_gives_the_same_batches_with_and_without_loader_workers():
+    plain = train.batch_stream(3, 5, 4, 16, workers=0)
+    loaded = train.batch_stream(3, 5, 4, 16, workers=2)
+    for step in range(5, 8):
+        (xa, la), (xb, lb) = next(plain), next(loaded)
+        want_x, want_l = data.make_batch(data.training_seed(3, step), 4, 16)
+        assert torch.equal(xa, want_x) and torch.equal(la, want_l)
+        assert torch.equal(xb, want_x) and torch.equal(lb, want_l)
+
+
+def test_check_reports_accuracy_and_frechet_distance_of_dense_samples(tmp_path):
+    m = model.build_reference_model(0, init="diffusers", **TINY).eval()  # eval: no label dropout
+    clf = evaluator.build_classifier(0, width=8)
+    result = check.check_model(m, clf, n=8, steps=2)
+    assert result["samples"] == 8 and result["steps"] == 2
+    assert 0.0 <= result["accuracy"] <= 1.0 and math.isfinite(result["frechet_distance"])
+    images, labels = check.dense_samples(m, 8, steps=2)
+    assert images.shape == (8, 3, 8, 8) and torch.equal(labels, torch.arange(8) % data.NUM_CLASSES)
+    again, _ = check.dense_samples(m, 8, steps=2)
+    assert torch.equal(images, again)

@@ -114,35 +114,43 @@ def accuracy(classifier: ShapeClassifier, images: torch.Tensor, labels: torch.Te
 
 
 def train_classifier(minutes: float | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 128,
-                     lr: float = 2e-3, width: int = 32, log_every: int = 50) -> tuple[ShapeClassifier, dict]:
+                     lr: float = 2e-3, width: int = 32, log_every: int = 50, device: str | torch.device = "cpu",
+                     workers: int = 0) -> tuple[ShapeClassifier, dict]:
     """Train a classifier on fresh generator batches until ``steps`` or ``minutes``; returns it and a log.
 
     AdamW with a cosine decay over ``steps`` (or a constant rate under a minutes-only
-    budget); cross-entropy on noise-augmented images."""
+    budget); cross-entropy on noise-augmented images. ``device``: where it trains (the
+    data and the augmentation noise come from CPU generators); ``workers``: loader
+    processes that make the batches. The returned classifier is on the CPU."""
+    from .train import batch_stream
+
+    device = torch.device(device)
     if minutes is None and steps is None:
         raise ValueError("give minutes or steps (or both)")
-    clf = build_classifier(seed, width).train()
+    clf = build_classifier(seed, width).to(device).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     curve, window, step, t0 = [], [], 0, time.perf_counter()
+    batches = batch_stream(seed, 0, batch_size, 32, workers)
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < minutes * 60):
         data_seed = training_seed(seed, step)
-        images, labels = make_batch(data_seed, batch_size)
+        images, labels = next(batches)
         gen = torch.Generator().manual_seed(data_seed + 2 ** 62)
         if steps is not None:
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
-        loss = nn.functional.cross_entropy(clf(augment(images, gen)), labels)
+        noisy = augment(images, gen).to(device, non_blocking=True)
+        loss = nn.functional.cross_entropy(clf(noisy), labels.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window.append(float(loss.detach()))
+        window.append(loss.detach())
         step += 1
         if step % log_every == 0:
-            curve.append({"step": step, "loss": sum(window) / len(window),
+            curve.append({"step": step, "loss": float(torch.stack(window).mean()),
                           "elapsed_s": round(time.perf_counter() - t0, 1)})
             print(f"step {step:5d}  loss {curve[-1]['loss']:.4f}  {curve[-1]['elapsed_s']:7.1f} s", flush=True)
             window = []
-    clf.eval()
+    clf = clf.cpu().eval()
     images, labels = evaluation_set()
     log = {"seed": seed, "steps": step, "batch_size": batch_size, "lr": lr, "width": width,
            "wall_s": round(time.perf_counter() - t0, 1), "eval_accuracy": accuracy(clf, images, labels),
@@ -190,10 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (0: make batches in-process)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    clf, log = train_classifier(a.minutes, a.steps, a.seed, a.batch_size, a.lr)
+    if str(a.device).startswith("cuda"):  # TF32 tensor cores for the fp32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    clf, log = train_classifier(a.minutes, a.steps, a.seed, a.batch_size, a.lr, device=a.device, workers=a.workers)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     save_classifier(clf, out / CLASSIFIER_FILE)

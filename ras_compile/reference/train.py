@@ -26,6 +26,15 @@ samples/s, ~22 steps/min at batch 32. The loss (per-step mean over ``sigma``) fe
 1.25 to ~0.55 after 50 steps, ~0.30 after 100 and ~0.27 after 150. Three hours on one
 thread is ~4000 steps of 32; with two threads expect roughly 1.5-1.8x that.
 
+On a GPU (``--device cuda --workers 14``; the recipe is
+``benchmarks/gpu_checks/train_reference.sh``): on the lent NVIDIA H100 with 16 cores, batch
+128 ran at ~31 steps/s (~3,900 samples/s; the CPU-side generator in the 14 loader
+processes is the limit, not the GPU). A first 3.5-minute run (6,400 steps, 820 k samples)
+reached a loss of 0.11, but its dense 28-step samples were classified right only 18 % of
+the time (chance is 12.5 %): backgrounds and colours, blobs instead of shapes. It needs
+many times more training before it can ship; ``--resume`` continues a run from
+``training_state.pt`` (about 25 MB), so the budget can be split over several device calls.
+
 Outputs in ``DIR``: the EMA model (``config.json`` + ``diffusion_pytorch_model.safetensors``,
 loadable with :func:`~ras_compile.reference.model.load_reference_model`),
 ``training_log.json`` (settings and loss curve), ``training_state.pt`` (for ``--resume``;
@@ -66,6 +75,7 @@ class TrainSettings:
     ema_decay: float = 0.999
     label_dropout: float = 0.1
     time_sampling: str = "logit_normal"  # or "uniform"
+    image_size: int = 32  # pixels per side; patch 2 -> (image_size / 2) ** 2 tokens
 
 
 def sample_sigmas(n: int, gen: torch.Generator, kind: str = "logit_normal") -> torch.Tensor:
@@ -102,13 +112,20 @@ def disable_builtin_label_dropout(model: torch.nn.Module) -> int:
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
-                       settings: TrainSettings = TrainSettings()) -> torch.Tensor:
-    """The rectified-flow MSE of ``model`` on clean images ``x0`` with classes ``labels``."""
-    noise = torch.randn(x0.shape, generator=gen)
-    sigma = sample_sigmas(x0.shape[0], gen, settings.time_sampling)
-    labels = drop_labels(labels, settings.label_dropout, gen)
+                       settings: TrainSettings = TrainSettings(), autocast: torch.dtype | None = None
+                       ) -> torch.Tensor:
+    """The rectified-flow MSE of ``model`` on clean images ``x0`` with classes ``labels``.
+
+    The noise, noise levels and label dropout are drawn on the CPU from ``gen`` (CPU
+    generator) and moved to ``x0``'s device, so a run draws the same numbers on any
+    device. ``autocast`` (e.g. ``torch.bfloat16``) runs the forward under autocast."""
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    sigma = sample_sigmas(x0.shape[0], gen, settings.time_sampling).to(device)
+    labels = drop_labels(labels.cpu(), settings.label_dropout, gen).to(device)
     x_t, target = noisy_pair(x0, noise, sigma)
-    pred = model(hidden_states=x_t, timestep=sigma * 1000.0, class_labels=labels, return_dict=False)[0]
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        pred = model(hidden_states=x_t, timestep=sigma * 1000.0, class_labels=labels, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target)
 
 
@@ -121,8 +138,7 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """``ema <- d ema + (1 - d) model`` with ``d = min(decay, (1 + step) / (10 + step))`` (fast early on)."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
 
 
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -137,16 +153,50 @@ def step_generator(run_seed: int, step: int) -> torch.Generator:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, labels: torch.Tensor,
-               gen: torch.Generator, lr: float, settings: TrainSettings) -> float:
-    """One AdamW step on one batch (with gradient clipping); returns the loss."""
+               gen: torch.Generator, lr: float, settings: TrainSettings, autocast: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """One AdamW step on one batch (with gradient clipping); returns the loss as a 0-d tensor
+    on the model's device (reading it is the caller's choice: on a GPU it is a sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = flow_matching_loss(model, x0, labels, gen, settings)
+    loss = flow_matching_loss(model, x0, labels, gen, settings, autocast)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is training step ``step``'s batch: a pure function of (seed, step), so
+    batches made by loader workers are the ones the main process would make."""
+
+    def __init__(self, seed: int, batch_size: int, image_size: int):
+        self.seed, self.batch_size, self.image_size = seed, batch_size, image_size
+
+    def __len__(self) -> int:
+        return 10 ** 9
+
+    def __getitem__(self, step: int):
+        return make_batch(training_seed(self.seed, step), self.batch_size, self.image_size)
+
+
+def batch_stream(seed: int, start_step: int, batch_size: int, image_size: int = 32, workers: int = 0):
+    """Yield ``(images, labels)`` of steps ``start_step, start_step + 1, ...`` in order.
+
+    ``workers > 0`` makes the batches in that many loader processes (the generator is
+    CPU work; a GPU run needs several cores to keep up); the stream is the same."""
+    data = _StepBatches(seed, batch_size, image_size)
+    if workers <= 0:
+        step = start_step
+        while True:
+            yield data[step]
+            step += 1
+    sampler = range(start_step, len(data))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1))
+    yield from loader
 
 
 def _save_model(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
@@ -170,47 +220,58 @@ def _save_preview(ema: torch.nn.Module, out: Path, steps: int = 20) -> Path:
     from .sampling import sample
 
     labels = torch.arange(NUM_CLASSES).repeat(2)
-    images = sample(ema.eval(), labels, steps=steps, seed=0, guidance_scale=1.0)
+    images = sample(ema.eval(), labels, steps=steps, seed=0, guidance_scale=1.0).cpu()
     return save_image_grid(images, out / "preview.png", nrow=NUM_CLASSES, scale=3)
 
 
 def train(out: str | Path, minutes: float | None = None, steps: int | None = None, seed: int = 0,
           settings: TrainSettings = TrainSettings(), log_every: int = 25, checkpoint_minutes: float = 10.0,
           save_dtype: torch.dtype = torch.float32, resume: bool = False, preview: bool = False,
-          model_overrides: dict | None = None) -> dict:
-    """Train a reference DiT into ``out`` until ``steps`` steps or ``minutes`` minutes; returns the log."""
+          model_overrides: dict | None = None, device: str | torch.device = "cpu", workers: int = 0,
+          autocast: torch.dtype | None = None) -> dict:
+    """Train a reference DiT into ``out`` until ``steps`` steps or ``minutes`` minutes; returns the log.
+
+    ``device`` is where the model trains (the data and all random draws come from CPU
+    generators either way); ``workers`` loader processes make the batches; ``autocast``
+    (bf16 on a GPU) runs forward passes in that dtype with fp32 master weights."""
     if minutes is None and steps is None:
         raise ValueError("give --minutes or --steps (or both)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "training_state.pt"
-    model = build_reference_model(seed, **(model_overrides or {})).train()
+    device = torch.device(device)
+    overrides = {"sample_size": settings.image_size, **(model_overrides or {})}
+    model = build_reference_model(seed, **overrides).to(device).train()
     disable_builtin_label_dropout(model)
     ema = copy.deepcopy(model).eval()
     optimizer = make_optimizer(model, settings)
     start_step, curve = 0, []
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, curve = state["step"], state["curve"]
         print(f"resumed at step {start_step}", flush=True)
     print(f"reference DiT: {parameter_count(model) / 1e6:.2f} M parameters, batch {settings.batch_size}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{(model.config.sample_size // model.config.patch_size) ** 2} tokens, device {device}, {torch.get_num_threads()} threads, "
+          f"{workers} loader workers", flush=True)
 
     t0 = last_ckpt = time.perf_counter()
-    window: list[float] = []
+    window: list[torch.Tensor] = []
     step = start_step
+    # The data's size is the model's (model_overrides may change sample_size).
+    batches = batch_stream(seed, start_step, settings.batch_size, model.config.sample_size, workers)
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < minutes * 60):
-        x0, labels = make_batch(training_seed(seed, step), settings.batch_size)
+        x0, labels = next(batches)
+        x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         window.append(train_step(model, optimizer, x0, labels, step_generator(seed, step),
-                                 learning_rate(step, settings), settings))
+                                 learning_rate(step, settings), settings, autocast))
         ema_update(ema, model, settings.ema_decay, step)
         step += 1
-        if step % log_every == 0 or not math.isfinite(window[-1]):
+        if step % log_every == 0:
             elapsed = time.perf_counter() - t0
-            mean = sum(window) / len(window)
+            mean = float(torch.stack(window).mean())
             curve.append({"step": step, "loss": mean, "elapsed_s": round(elapsed, 1)})
             rate = (step - start_step) * settings.batch_size / elapsed
             print(f"step {step:6d}  loss {mean:.4f}  {rate:6.1f} samples/s  {elapsed / 60:6.1f} min", flush=True)
@@ -222,8 +283,10 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
             last_ckpt = time.perf_counter()
 
     _save_state(state_path, model, ema, optimizer, step, curve)
-    _save_model(ema, out, save_dtype)
+    _save_model(ema.cpu(), out, save_dtype)
     log = {"seed": seed, "steps": step, "minutes": minutes, "threads": torch.get_num_threads(),
+           "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+           "workers": workers, "autocast": str(autocast) if autocast else None,
            "wall_s": round(time.perf_counter() - t0, 1), "settings": dataclasses.asdict(settings),
            "parameters": parameter_count(model), "save_dtype": str(save_dtype), "torch": torch.__version__,
            "curve": curve}
@@ -250,6 +313,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-sampling", choices=["logit_normal", "uniform"], default=d.time_sampling)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="image side in pixels (patch 2: 32 -> 256 tokens, 64 -> 1024 tokens)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (0: make batches in-process)")
+    p.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none",
+                   help="forward-pass autocast dtype (bfloat16 on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/training_state.pt")
     p.add_argument("--preview", action="store_true", help="write DIR/preview.png (2 samples per class)")
     return p.parse_args(argv)
@@ -260,10 +329,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = _parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if str(a.device).startswith("cuda"):  # TF32 tensor cores for the fp32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     settings = TrainSettings(batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, ema_decay=a.ema_decay,
-                             label_dropout=a.label_dropout, time_sampling=a.time_sampling)
+                             label_dropout=a.label_dropout, time_sampling=a.time_sampling, image_size=a.image_size)
     return train(a.out, a.minutes, a.steps, a.seed, settings, log_every=a.log_every,
-                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview)
+                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview, device=a.device,
+                 workers=a.workers, autocast=None if a.autocast == "none" else getattr(torch, a.autocast))
 
 
 if __name__ == "__main__":
