@@ -77,21 +77,37 @@ def _numel(shape) -> int:
     return n
 
 
+def _graph_device(graph: torch.fx.GraphModule) -> torch.device:
+    """Where the graph's tensors live: its first parameter or buffer, else its first
+    tensor placeholder, else the CPU. Fake inputs must sit there too: a CUDA model's
+    weights and CPU fake inputs cannot meet in one op."""
+    for t in (*graph.parameters(), *graph.buffers()):
+        return t.device
+    for node in graph.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return torch.device("cpu")
+
+
 def _fake_inputs(graph: torch.fx.GraphModule, analysis: TokenAnalysis, k: int | None, mode: FakeTensorMode):
     caches = {c.name: c for c in analysis.caches}
+    device = _graph_device(graph)
     values = []
     with mode:
         for node in graph.graph.nodes:
             if node.op != "placeholder":
                 continue
+            val = node.meta.get("val")
             if node.name in caches:
                 site = caches[node.name]
-                values.append(torch.empty(site.shape, dtype=site.dtype))
+                values.append(torch.empty(site.shape, dtype=site.dtype, device=device))
             elif node.name == "ras_index":
-                values.append(torch.arange(k).expand(analysis.batch_size, k).contiguous())
+                values.append(torch.arange(k, device=device).expand(analysis.batch_size, k).contiguous())
+            elif isinstance(val, torch.Tensor):
+                values.append(torch.empty(val.shape, dtype=val.dtype, device=val.device))
             else:
-                val = node.meta.get("val")
-                values.append(torch.empty(val.shape, dtype=val.dtype) if isinstance(val, torch.Tensor) else val)
+                values.append(val)
     return values
 
 

@@ -37,3 +37,27 @@ def test_explain_raises_for_a_refused_model_even_with_fallback_policy():
     inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.ones(1)}
     with pytest.raises(UnsupportedModelError, match="cumsum"):
         explain(PlainDiT(token_mixer="cumsum"), inputs, RASPolicy(on_unsupported="fallback"), verbose=False)
+
+
+def test_fake_inputs_sit_on_the_device_of_the_graphs_weights():
+    """A CUDA model's FLOPs are counted with CUDA fake inputs (CPU ones would meet CUDA
+    weights in the first op); the meta device stands in for CUDA here."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ras_compile.explain import _fake_inputs
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4, device="meta")
+
+        def forward(self, x, ras_index):
+            return self.lin(x)
+
+    gm = torch.fx.symbolic_trace(Tiny())
+    next(n for n in gm.graph.nodes if n.name == "x").meta["val"] = torch.empty(2, 3, 4, device="meta")
+    x, index = _fake_inputs(gm, SimpleNamespace(caches=[], batch_size=2), 3, FakeTensorMode(allow_non_fake_inputs=True))
+    assert x.device.type == "meta" and tuple(x.shape) == (2, 3, 4)
+    assert index.device.type == "meta" and tuple(index.shape) == (2, 3)
