@@ -1,0 +1,166 @@
+"""``benchmarks/bench_quality.py``: the Pareto rule, the configuration plan, and one quick run end to end.
+
+The end-to-end run uses tiny stand-in weights (a one-layer reference DiT with diffusers'
+initialisation and an untrained evaluator) saved to a temporary folder, and the cheap
+``eager`` backend; it takes about half a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ras_compile import RASPolicy
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quality.py"
+_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
+bq = importlib.util.module_from_spec(_spec)
+sys.modules["bench_quality"] = bq  # its dataclasses look their module up
+_spec.loader.exec_module(bq)
+
+
+# -- the Pareto rule ------------------------------------------------------------------------------
+def test_pareto_front_hand_cases():
+    # throughput up, FD down
+    pts = [(10.0, 5.0), (20.0, 6.0), (15.0, 7.0), (5.0, 4.0), (20.0, 6.0)]
+    assert bq.pareto_front(pts, (True, False)) == [True, True, False, True, True]  # equal points both stay
+    # accuracy up: (15, 0.9) beats (10, 0.8) on both
+    assert bq.pareto_front([(10.0, 0.8), (15.0, 0.9), (20.0, 0.5)], (True, True)) == [False, True, True]
+    # a NaN metric is never on the front and dominates nothing
+    assert bq.pareto_front([(10.0, float("nan")), (1.0, 9.0)], (True, False)) == [False, True]
+    # equal in one coordinate, better in the other: dominated
+    assert bq.pareto_front([(10.0, 1.0), (10.0, 2.0)], (True, False)) == [True, False]
+    assert bq.pareto_front([], (True, False)) == []
+
+
+def _dominates(a, b, maximize):
+    s = [1 if m else -1 for m in maximize]
+    a, b = [x * k for x, k in zip(a, s)], [x * k for x, k in zip(b, s)]
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(finite, finite), max_size=12), st.tuples(st.booleans(), st.booleans()))
+def test_pareto_front_properties(points, maximize):
+    flags = bq.pareto_front(points, maximize)
+    front = [p for p, f in zip(points, flags) if f]
+    assert bool(front) == bool(points)
+    for p, f in zip(points, flags):
+        if f:  # nothing dominates a front point
+            assert not any(_dominates(q, p, maximize) for q in points)
+        else:  # and every other point is dominated by a front point (domination is transitive)
+            assert any(_dominates(q, p, maximize) for q in front)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def test_scaled_reset_steps():
+    assert bq.scaled_reset_steps(28) == (12, 20)
+    assert bq.scaled_reset_steps(20) == (9, 14)
+    assert bq.scaled_reset_steps(40) == (17, 29)
+    assert bq.scaled_reset_steps(8) == (6,)  # 3 falls in the warm-up
+    assert bq.scaled_reset_steps(4) == ()
+
+
+def test_plan_maps_every_ablation_to_policy_fields():
+    configs = bq.plan_configs((0.5, 0.25), (20, 28), (10, 14), 0.5, 28, [a for a in bq.ABLATIONS if a != "metric_std"],
+                              guided=True, num_tokens=256)
+    by = {c.name: c for c in configs}
+    # dense at every step count RAS uses, flagged as references when not asked for
+    assert {c.steps for c in configs if c.kind == "dense"} == {10, 14, 20, 28}
+    assert by["dense_s28"].reference_only and not by["dense_s10"].reference_only
+    base = by["abl_metric_std"].policy
+    assert base == RASPolicy(sample_ratio=0.5, warmup_steps=4, reset_steps=(12, 20), num_steps=28,
+                             share_active_set="cfg")
+    assert by["abl_metric_std"].same_run_as == "ras_r0.5_s28"  # equal policies run once
+    changed = {name: {f for f in base.__dataclass_fields__ if getattr(by[f"abl_{name}"].policy, f) != getattr(base, f)}
+               for name in bq.ABLATIONS if name != "metric_std"}
+    assert changed == {"metric_l2norm": {"metric"}, "metric_random": {"metric"}, "kv_cache_off": {"kv_cache"},
+                       "reset_off": {"reset_steps"}, "starvation_official": {"starvation_rule"},
+                       "starvation_none": {"starvation_scale"},
+                       "schedule_dynamic": {"schedule", "skip_num_step", "dynamic_drop_multiple"}}
+    dyn = by["abl_schedule_dynamic"].policy
+    ks = [dyn.active_tokens(t, 256) for t in range(4, 28) if not dyn.is_dense_step(t)]
+    assert ks[0] > ks[-1] and abs(sum(ks) / len(ks) - 128) < 16  # linear around the static count
+    assert by["check_ras_r1_s28"].policy.sample_ratio == 1.0
+    assert all(c.same_run_as is None for c in configs if c.table != "table6")
+
+
+# -- end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from ras_compile.reference.evaluator import build_classifier, save_classifier
+    from ras_compile.reference.model import build_reference_model
+
+    root = tmp_path_factory.mktemp("bench_quality")
+    build_reference_model(init="diffusers", num_layers=1, num_attention_heads=1,
+                          attention_head_dim=16).save_pretrained(root / "model")
+    save_classifier(build_classifier(width=8), root / "classifier.safetensors")
+    out = root / "out"
+    bq.main(["--quick", "--model", str(root / "model"), "--classifier", str(root / "classifier.safetensors"),
+             "--backend", "eager", "--out", str(out), "--name", "q"])
+    return out, json.loads((out / "q.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_configuration_and_metric(quick_run):
+    out, report = quick_run
+    assert (out / "q.md").is_file() and (out / "q.png").stat().st_size > 1000
+    assert report["plot"] is True
+    names = {c["name"] for c in report["configs"]}
+    assert names == {"dense_s4", "dense_s8", "ras_r0.5_s8", "ras_r0.25_s8", "abl_metric_std", "abl_metric_random",
+                     "abl_kv_cache_off", "check_ras_r1_s8"}
+    assert set(report["table2_order"]) == {c["name"] for c in report["configs"] if c["table"] == "table2"}
+    for c in report["configs"]:
+        assert set(c["metrics"]) == {"accuracy", "fd", "fd_std", "psnr_db", "ssim"}, c["name"]
+        assert 0 <= c["metrics"]["accuracy"] <= 1 and math.isfinite(c["metrics"]["fd"])
+        assert c["timing"]["samples_per_s"] > 0
+        assert c["metrics"]["psnr_db"] is not None  # a dense reference exists at every step count
+        if c["kind"] == "ras":
+            stats = c["ras_stats"]
+            assert stats["sparse_steps_per_loop"] > 0 and stats["fallback_steps_per_loop"] == 0
+            assert stats["mean_sparse_active_fraction"] == pytest.approx(c["ratio"], abs=1 / 256)
+            assert c["policy"]["sample_ratio"] == c["ratio"]
+    by = {c["name"]: c for c in report["configs"]}
+    assert by["abl_metric_random"]["policy"]["metric"] == "random"
+    assert by["abl_kv_cache_off"]["policy"]["kv_cache"] is False
+    assert by["abl_metric_std"]["same_run_as"] == "ras_r0.5_s8"
+    # throughput order
+    thr = [by[n]["timing"]["samples_per_s"] for n in report["table2_order"]]
+    assert thr == sorted(thr, reverse=True)
+    md = (out / "q.md").read_text()
+    for text in ("Table 2", "Table 6", "Stand-in model", "AMD" if "AMD" in report["machine"]["cpu_model"] else "CPU",
+                 report["machine"]["torch"], "Does not reproduce here", "Pareto"):
+        assert text in md
+
+
+@pytest.mark.slow
+def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
+    _, report = quick_run
+    by = {c["name"]: c for c in report["configs"]}
+    for name in ("dense_s4", "dense_s8"):  # dense against itself
+        assert float(by[name]["metrics"]["psnr_db"]) == math.inf and by[name]["metrics"]["ssim"] == pytest.approx(1)
+    assert float(by["check_ras_r1_s8"]["metrics"]["psnr_db"]) > 60  # ratio 1.0 reproduces dense
+    assert float(by["ras_r0.25_s8"]["metrics"]["psnr_db"]) < 200  # a real sparse run differs
+    rows = [c for c in report["configs"] if c["table"] == "table2"]
+    for key, high in (("fd", False), ("accuracy", True)):
+        expected = bq.pareto_front([(c["timing"]["samples_per_s"], c["metrics"][key]) for c in rows], (True, high))
+        assert [c["pareto"][key] for c in rows] == expected
+    claims = {c["claim"]: c for c in report["claims"]}
+    assert any("std selection beats random" in k for k in claims)
+    std, rnd = by["abl_metric_std"]["metrics"], by["abl_metric_random"]["metrics"]
+    claim = next(c for k, c in claims.items() if "std selection beats random" in k)
+    assert claim["holds"] == (std["fd"] < rnd["fd"])
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ras_compile.reference.train"):
+        bq.main(["--quick", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)])
