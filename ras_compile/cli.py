@@ -45,6 +45,21 @@ class CLIError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already states its default, or
+    the default is None / False (a computed default the help explains, or an off switch).
+    argparse's ArgumentDefaultsHelpFormatter would print "(default 28; 8 with --quick) (default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``prog: error: message (see prog --help)``) instead of usage dumps."""
 
@@ -101,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- demo
     demo = commands.add_parser(
-        "demo", parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "demo", parents=[debug], formatter_class=_HelpFormatter,
         help="run the reference DiT dense and with RAS; write a PNG grid and print time, speed-up and PSNR",
         description="Generate images with the shipped reference DiT (a class-conditional DiTTransformer2DModel "
                     "on 32x32 synthetic shapes), dense and with RAS at a few ratios, from the same noise. "
@@ -139,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- bench
     bench = commands.add_parser(
-        "bench", parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "bench", parents=[debug], formatter_class=_HelpFormatter,
         help="whole-loop speed, dense torch.compile vs RAS, on a preset SD3 shape or on your model",
         description="Time whole sampling loops, dense (eager and torch.compile) vs RAS at several ratios. "
                     "Without --model: the preset scaled-down SD3 of benchmarks/bench_speed.py (needs a source "
@@ -183,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- explain
     explain = commands.add_parser(
-        "explain", parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "explain", parents=[debug], formatter_class=_HelpFormatter,
         help="print what the pass finds in a model: token source, rewritten attention, densified values, FLOPs",
         description="Capture a model on example inputs and print the pass's analysis: the token source, the "
                     "attention nodes that read cached K/V, gathered side inputs, what is densified and why, and "
