@@ -1,14 +1,31 @@
-"""Benchmark: whole sampling loops, dense vs RAS vs step caches, on a scaled-down SD3.
+"""Benchmark: whole sampling loops, dense vs RAS vs step caches, on diffusion-transformer presets.
 
-    python benchmarks/bench_speed.py                  # the full suite (about 15 min on 2 CPU cores)
+    python benchmarks/bench_speed.py                  # the full suite (about 17 min on 2 CPU cores)
     python benchmarks/bench_speed.py --quick          # a tiny smoke run (2-3 min, mostly cold compiles)
+    python benchmarks/bench_speed.py --model flux     # another family, scaled down for a CPU
+    python benchmarks/bench_speed.py --model flux-dev --device cuda   # FLUX.1-dev's shapes, bf16 on a GPU
 
-The model is SD3's architecture (``SD3Transformer2DModel``, MMDiT) with SD3-medium's
-head dimension (64) but fewer heads and layers, so a CPU can run 28-step loops:
-by default 4 layers of 6 heads x 64 (width 384), a 64x64 latent with patch 2
-(1024 image tokens), 77 text tokens, batch 2 (the classifier-free-guidance batch),
-fp32, random weights. Every configuration samples the same noise with the same
-flow-matching Euler loop (``FlowMatchEulerDiscreteScheduler``, shift 3.0 as SD3):
+``--model`` picks a preset (random weights, no download):
+
+* ``sd3`` (default): SD3's architecture (``SD3Transformer2DModel``, MMDiT) with SD3-medium's
+  head dimension (64) but fewer heads and layers, so a CPU can run 28-step loops: 4 layers
+  of 6 heads x 64 (width 384), a 64x64 latent with patch 2 (1024 image tokens), 77 text
+  tokens, batch 2 (the classifier-free-guidance batch), tiny text embedders;
+* ``flux`` / ``pixart`` / ``lumina``: ``FluxTransformer2DModel`` (2 double- + 4 single-stream
+  blocks of 3 heads x 128, latent packed 2x2, 128 text tokens, batch 1: FLUX.1-dev is
+  guidance-distilled, no CFG batch), ``PixArtTransformer2DModel`` (4 blocks of 6 heads x 72,
+  cross-attention to 77 tokens) and ``LuminaNextDiT2DModel`` (4 blocks of 8 heads x 48 with
+  2 K/V heads, cross-attention to 64 tokens), each at 1024 image tokens;
+* ``sd3-medium`` / ``flux-dev`` / ``pixart-sigma`` / ``lumina-next``: the released models'
+  transformer configs (2.0 B / 11.9 B / 0.61 B / 1.75 B parameters) at 1024x1024 pixels
+  (4096 image tokens) with their text lengths (333 / 512 / 300 / 256), for a GPU: the
+  weights are created on the device in the run's dtype (bf16 by default on cuda).
+
+``--quick`` runs the preset's family at a tiny size (64 image tokens). Every
+configuration samples the same noise with the same flow-matching Euler loop
+(``FlowMatchEulerDiscreteScheduler``, shift 3.0 as SD3), the model getting the timestep
+in its own convention (Flux ``t / 1000``, Lumina-Next ``1 - t / 1000``) and its output
+turned into the velocity as its pipeline does (learned sigma dropped, Lumina's sign):
 
 * ``eager``: the plain model;
 * ``compiled``: ``torch.compile(model)`` (Inductor), the fair baseline for RAS;
@@ -34,8 +51,10 @@ during its timed generations (``/proc/stat`` minus its own CPU time) and the rep
 flags contended configurations; rerun those on a quiet machine, or pass
 ``--threads`` below the core count to leave room for the other load.
 
-Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (name ``cpu_sd3_scaled``, or
-``cpu_sd3_quick`` with ``--quick``) and, when matplotlib is installed, ``<name>.png``.
+Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (name ``<device>_<preset>``, e.g.
+``cuda_flux_dev``, or ``<device>_<preset>_quick`` with ``--quick``; the default preset keeps
+``cpu_sd3_scaled`` / ``cpu_sd3_quick``) and, when matplotlib is installed, ``<name>.png``.
+The markdown records the command line that produced it.
 """
 from __future__ import annotations
 
@@ -46,6 +65,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,18 +73,159 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 if str(REPO) not in sys.path:  # run as a script from anywhere: import the checkout's ras_compile
     sys.path.insert(0, str(REPO))
 
-FULL = dict(layers=4, heads=6, head_dim=64, latent=64, text_tokens=77, batch=2, steps=28, warmup_steps=4,
-            reset_steps=[12, 20])
-QUICK = dict(layers=2, heads=2, head_dim=64, latent=16, text_tokens=16, batch=2, steps=8, warmup_steps=2,
-             reset_steps=[4])
+# The loop: RAS's default schedule over a 28-step loop; a tiny one for --quick.
+LOOP_FULL = dict(steps=28, warmup_steps=4, reset_steps=[12, 20])
+LOOP_QUICK = dict(steps=8, warmup_steps=2, reset_steps=[4])
 DEFAULT_RATIOS = [1.0, 0.5, 0.25, 0.125]
 CACHE_KINDS = ("fbc", "taylorseer", "taylorseer_lite")
+GEOMETRY_KEYS = ("layers", "single_layers", "heads", "kv_heads", "head_dim", "latent", "text_tokens", "batch")
+
+
+# ------------------------------------------------------------------------------ model presets
+#
+# A preset is plain data: the diffusers class, the geometry of its default and --quick runs
+# (blocks, heads, latent side in latent pixels, text tokens, batch; the text / pooled widths
+# and latent channels of the embedders), a function from that geometry to the class's
+# config, and how the sampling loop talks to the model (timestep convention, learned-sigma
+# output, sign of the velocity). The real presets have the released models' transformer
+# shapes (meant for a GPU, bf16); the others are scaled down for a CPU (fewer, narrower
+# blocks, a 64x64 latent: 1024 image tokens). Every latent is square and every family here
+# makes (latent / 2)^2 image tokens (patch 2; Flux: patch 1 on 2x2-packed latent pixels).
+
+
+def _sd3_config(g: dict) -> dict:
+    return dict(sample_size=g["latent"], patch_size=2, in_channels=g["channels"], out_channels=g["channels"],
+                num_layers=g["layers"], attention_head_dim=g["head_dim"], num_attention_heads=g["heads"],
+                joint_attention_dim=g["text_dim"], caption_projection_dim=g["heads"] * g["head_dim"],
+                pooled_projection_dim=g["pooled_dim"],
+                pos_embed_max_size=max(g["pos_embed_max_size"], g["latent"] // 2),
+                dual_attention_layers=(), qk_norm=None)
+
+
+def _flux_config(g: dict) -> dict:
+    return dict(patch_size=1, in_channels=4 * g["channels"], out_channels=None, num_layers=g["layers"],
+                num_single_layers=g["single_layers"], attention_head_dim=g["head_dim"],
+                num_attention_heads=g["heads"], joint_attention_dim=g["text_dim"],
+                pooled_projection_dim=g["pooled_dim"], guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def _pixart_config(g: dict) -> dict:
+    inner = g["heads"] * g["head_dim"]
+    return dict(num_attention_heads=g["heads"], attention_head_dim=g["head_dim"], in_channels=g["channels"],
+                out_channels=2 * g["channels"], num_layers=g["layers"], cross_attention_dim=inner,
+                caption_channels=g["text_dim"], sample_size=g["latent"], patch_size=2,
+                use_additional_conditions=False)
+
+
+def _lumina_config(g: dict) -> dict:
+    return dict(sample_size=g["latent"], patch_size=2, in_channels=g["channels"],
+                hidden_size=g["heads"] * g["head_dim"], num_layers=g["layers"], num_attention_heads=g["heads"],
+                num_kv_heads=g["kv_heads"], multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5,
+                learn_sigma=True, qk_norm=True, cross_attention_dim=g["text_dim"], scaling_factor=1.0)
+
+
+class Preset:
+    """One model preset (plain data; a class, not a dataclass, because ``ras-compile bench`` imports this file
+    by path without registering it in ``sys.modules``, which dataclasses need).
+
+    * ``cls``: the diffusers class; ``title``: what the shapes are;
+    * ``full`` / ``quick``: geometry of the default and of the --quick run;
+    * ``make_config``: geometry -> the class's config;
+    * ``joint_text``: the text tokens run through the blocks with the image (joint attention), so the FLOP
+      bound counts them; False: cross-attention to text (PixArt, Lumina-Next);
+    * ``timestep``: what the model gets for the loop's t in [0, 1000]: ``t``, ``t/1000`` or ``1-t/1000``;
+    * ``learned_sigma``: the output has twice the latent's channels, the first half is the prediction;
+    * ``velocity_sign``: -1 for Lumina-Next (it predicts the negated velocity; its time runs 0 -> 1);
+    * ``packed``: the latent goes in as 2x2-packed tokens ``[B, N, 4C]`` (Flux);
+    * ``real``: the released model's shapes (meant for a GPU);
+    * ``reinit``: ``(fnmatch pattern of parameter names, std)`` drawn from N(0, std^2): parameters diffusers
+      makes with ``torch.empty`` or zeros that a checkpoint fills (finite outputs, open gates);
+    * ``block_note``: config -> how the blocks are described in the report;
+    * ``default_name``: result name without the device prefix (default: the preset name).
+    """
+
+    def __init__(self, name: str, *, cls: str, title: str, full: dict, quick: dict,
+                 make_config: Callable[[dict], dict], joint_text: bool, timestep: str = "t",
+                 learned_sigma: bool = False, velocity_sign: float = 1.0, packed: bool = False, real: bool = False,
+                 reinit: tuple = (), block_note: Callable[[dict], str] | None = None,
+                 default_name: str | None = None):
+        self.name, self.cls, self.title, self.full, self.quick = name, cls, title, full, quick
+        self.make_config, self.joint_text, self.timestep = make_config, joint_text, timestep
+        self.learned_sigma, self.velocity_sign, self.packed, self.real = learned_sigma, velocity_sign, packed, real
+        self.reinit, self.default_name = reinit, default_name
+        self.block_note = block_note or (lambda c: f"{c['num_layers']} layers")
+
+    def __repr__(self) -> str:
+        return f"Preset({self.name!r}, {self.cls})"
+
+
+_SD3_QUICK = dict(layers=2, heads=2, head_dim=64, latent=16, text_tokens=16, batch=2, channels=4, text_dim=64,
+                  pooled_dim=48, pos_embed_max_size=64)
+_FLUX_QUICK = dict(layers=1, single_layers=2, heads=2, head_dim=128, latent=16, text_tokens=16, batch=1,
+                   channels=16, text_dim=64, pooled_dim=48)
+_PIXART_QUICK = dict(layers=2, heads=2, head_dim=72, latent=16, text_tokens=16, batch=2, channels=4, text_dim=64)
+_LUMINA_QUICK = dict(layers=2, heads=4, kv_heads=1, head_dim=32, latent=16, text_tokens=16, batch=2, channels=4,
+                     text_dim=64)
+_SD3 = dict(cls="SD3Transformer2DModel", make_config=_sd3_config, joint_text=True, quick=_SD3_QUICK)
+_FLUX = dict(cls="FluxTransformer2DModel", make_config=_flux_config, joint_text=True, quick=_FLUX_QUICK,
+             timestep="t/1000", packed=True,
+             block_note=lambda c: f"{c['num_layers']} double-stream + {c['num_single_layers']} single-stream blocks")
+_PIXART = dict(cls="PixArtTransformer2DModel", make_config=_pixart_config, joint_text=False, quick=_PIXART_QUICK,
+               learned_sigma=True)
+_LUMINA = dict(cls="LuminaNextDiT2DModel", make_config=_lumina_config, joint_text=False, quick=_LUMINA_QUICK,
+               timestep="1-t/1000", learned_sigma=True, velocity_sign=-1.0,
+               reinit=(("pad_token", 0.02), ("layers.*.gate", 1.0)),
+               block_note=lambda c: f"{c['num_layers']} layers, {c['num_kv_heads']} K/V heads (GQA)")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("sd3", title="scaled down from SD3-medium (its head dimension; fewer, narrower blocks; tiny embedders)",
+           full=dict(_SD3_QUICK, layers=4, heads=6, latent=64, text_tokens=77), default_name="sd3_scaled", **_SD3),
+    Preset("sd3-medium", title="SD3-medium's transformer (stabilityai/stable-diffusion-3-medium)", real=True,
+           full=dict(layers=24, heads=24, head_dim=64, latent=128, text_tokens=333, batch=2, channels=16,
+                     text_dim=4096, pooled_dim=2048, pos_embed_max_size=192), **_SD3),
+    Preset("flux", title="scaled down from FLUX.1-dev (its head dimension and RoPE axes; fewer, narrower double- and "
+                         "single-stream blocks; tiny embedders)",
+           full=dict(_FLUX_QUICK, layers=2, single_layers=4, heads=3, latent=64, text_tokens=128), **_FLUX),
+    Preset("flux-dev", title="FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev)", real=True,
+           full=dict(layers=19, single_layers=38, heads=24, head_dim=128, latent=128, text_tokens=512, batch=1,
+                     channels=16, text_dim=4096, pooled_dim=768), **_FLUX),
+    Preset("pixart", title="scaled down from PixArt-Sigma XL/2 (its head dimension; fewer, narrower blocks; tiny "
+                           "caption embedder)",
+           full=dict(_PIXART_QUICK, layers=4, heads=6, latent=64, text_tokens=77), **_PIXART),
+    Preset("pixart-sigma", title="PixArt-Sigma XL/2 1024's transformer (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS)",
+           real=True, full=dict(layers=28, heads=16, head_dim=72, latent=128, text_tokens=300, batch=2, channels=4,
+                                text_dim=4096), **_PIXART),
+    Preset("lumina", title="scaled down from Lumina-Next-SFT (fewer, narrower blocks; grouped K/V heads; tiny text "
+                           "embedder)",
+           full=dict(_LUMINA_QUICK, layers=4, heads=8, kv_heads=2, head_dim=48, latent=64, text_tokens=64),
+           **_LUMINA),
+    Preset("lumina-next", title="Lumina-Next-SFT's transformer (Alpha-VLLM/Lumina-Next-SFT-diffusers)", real=True,
+           full=dict(layers=24, heads=32, kv_heads=8, head_dim=72, latent=128, text_tokens=256, batch=2, channels=4,
+                     text_dim=2048), **_LUMINA),
+]}
+
+
+def geometry(spec: dict) -> dict:
+    """The preset's geometry with the run's overrides (layers, heads, latent, ...) applied."""
+    preset = PRESETS[spec["model"]]
+    base = preset.quick if spec.get("quick") else preset.full
+    return dict(base, **{k: spec[k] for k in GEOMETRY_KEYS if spec.get(k) is not None})
+
+
+def image_tokens_of(spec: dict) -> int:
+    return (spec["latent"] // 2) ** 2
+
+
+def flop_other_tokens(spec: dict) -> int:
+    """Tokens that run through the blocks beside the image and are never dropped: the text of joint attention."""
+    return spec["text_tokens"] if PRESETS[spec["model"]].joint_text else 0
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -73,43 +234,55 @@ CACHE_KINDS = ("fbc", "taylorseer", "taylorseer_lite")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/bench_speed.py",
-        description="Whole-loop speed of dense, torch.compile, RAS and diffusers step caches on a "
-                    "scaled-down SD3 transformer (CPU or GPU).",
+        description="Whole-loop speed of dense, torch.compile, RAS and diffusers step caches on a diffusion "
+                    "transformer preset (random weights; CPU or GPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--model", default="sd3", choices=list(PRESETS),
+                   help="model preset: " + "; ".join(
+                       f"{n}: {pr.cls}, {pr.title}" for n, pr in PRESETS.items()))
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run (2 layers, 64 image tokens, 8 steps, ratio 0.5 only, all "
-                        "configurations in this process, see --in-process); writes cpu_sd3_quick.* so the "
-                        "committed full results are not overwritten")
+                   help="tiny smoke run of the preset's family (2 blocks, 64 image tokens, 8 steps, ratio 0.5 "
+                        "only, all configurations in this process, see --in-process); writes "
+                        "<device>_<preset>_quick.* (cpu_sd3_quick.* for sd3) so full results are not overwritten")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON, markdown and PNG results")
     p.add_argument("--name", default=None,
-                   help="base name of the result files (default cpu_sd3_scaled, or cpu_sd3_quick with --quick; "
-                        "a 'cpu' prefix is replaced by 'cuda' when --device cuda)")
+                   help="base name of the result files (default <device>_<preset>, with '-' as '_': "
+                        "cpu_sd3_scaled for sd3, cuda_flux_dev, ...; with --quick <device>_<preset>_quick, "
+                        "cpu_sd3_quick for sd3)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed generations per configuration after the warm-up one; the best whole loop is "
                         "reported, step times are medians over all of them (default 3)")
     p.add_argument("--ratios", type=float, nargs="+", default=None,
                    help=f"RAS sample ratios (default {' '.join(map(str, DEFAULT_RATIOS))}; 0.5 with --quick)")
-    p.add_argument("--layers", type=int, default=None, help=f"transformer blocks (default {FULL['layers']})")
-    p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']})")
+    p.add_argument("--layers", type=int, default=None,
+                   help="transformer blocks (Flux: double-stream blocks) (default: the preset's)")
+    p.add_argument("--single-layers", type=int, default=None,
+                   help="Flux presets: single-stream blocks (default: the preset's)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: the preset's)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="Lumina presets: key/value heads of grouped-query attention (default: the preset's)")
     p.add_argument("--head-dim", type=int, default=None,
-                   help=f"attention head dimension (default {FULL['head_dim']}, SD3-medium's)")
+                   help="attention head dimension (default: the preset's, that of the model it stands for)")
     p.add_argument("--latent", type=int, default=None,
-                   help=f"latent height = width in latent pixels, patch 2 (default {FULL['latent']}: "
-                        f"{(FULL['latent'] // 2) ** 2} image tokens)")
-    p.add_argument("--text-tokens", type=int, default=None,
-                   help=f"text (context) tokens (default {FULL['text_tokens']})")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 2: the CFG batch)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {FULL['steps']})")
+                   help="latent height = width in latent pixels; every preset makes (latent / 2)^2 image "
+                        "tokens (default: the preset's, 64 for the CPU presets: 1024 image tokens, 128 for the "
+                        "real ones: 4096)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text (context) tokens (default: the preset's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default: the preset's; 2, the classifier-free-guidance batch, except 1 for "
+                        "the guidance-distilled Flux)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {LOOP_FULL['steps']})")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"RAS dense warm-up steps (default {FULL['warmup_steps']})")
+                   help=f"RAS dense warm-up steps (default {LOOP_FULL['warmup_steps']})")
     p.add_argument("--reset-steps", type=int, nargs="*", default=None,
-                   help=f"RAS dense reset steps, 0-based (default {' '.join(map(str, FULL['reset_steps']))})")
+                   help=f"RAS dense reset steps, 0-based (default {' '.join(map(str, LOOP_FULL['reset_steps']))})")
     p.add_argument("--shift", type=float, default=3.0, help="flow-matching timestep shift (SD3 uses 3.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the noise and the conditioning")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of 'compiled' and the RAS runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda every call is synchronised)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
@@ -130,13 +303,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "implied by --quick)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG even if matplotlib is installed")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
+    args.command = "python benchmarks/bench_speed.py" + ("" if not raw else " " + shlex.join(map(str, raw)))
 
-    base = QUICK if args.quick else FULL
-    for key in ("layers", "heads", "head_dim", "latent", "text_tokens", "batch", "steps", "warmup_steps",
-                "reset_steps"):
+    preset = PRESETS[args.model]
+    base = dict(preset.quick if args.quick else preset.full, **(LOOP_QUICK if args.quick else LOOP_FULL))
+    for key in GEOMETRY_KEYS + ("steps", "warmup_steps", "reset_steps"):
         if getattr(args, key) is None:
-            setattr(args, key, base[key])
+            setattr(args, key, base.get(key))
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.repeats is None:
         args.repeats = 3
     if args.ratios is None:
@@ -146,11 +323,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.taylorseer_interval is None:
         args.taylorseer_interval = 2 if args.quick else 5
     if args.name is None:
-        args.name = "cpu_sd3_quick" if args.quick else "cpu_sd3_scaled"
-        if args.device.startswith("cuda"):
-            args.name = "cuda" + args.name[3:]
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+        stem = (preset.default_name or preset.name).replace("-", "_").replace(".", "_")
+        args.name = f"{device}_{args.model.replace('-', '_')}_quick" if args.quick else f"{device}_{stem}"
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.latent % 2:
+        p.error(f"--latent must be even (patch 2 / 2x2 packing), got {args.latent}")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     return args
 
 
@@ -239,15 +420,49 @@ def machine_info(args) -> dict:
     return info
 
 
+def construct(spec: dict, device: str | None = None):
+    """The preset's model, random weights from ``spec["seed"]``, eval mode, in ``spec["dtype"]``.
+
+    The weights are created on ``device`` (default ``spec["device"]``) in the target dtype
+    (torch's default dtype is set to it while the model is built), so a real-size model
+    never exists in fp32 or on the CPU: FLUX.1-dev's 11.9 B parameters are 24 GB in bf16.
+    ``device="meta"`` builds the structure only (config and parameter count, no memory).
+    On the CPU in fp32 this is exactly ``tiny_sd3_transformer``'s seeded build.
+    """
+    import fnmatch
+
+    import diffusers
+    import torch
+
+    preset = PRESETS[spec["model"]]
+    dtype = getattr(torch, spec["dtype"])
+    device = spec["device"] if device is None else device
+    config = preset.make_config(geometry(spec))
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(spec["seed"])
+        torch.set_default_dtype(dtype)
+        try:
+            model = getattr(diffusers, preset.cls)(**config)
+        finally:
+            torch.set_default_dtype(previous)
+        if preset.reinit and device != "meta":
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    std = next((s for pattern, s in preset.reinit if fnmatch.fnmatchcase(name, pattern)), None)
+                    if std is not None:
+                        param.normal_(std=std)
+    if next(model.parameters()).dtype != dtype or any(b.is_floating_point() and b.dtype != dtype
+                                                      for b in model.buffers()):
+        model = model.to(dtype)
+    return model.eval()
+
+
 def build(spec: dict):
     import torch
-    from ras_compile.tiny_models import example_inputs, tiny_sd3_transformer
+    from ras_compile.tiny_models import example_inputs
 
-    dtype = getattr(torch, spec["dtype"])
-    model = tiny_sd3_transformer(num_layers=spec["layers"], num_attention_heads=spec["heads"],
-                                 attention_head_dim=spec["head_dim"], patch_size=2, sample_size=spec["latent"],
-                                 joint_attention_dim=64, pooled_projection_dim=48, seed=spec["seed"], dtype=dtype)
-    model = model.to(spec["device"])
+    model = construct(spec)
     inputs = example_inputs(model, batch=spec["batch"], height=spec["latent"], width=spec["latent"],
                             seed=spec["seed"], text_len=spec["text_tokens"])
     inputs = {k: v.to(spec["device"]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -255,12 +470,25 @@ def build(spec: dict):
 
 
 def model_config(spec: dict) -> dict:
-    model, _ = build(dict(spec, device="cpu"))
+    """The model's config and sizes, from a structure-only (meta device) build: no weights are made."""
+    preset = PRESETS[spec["model"]]
+    model = construct(spec, device="meta")
     cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    cfg["class"] = preset.cls
+    cfg["preset"] = preset.name
+    cfg["preset_title"] = preset.title
+    cfg["real_shapes"] = preset.real
+    cfg["blocks"] = preset.block_note(cfg)
     cfg["parameters"] = sum(p.numel() for p in model.parameters())
+    cfg["heads"] = spec["heads"]
+    cfg["head_dim"] = spec["head_dim"]
     cfg["inner_dim"] = spec["heads"] * spec["head_dim"]
-    cfg["image_tokens"] = (spec["latent"] // 2) ** 2
+    cfg["latent_channels"] = geometry(spec)["channels"]
+    cfg["packed_latent"] = preset.packed
+    cfg["image_tokens"] = image_tokens_of(spec)
     cfg["text_tokens"] = spec["text_tokens"]
+    cfg["text_in_blocks"] = preset.joint_text
+    cfg["flop_other_tokens"] = flop_other_tokens(spec)
     cfg["batch"] = spec["batch"]
     cfg["dtype"] = spec["dtype"]
     return json.loads(json.dumps(cfg, default=str))
@@ -270,12 +498,38 @@ def model_config(spec: dict) -> dict:
 
 
 class Sampler:
-    """A flow-matching Euler loop (as diffusers' SD3 pipeline runs it) that times every call."""
+    """A flow-matching Euler loop (as diffusers' SD3 / Flux / Lumina pipelines run it) that times every call.
+
+    The scheduler's ``t`` runs 1000 -> 0; the model gets it in its own convention (SD3 and
+    PixArt ``t``, Flux ``t / 1000``, Lumina-Next ``1 - t / 1000``), and its output becomes
+    the velocity as the pipelines make it (learned-sigma models: the first half of the
+    channels; Lumina-Next: negated). The latent is whatever ``example_inputs`` made
+    (``[B, C, H, W]``, or Flux's packed ``[B, N, 4C]``); the Euler update is shape-agnostic.
+    """
 
     def __init__(self, spec: dict, inputs: dict):
         self.spec = spec
         self.inputs = inputs
+        self.preset = PRESETS[spec["model"]]
         self.sync = spec["device"].startswith("cuda")
+
+    def model_timestep(self, t):
+        convention = self.preset.timestep
+        if convention == "t":
+            return t
+        if convention == "t/1000":
+            return t / 1000
+        if convention == "1-t/1000":
+            return 1 - t / 1000
+        raise ValueError(f"unknown timestep convention {convention!r}")
+
+    def velocity(self, out, latents):
+        if self.preset.learned_sigma:
+            if out.shape[1] != 2 * latents.shape[1]:
+                raise ValueError(f"a learned-sigma output should have twice the latent's {latents.shape[1]} "
+                                 f"channels, got {tuple(out.shape)}")
+            out = out[:, :latents.shape[1]]
+        return out if self.preset.velocity_sign == 1.0 else out * self.preset.velocity_sign
 
     def __call__(self, model, on_step=None):
         import torch
@@ -287,19 +541,19 @@ class Sampler:
         batch = latents.shape[0]
         times, labels = [], []
         for i, t in enumerate(scheduler.timesteps):
-            call = dict(self.inputs, hidden_states=latents, timestep=t.expand(batch))
+            call = dict(self.inputs, hidden_states=latents, timestep=self.model_timestep(t).expand(batch))
             if self.sync:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             if on_step is not None:
-                label, velocity = on_step(i, t, lambda: model(**call)[0])
+                label, out = on_step(i, t, lambda: model(**call)[0])
             else:
-                label, velocity = "dense", model(**call)[0]
+                label, out = "dense", model(**call)[0]
             if self.sync:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             labels.append(label)
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            latents = scheduler.step(self.velocity(out, latents), t, latents, return_dict=False)[0]
         return latents, times, labels
 
 
@@ -308,12 +562,25 @@ def apply_cache(kind: str, model, spec: dict):
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
+    name = type(model).__name__
     if kind == "fbc":
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
         config = FirstBlockCacheConfig(threshold=spec["fbc_threshold"])
-        apply_first_block_cache(model, config)
-        head = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).hooks["fbc_leader_block_hook"]
+        try:
+            apply_first_block_cache(model, config)
+        except ValueError as exc:
+            if "not registered" not in str(exc):
+                raise
+            raise CacheNotApplicable(
+                f"diffusers' First Block Cache cannot run {name}: its block class is not in diffusers' "
+                f"TransformerBlockRegistry, which tells the hooks which block outputs are the hidden states "
+                f"({exc}){not_cache_mixin(model)}") from exc
+        head = next((h for h in (getattr(m, "_diffusers_hook", None) for m in model.modules()) if h is not None
+                     and "fbc_leader_block_hook" in h.hooks), None)
+        if head is None:
+            raise RuntimeError(f"First Block Cache hooked no head block of {type(model).__name__}")
+        head = head.hooks["fbc_leader_block_hook"]
 
         def label():
             return "dense" if head.state_manager.get_state().should_compute else "cached"
@@ -329,7 +596,16 @@ def apply_cache(kind: str, model, spec: dict):
                  for n, m in model.named_modules()]
         hooks = [(n, h) for n, h in hooks if h is not None]
         if not hooks:
-            raise RuntimeError("TaylorSeer hooked no module of SD3Transformer2DModel")
+            from diffusers.hooks import taylorseer_cache as ts
+
+            patterns = (ts._PROJ_OUT_IDENTIFIERS + ts._BLOCK_IDENTIFIERS) if config.use_lite_mode else \
+                ts._TRANSFORMER_BLOCK_IDENTIFIERS
+            attn = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1].startswith("attn")][:2]
+            raise CacheNotApplicable(
+                f"diffusers' TaylorSeer{' lite mode' if config.use_lite_mode else ''} caches nothing in {name}: "
+                f"none of its module names fully matches the default patterns {list(patterns)} (its attention "
+                f"modules are {', '.join(attn) or 'named otherwise'}, ...), so it would run the plain model"
+                f"{not_cache_mixin(model)}")
         probe = hooks[0][1]
 
         def label():
@@ -337,8 +613,9 @@ def apply_cache(kind: str, model, spec: dict):
             return "dense" if state.last_update_step == state.current_step else "cached"
 
     def on_step(i, t, run):
-        # SD3Transformer2DModel has no CacheMixin.cache_context in this diffusers version, so the
-        # context the pipelines set is set here directly; one context: the CFG batch is one call.
+        # SD3Transformer2DModel (and PixArt, Lumina-Next) have no CacheMixin.cache_context in this diffusers
+        # version, so the context the pipelines set is set here directly, for every model alike; one context:
+        # the CFG batch is one call.
         _set_cache_context(model, CacheContext("cfg", step_index=i, num_inference_steps=spec["steps"],
                                                timestep=float(t)))
         try:
@@ -353,6 +630,16 @@ def apply_cache(kind: str, model, spec: dict):
     return on_step, reset, repr(config)
 
 
+class CacheNotApplicable(RuntimeError):
+    """A diffusers step cache cannot run (or would do nothing on) this model; the message says why."""
+
+
+def not_cache_mixin(model) -> str:
+    name = type(model).__name__
+    return "" if hasattr(model, "enable_cache") else \
+        f"; {name} is not a diffusers CacheMixin (no enable_cache), so diffusers does not claim support"
+
+
 def cache_not_applicable(kind: str, model, exc: BaseException) -> str | None:
     """A one-line reason when a diffusers cache hook failed because it cannot handle this model.
 
@@ -360,15 +647,20 @@ def cache_not_applicable(kind: str, model, exc: BaseException) -> str | None:
     ``context_pre_only=True`` and returns ``(None, hidden_states)``; First Block Cache's
     tail-block hook subtracts the head block's text stream from that ``None``, and
     TaylorSeer's lite mode (which hooks every block) reads ``.dtype`` of every block
-    output. First Block Cache also needs a head and a distinct tail block. Anything
-    else is returned as None and reported as a plain failure.
+    output. First Block Cache also needs a head and a distinct tail block, and a block
+    class registered in diffusers' TransformerBlockRegistry (Lumina-Next's is not);
+    TaylorSeer's default name patterns match no module of PixArt (``attn1`` / ``attn2``
+    do not fully match ``^transformer_blocks.*attn``) or of Lumina-Next (``layers.*``):
+    ``apply_cache`` raises :class:`CacheNotApplicable` for those. Anything else is
+    returned as None and reported as a plain failure.
     """
+    if isinstance(exc, CacheNotApplicable):
+        return str(exc)
     name = type(model).__name__
     blocks = getattr(model, "transformer_blocks", None)
     last = blocks[-1] if blocks is not None and len(blocks) else None
     pre_only = bool(getattr(last, "context_pre_only", False))
-    unsupported = "" if hasattr(model, "enable_cache") else \
-        f"; {name} is not a diffusers CacheMixin (no enable_cache), so diffusers does not claim support"
+    unsupported = not_cache_mixin(model)
     if kind == "fbc" and isinstance(exc, IndexError) and blocks is not None and len(blocks) < 2:
         return (f"First Block Cache needs >= 2 transformer blocks (a head and a tail block), this {name} has "
                 f"{len(blocks)}; use --layers 2 or more")
@@ -563,7 +855,7 @@ def run_worker(spec: dict, tmp: Path, args) -> dict:
             "error": f"worker exited with status {proc.returncode} and wrote no result"}
 
 
-def analyse(results: list[dict], args) -> dict:
+def analyse(results: list[dict], args, cfg: dict) -> dict:
     """Speed-ups, FLOP bounds, differences from the dense compiled latents."""
     import torch
     from ras_compile import RASPolicy
@@ -572,7 +864,7 @@ def analyse(results: list[dict], args) -> dict:
     by_name = {r["config"]: r for r in results}
     eager, compiled = by_name.get("eager", {}), by_name.get("compiled", {})
     reference = torch.load(compiled["latents_path"]) if compiled.get("ok") else None
-    image_tokens = (args.latent // 2) ** 2
+    image_tokens, other_tokens = cfg["image_tokens"], cfg["flop_other_tokens"]
     for r in results:
         if not r.get("ok"):
             continue
@@ -583,7 +875,7 @@ def analyse(results: list[dict], args) -> dict:
         if r["kind"] == "ras":
             policy = RASPolicy(sample_ratio=r["ratio"], warmup_steps=args.warmup_steps,
                                reset_steps=tuple(args.reset_steps))
-            fraction = dense_flop_fraction(policy, args.steps, image_tokens, args.text_tokens)
+            fraction = dense_flop_fraction(policy, args.steps, image_tokens, other_tokens)
             r["flop_fraction"] = fraction
             r["flop_bound_speedup"] = 1 / fraction
             if "speedup_vs_compiled" in r:
@@ -628,11 +920,12 @@ def markdown(report: dict) -> str:
         f"threads; device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
         f"- software: Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}; "
         f"{m['date']}; commit {(m.get('git_commit') or '?')[:10]}",
-        f"- model: SD3Transformer2DModel, random weights, {cfg['num_layers']} layers, "
-        f"{cfg['num_attention_heads']} heads x {cfg['attention_head_dim']} (width {cfg['inner_dim']}), "
-        f"{cfg['parameters'] / 1e6:.1f} M parameters, {cfg['dtype']}",
-        f"- input: latent {run['latent']}x{run['latent']}x{cfg['in_channels']}, patch {cfg['patch_size']} -> "
-        f"{cfg['image_tokens']} image tokens + {cfg['text_tokens']} text tokens, batch {cfg['batch']}",
+        f"- model: {cfg.get('class', 'SD3Transformer2DModel')}, random weights, "
+        f"{cfg.get('blocks', str(cfg['num_layers']) + ' layers')}, "
+        f"{cfg.get('heads', cfg.get('num_attention_heads'))} heads x "
+        f"{cfg.get('head_dim', cfg.get('attention_head_dim'))} (width {cfg['inner_dim']}), {cfg['parameters'] / 1e6:.1f} M parameters, {cfg['dtype']}"
+        + (f"; preset `{cfg['preset']}`: {cfg['preset_title']}" if cfg.get("preset") else ""),
+        f"- input: {input_note(run, cfg)}",
         f"- loop: {run['steps']} flow-matching Euler steps (shift {run['shift']}); RAS dense steps: warm-up "
         f"{run['warmup_steps']}, resets {', '.join(map(str, run['reset_steps'])) or 'none'}; "
         f"backend {run['backend']}; best of {run['repeats']} timed generations after one warm-up",
@@ -680,6 +973,8 @@ def markdown(report: dict) -> str:
                           for r in gpu) + "."]
     lines += ["", f"Reference scale: max |latent| of the compiled dense result = "
                   f"{fmt(report['summary']['reference_latent_max_abs'], '.3f')}.", ""]
+    if run.get("command"):
+        lines += ["Command that produced this report:", "", "```bash", run["command"], "```", ""]
     lines += [
         "Columns: *steps* D dense, S sparse (RAS), C cached (the step cache skipped the full model); "
         "*first gen* the warm-up generation; *compile* first gen minus steady (compiled configurations); "
@@ -687,7 +982,8 @@ def markdown(report: dict) -> str:
         "*dense/sparse step* median time of one model call of that kind (for RAS including the controller's "
         "token selection after it) over all timed generations; *speed-up* steady time of the reference / "
         "steady time; *FLOP bound* the speed-up vs compiled that the FLOPs allow, "
-        "`1 / dense_flop_fraction(policy, steps, image_tokens, text_tokens)`; "
+        "`1 / dense_flop_fraction(policy, steps, image_tokens, text_tokens)` (text tokens counted where they run "
+        "through the blocks, joint attention; 0 for cross-attention models); "
         "*counted-FLOP bound* the same with a sparse step's FLOPs counted by `ras_compile.explain`; "
         "*% of FLOP bound* 100 x speed-up vs compiled / FLOP bound; *peak RSS growth* growth of the worker "
         "process's `ru_maxrss` over the generations (activations, compiled code, RAS caches; Inductor's "
@@ -699,6 +995,18 @@ def markdown(report: dict) -> str:
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def input_note(run: dict, cfg: dict) -> str:
+    side, channels = run["latent"], cfg.get("latent_channels", cfg["in_channels"])
+    if cfg.get("packed_latent"):
+        latent = (f"latent {side}x{side}x{channels} packed 2x2 into {cfg['in_channels']}-channel tokens "
+                  f"(patch {cfg['patch_size']})")
+    else:
+        latent = f"latent {side}x{side}x{channels}, patch {cfg['patch_size']}"
+    text = "joint attention" if cfg.get("text_in_blocks", True) else "cross-attention"
+    return (f"{latent} -> {cfg['image_tokens']} image tokens + {cfg['text_tokens']} text tokens ({text}), "
+            f"batch {cfg['batch']}")
 
 
 def compile_cache_note(run: dict) -> str:
@@ -721,12 +1029,11 @@ def plot(report: dict, path: Path) -> str:
     from ras_compile import RASPolicy
     from ras_compile.schedule import dense_flop_fraction
 
-    run = report["run"]
-    image_tokens = (run["latent"] // 2) ** 2
+    run, cfg = report["run"], report["model"]
     grid = [i / 100 for i in range(5, 101)]
     bound = [1 / dense_flop_fraction(RASPolicy(sample_ratio=r, warmup_steps=run["warmup_steps"],
                                                reset_steps=tuple(run["reset_steps"])),
-                                     run["steps"], image_tokens, run["text_tokens"]) for r in grid]
+                                     run["steps"], cfg["image_tokens"], cfg["flop_other_tokens"]) for r in grid]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(grid, bound, "k--", label="FLOP bound of the schedule")
     ras = [r for r in report["results"] if r.get("ok") and r["kind"] == "ras" and "speedup_vs_compiled" in r]
@@ -764,7 +1071,8 @@ def main(argv=None) -> int:
         return worker_main(*args.worker)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    spec_base = dict(layers=args.layers, heads=args.heads, head_dim=args.head_dim, latent=args.latent,
+    spec_base = dict(model=args.model, quick=args.quick, layers=args.layers, single_layers=args.single_layers,
+                     heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, latent=args.latent,
                      text_tokens=args.text_tokens, batch=args.batch, steps=args.steps,
                      warmup_steps=args.warmup_steps, reset_steps=list(args.reset_steps), shift=args.shift,
                      seed=args.seed, backend=args.backend, device=args.device, dtype=args.dtype,
@@ -774,12 +1082,15 @@ def main(argv=None) -> int:
     cfg = model_config(spec_base)
     print(f"machine: {machine['cpu_model']}, {machine['cores_available']} cores, {machine['torch_threads']} "
           f"torch threads, torch {machine['torch']}, diffusers {machine['diffusers']}, load {load_average()}")
-    print(f"model: SD3Transformer2DModel {cfg['num_layers']} layers x {cfg['num_attention_heads']} heads x "
-          f"{cfg['attention_head_dim']} (width {cfg['inner_dim']}), {cfg['parameters'] / 1e6:.2f} M params, "
+    print(f"model: preset {args.model} ({cfg['preset_title']}): {cfg['class']} {cfg['blocks']}, {cfg['heads']} "
+          f"heads x {cfg['head_dim']} (width {cfg['inner_dim']}), {cfg['parameters'] / 1e6:.2f} M params, "
           f"{args.dtype}, random weights")
-    print(f"input: latent {args.latent}x{args.latent} patch 2 -> {cfg['image_tokens']} image + "
-          f"{args.text_tokens} text tokens, batch {args.batch}; {args.steps} steps, RAS warm-up "
+    print(f"input: {input_note(dict(latent=args.latent), cfg)}; {args.steps} steps, RAS warm-up "
           f"{args.warmup_steps} resets {args.reset_steps}; best of {args.repeats} after a warm-up")
+    if PRESETS[args.model].real and not args.device.startswith("cuda") and not args.quick:
+        print(f"WARNING: preset {args.model} has the real model's shapes ({cfg['parameters'] / 1e9:.1f} B "
+              f"parameters): meant for a GPU (--device cuda); on a CPU a generation takes a very long time",
+              flush=True)
     print("exact config: " + json.dumps(cfg, sort_keys=True), flush=True)
 
     results = []
@@ -801,13 +1112,13 @@ def main(argv=None) -> int:
                       f"while it was timed ({r['torch_threads']} torch threads on {r['cores_available']} "
                       "cores): its times are not trustworthy", flush=True)
             results.append(r)
-        summary = analyse(results, args)
+        summary = analyse(results, args, cfg)
     report = {
         "name": args.name,
         "machine": machine,
         "model": cfg,
         "run": dict(spec_base, ratios=args.ratios, warm_compile_cache=args.warm_compile_cache,
-                    in_process=args.in_process, quick=args.quick,
+                    in_process=args.in_process, command=args.command,
                     rss_note="ru_maxrss of the worker process (peak resident set, KiB on Linux) after the "
                              "generations minus before them, in MiB; it covers activations, compiled code "
                              "and RAS caches of this process, not Inductor's compile subprocesses"),

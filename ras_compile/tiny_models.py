@@ -30,6 +30,7 @@ __all__ = [
     "tiny_t5_tokenizer",
     "tiny_sd3_pipeline",
     "example_inputs",
+    "packed_image_ids",
 ]
 
 
@@ -203,6 +204,13 @@ def example_inputs(
     ``class_labels`` from ``num_embeds_ada_norm`` when forward takes them;
     ``added_cond_kwargs`` when forward takes them (tensors if the model uses the
     additional conditions, else ``None`` entries, as diffusers' pipelines pass).
+    When forward takes ``img_ids`` and ``txt_ids`` (Flux-style), the latent is passed
+    packed as tokens, ``[batch, (height / 2) * (width / 2), in_channels]`` (2x2 latent
+    pixels per token, ``in_channels`` already counts the four), with ``img_ids`` /
+    ``txt_ids`` (2D, one row per token) and ``guidance`` when ``guidance_embeds``.
+    When forward takes ``encoder_mask`` it gets an all-ones text mask; with
+    ``image_rotary_emb`` too (Lumina-Next-style) the 2D RoPE table of the patch grid and
+    proportional attention's ``base_sequence_length``.
     ``return_dict=False`` is added where forward accepts it.
     """
     config = model.config
@@ -214,11 +222,26 @@ def example_inputs(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
+    in_channels = _config_get(config, "in_channels")
+    # Flux-style: the latent goes in as tokens, positions as ids (one row per token)
+    packed = "img_ids" in params and "txt_ids" in params
+    if packed:
+        if height % _PACK or width % _PACK:
+            raise ValueError(f"a packed latent needs height and width divisible by {_PACK}, got {height}x{width}")
+        rows, cols = height // _PACK, width // _PACK
+        latent = randn(batch, rows * cols, in_channels)
+    else:
+        latent = randn(batch, in_channels, height, width)
     kwargs: dict[str, Any] = {
-        "hidden_states": randn(batch, _config_get(config, "in_channels"), height, width),
+        "hidden_states": latent,
         # a float timestep in the training range works for every family
         "timestep": torch.rand(batch, generator=gen) * 999.0,
     }
+    if packed:
+        kwargs["img_ids"] = packed_image_ids(rows, cols)
+        kwargs["txt_ids"] = torch.zeros(text_len, 3)
+        if "guidance" in params and _config_get(config, "guidance_embeds"):
+            kwargs["guidance"] = torch.full((batch,), 3.5)
 
     text_dim = None
     for key in ("joint_attention_dim", "caption_channels", "cross_attention_dim"):
@@ -251,9 +274,36 @@ def example_inputs(
         else:
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
 
+    if "encoder_mask" in params and "encoder_hidden_states" in kwargs:
+        kwargs["encoder_mask"] = torch.ones(batch, text_len, dtype=torch.long)
+
+    if "image_rotary_emb" in params and "encoder_mask" in params:
+        # Lumina-Next-style: complex RoPE frequencies of the 2D patch grid, precomputed by the pipeline
+        # (which builds a 384 x 384 table; the rows of a table covering the grid are the same)
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+        patch = _config_get(config, "patch_size") or 1
+        head_dim = _config_get(config, "hidden_size") // _config_get(config, "num_attention_heads")
+        kwargs["image_rotary_emb"] = get_2d_rotary_pos_embed_lumina(head_dim, height // patch, width // patch)
+        if "cross_attention_kwargs" in params:
+            # proportional attention: the pipeline's base sequence length is the image token count of its
+            # default resolution; here that of this latent (the softmax scale is then exactly 1/sqrt(d))
+            kwargs["cross_attention_kwargs"] = {"base_sequence_length": (height // patch) * (width // patch)}
+
     if "return_dict" in params:
         kwargs["return_dict"] = False
     return kwargs
+
+
+_PACK = 2  # Flux packs 2x2 latent pixels into one token
+
+
+def packed_image_ids(rows: int, cols: int) -> torch.Tensor:
+    """Flux-style position ids of a ``rows x cols`` token grid: ``[rows * cols, 3]`` rows ``(0, row, col)``."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
 
 
 # --------------------------------------------------------------------------- tokenizers
