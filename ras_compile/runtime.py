@@ -133,7 +133,10 @@ class RASModule(torch.nn.Module):
         except UnsupportedModelError as exc:
             if self.ras_policy.on_unsupported != "fallback":
                 raise
-            warnings.warn(f"{exc} Running the dense compiled model instead.", stacklevel=3)
+            # the error's advice (pass on_unsupported='fallback') is what the caller already did
+            message = str(exc).replace(" Pass RASPolicy(on_unsupported='fallback') to run it dense instead.", "")
+            warnings.warn(f"{message} Running the dense compiled model instead (on_unsupported='fallback').",
+                          stacklevel=3)
             dense = compile_graph(self.model, self.ras_backend) if self.ras_backend not in BACKENDS_WITHOUT_DYNAMO \
                 else self.model
             return Captured(key, None, self._latent_arg, fallback=dense)
