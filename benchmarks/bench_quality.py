@@ -66,6 +66,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import the check
 
 import torch  # noqa: E402
 
+from ras_compile.machine import cores_available, cpu_model, cpu_seconds, other_cpu_cores  # noqa: E402
+
 NOISE_SEED = 60_2026          # starting noise of every configuration's samples
 REAL_SEED_OFFSET = 6_000      # real images: make_batch(EVAL_SEED_BASE + offset): held out from training
 WARMUP_STEPS = 4              # the paper's and the official code's warm-up
@@ -247,7 +249,7 @@ def run_config(sampler, config: Config, noise: torch.Tensor, labels: torch.Tenso
     warmup_s = time.perf_counter() - t0
 
     images, seconds, modes, active = [], 0.0, {"dense": 0, "sparse": 0, "fallback": 0}, []
-    other0 = other_cpu_seconds()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
     for x, y in zip(noise_batches, label_batches):
         _reset(sampler)
         _sync(device)
@@ -261,12 +263,11 @@ def run_config(sampler, config: Config, noise: torch.Tensor, labels: torch.Tenso
                 modes[st.mode] += 1
                 if st.mode == "sparse":
                     active.append(st.active_tokens / st.num_tokens)
-    other1 = other_cpu_seconds()
+    other = other_cpu_cores(cpu0, cpu_seconds(), time.perf_counter() - wall0)
     n = len(noise)
     timing = {"seconds": seconds, "samples_per_s": n / seconds if seconds > 0 else float("nan"),
               "ms_per_sample_step": 1000 * seconds / (n * config.steps), "warmup_compile_s": warmup_s,
-              "other_process_cores": None if other0 is None or other1 is None or seconds <= 0
-              else max(0.0, (other1 - other0) / seconds)}
+              "other_process_cores": other}
     stats = None
     if config.kind == "ras":
         batches = len(noise_batches)
@@ -274,17 +275,6 @@ def run_config(sampler, config: Config, noise: torch.Tensor, labels: torch.Tenso
                  "fallback_steps_per_loop": modes["fallback"] / batches,
                  "mean_sparse_active_fraction": sum(active) / len(active) if active else None}
     return torch.cat(images), {"timing": timing, "ras_stats": stats}
-
-
-def other_cpu_seconds() -> float | None:
-    """CPU seconds used so far by every process but this one (Linux ``/proc/stat``), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        busy = sum(int(v) for i, v in enumerate(fields) if i not in (3, 4)) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-    own = os.times()
-    return busy - (own.user + own.system + own.children_user + own.children_system)
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -473,22 +463,12 @@ def policy_dict(policy) -> dict | None:
     return d
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict:
     import diffusers
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
-            "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cores_available": cores_available(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

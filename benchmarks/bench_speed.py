@@ -80,6 +80,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 if str(REPO) not in sys.path:  # run as a script from anywhere: import the checkout's ras_compile
     sys.path.insert(0, str(REPO))
 
+from ras_compile.machine import (CONTENTION_MARGIN, cores_available, cpu_model, cpu_seconds,  # noqa: E402
+                                  load_average, other_cpu_cores)
+
 # The loop: RAS's default schedule over a 28-step loop; a tiny one for --quick.
 LOOP_FULL = dict(steps=28, warmup_steps=4, reset_steps=[12, 20])
 LOOP_QUICK = dict(steps=8, warmup_steps=2, reset_steps=[4])
@@ -348,52 +351,6 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds the whole machine has been busy, CPU seconds this process has used), or None off Linux.
-
-    Their differences over an interval give the CPU that *other* processes used in it
-    (Inductor's idle compile workers count as other; they are idle while we time)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is already inside user)
-    busy = sum(fields[:8]) - fields[3] - fields[4]
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def other_cpu_cores(before, after, wall_s: float) -> float | None:
-    """Mean number of cores other processes kept busy between two ``cpu_seconds()`` readings."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall_s)
-
-
-def cores_available() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-CONTENTION_MARGIN = 0.25  # cores of other load beyond the cores our threads leave free that flag a run
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(args) -> dict:
     import torch
     import diffusers
@@ -402,7 +359,7 @@ def machine_info(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cores_available": cores_available(),
         "torch_threads": args.threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .machine import contended, cpu_model, cpu_seconds, other_cpu_cores
+
 PROG = "ras-compile"
 BACKENDS = ("inductor", "aot_eager", "eager")
 EXIT_USAGE = 2    # bad options, unknown model, no network: the user has to change something
@@ -503,31 +505,6 @@ class _Progress:
 # ------------------------------------------------------------------------------------------- contention
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds the machine has been busy, CPU seconds this process used), or None off Linux."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def _other_cores(before, after, wall_s: float) -> float | None:
-    """Mean number of cores other processes kept busy between two ``_cpu_seconds()`` readings."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall_s)
-
-
-def _contended(other: float | None) -> bool:
-    """Other processes used more than the cores torch's threads leave free (+ a margin): on CPU the
-    threads then wait for each other at every parallel region and times are not trustworthy."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return other is not None and other > max(0, cores - torch.get_num_threads()) + 0.25
-
-
 # ------------------------------------------------------------------------------------------- demo
 
 
@@ -691,19 +668,19 @@ def run_demo(args) -> int:
             for g in range(1 + args.repeats):
                 progress.describe(f"{name} ({'compiling' if g == 0 else 'timed'})")
                 counts.zero_()
-                cpu_before, start = _cpu_seconds(), time.perf_counter()
+                cpu_before, start = cpu_seconds(), time.perf_counter()
                 images = _generate(runner, labels, steps, args.seed, args.guidance, config, after_step)
                 elapsed = time.perf_counter() - start
                 if g == 0:
                     first = elapsed
                 elif elapsed < best:
-                    best, other = elapsed, _other_cores(cpu_before, _cpu_seconds(), elapsed)
+                    best, other = elapsed, other_cpu_cores(cpu_before, cpu_seconds(), elapsed)
             plan = ""
             if controller is not None:
                 modes = [s.mode for s in controller.stats]
                 plan = f"{modes.count('dense')}D {modes.count('sparse')}S"
             results.append(dict(name=name, ratio=ratio, images=images, seconds=best, first=first,
-                                counts=counts.clone(), plan=plan or f"{steps}D", contended=_contended(other)))
+                                counts=counts.clone(), plan=plan or f"{steps}D", contended=contended(other, torch.get_num_threads())))
     finally:
         progress.close()
 
@@ -758,9 +735,17 @@ def _bench_speed_module():
     if not path.is_file():
         raise CLIError("the preset benchmark needs benchmarks/bench_speed.py from a source checkout of ras-compile "
                        "(pip install -e .); pass --model PATH to benchmark a model instead")
-    spec = importlib.util.spec_from_file_location("ras_compile_bench_speed", path)
+    name = "ras_compile_bench_speed"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module  # registered first, as a normal import does (dataclasses, pickling look it up)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -840,22 +825,12 @@ def _machine(device: str) -> dict:
     import diffusers
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _safe_name(text: str) -> str:
