@@ -170,8 +170,10 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
 
 def test_train_writes_a_loadable_model_and_log(tmp_path):
     log = train.train(tmp_path, steps=2, settings=train.TrainSettings(batch_size=2), log_every=1,
-                      model_overrides=TINY)
+                      model_overrides=TINY, gap_every=1)
     assert log["steps"] == 2 and len(log["curve"]) == 2
+    assert [g["step"] for g in log["label_gaps"]] == [1, 2]
+    assert set(log["label_gaps"][0]["label_gap"]) == {f"{s:g}" for s in check.GAP_SIGMAS}
     loaded = model.load_reference_model(tmp_path)
     assert loaded.config.sample_size == 8
     assert (tmp_path / "training_log.json").exists()
@@ -238,6 +240,23 @@ def test_batch_stream_gives_the_same_batches_with_and_without_loader_workers():
         want_x, want_l = data.make_batch(data.training_seed(3, step), 4, 16)
         assert torch.equal(xa, want_x) and torch.equal(la, want_l)
         assert torch.equal(xb, want_x) and torch.equal(lb, want_l)
+
+
+def test_label_gap_is_zero_for_a_model_that_ignores_its_label_and_not_when_it_does_not():
+    m = model.build_reference_model(0, init="diffusers", **TINY).train()
+    with torch.no_grad():  # every class (and the null class) gets the same embedding: labels are ignored
+        for block in m.transformer_blocks:
+            table = block.norm1.emb.class_embedder.embedding_table.weight
+            table.copy_(table[:1].expand_as(table))
+    blind = check.label_gap(m, n=16)
+    assert m.training  # the mode is restored
+    assert set(blind) == {f"{s:g}" for s in check.GAP_SIGMAS}
+    assert all(v["gap"] == 0 and v["loss"] > 0 for v in blind.values())
+    assert check.label_gap(m, n=16) == blind  # fixed seeds: checkpoints compare
+    with torch.no_grad():
+        for block in m.transformer_blocks:
+            block.norm1.emb.class_embedder.embedding_table.weight.normal_(std=3.0)
+    assert any(v["gap"] != 0 for v in check.label_gap(m, n=16).values())
 
 
 def test_check_reports_accuracy_and_frechet_distance_of_dense_samples(tmp_path):

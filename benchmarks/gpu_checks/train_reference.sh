@@ -6,18 +6,23 @@
 # The recipe behind ras_compile/reference/weights/: the DiT for at most MINUTES minutes
 # (default 4.5) of batches of 128 made by 14 loader processes (the synthetic generator is
 # CPU work), the classifier for 2500 steps (at most 1.5 minutes), then 512 dense 28-step
-# samples classified (guidance 1 and 2). The same commands with --device cpu (and no
-# --workers) train on a CPU, in hours instead of minutes.
+# samples classified (guidance 1, 2 and 4). The DiT run resumes from OUT_DIR/model/
+# training_state.pt when it exists, so the budget can be split over several calls (keep
+# that file between them), and logs the label gap every 1000 steps (see
+# ras_compile/reference/check.py: near zero means the model still ignores its class).
+# The same commands with --device cpu (and no --workers) train on a CPU, in hours
+# instead of minutes.
 set -euo pipefail
 OUT=${1:?usage: train_reference.sh OUT_DIR [MINUTES]}
 MINUTES=${2:-4.5}
 mkdir -p "$OUT"
 python3 -m ras_compile.reference.train --out "$OUT/model" --device cuda --workers 14 \
-    --batch-size 128 --lr 1e-3 --warmup-steps 200 --steps 100000 --minutes "$MINUTES" --log-every 500
+    --batch-size 128 --lr 1e-3 --warmup-steps 200 --steps 100000 --minutes "$MINUTES" --log-every 500 \
+    --resume --gap-every 1000
 python3 -m ras_compile.reference.evaluator --out "$OUT/model" --device cuda --workers 14 \
     --batch-size 256 --steps 2500 --minutes 1.5
 python3 -m ras_compile.reference.check --model "$OUT/model" --classifier "$OUT/model/classifier.safetensors" \
-    --device cuda --samples 512 --guidance 1.0 2.0 --json "$OUT/model/check.json"
+    --device cuda --samples 512 --guidance 1.0 2.0 4.0 --json "$OUT/model/check.json"
 python3 - "$OUT/model" <<'PY'
 import sys, torch
 from ras_compile.reference.images import save_image_grid
