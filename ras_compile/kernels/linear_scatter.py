@@ -42,6 +42,8 @@ Semantics shared by all three (see docs/kernels.md):
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -194,8 +196,29 @@ if triton is not None:
     INTERPRET_CONFIG = _config(16, 32, 16, 2, 4, 1)
 
     @triton.jit
+    def _head_norm(acc, nw_ptr, nb_ptr, offs_n, stride_nw, stride_nb, eps,
+                   NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Per-head norm of an fp32 tile whose BLOCK_N columns are BLOCK_N // HEAD_DIM
+        # whole heads: NORM 1 = RMSNorm, 2 = LayerNorm (biased variance), over each
+        # head's HEAD_DIM columns, then the optional [HEAD_DIM] affine weight / bias.
+        h = tl.reshape(acc, (BLOCK_M, BLOCK_N // HEAD_DIM, HEAD_DIM))
+        if NORM == 2:
+            h = h - (tl.sum(h, axis=2) / HEAD_DIM)[:, :, None]
+        var = tl.sum(h * h, axis=2) / HEAD_DIM
+        h = h * tl.rsqrt(var + eps)[:, :, None]
+        out = tl.reshape(h, (BLOCK_M, BLOCK_N))
+        col = offs_n % HEAD_DIM
+        if HAS_NORM_WEIGHT:
+            out = out * tl.load(nw_ptr + col * stride_nw).to(tl.float32)[None, :]
+        if HAS_NORM_BIAS:
+            out = out + tl.load(nb_ptr + col * stride_nb).to(tl.float32)[None, :]
+        return out
+
+    @triton.jit
     def _linear_scatter_kernel(
-        x_ptr, w_ptr, bias_ptr, rows_ptr, index_ptr, cache_ptr,
+        x_ptr, w_ptr, bias_ptr, rows_ptr, index_ptr, cache_ptr, nw_ptr, nb_ptr,
         M, D_OUT, D_IN, M_BUCKET,
         stride_xb, stride_xm, stride_xk,
         stride_wn, stride_wk,
@@ -203,10 +226,13 @@ if triton is not None:
         stride_rb, stride_rm,
         stride_ib, stride_im,
         stride_cb, stride_cn, stride_cd,
+        stride_nw, stride_nb, eps,
         HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
         UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        NORM: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 1,
+        HAS_NORM_WEIGHT: tl.constexpr = False, HAS_NORM_BIAS: tl.constexpr = False,
     ):
         # One program computes a BLOCK_M x BLOCK_N tile of one batch element's output.
         # Axis 0 walks tiles in grouped order (GROUP_M row-tiles share the weight
@@ -267,6 +293,12 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
+        if NORM != 0:
+            # Per-head norm (linear_norm_scatter_): BLOCK_N is a multiple of HEAD_DIM
+            # and D_OUT of HEAD_DIM, so every tile holds whole heads (the wrapped
+            # columns of a ragged edge tile are whole heads too; the store drops them).
+            acc = _head_norm(acc, nw_ptr, nb_ptr, offs_n, stride_nw, stride_nb, eps,
+                             NORM, HEAD_DIM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, BLOCK_M, BLOCK_N)
         dst = tl.load(index_ptr + pid_b * stride_ib + offs_mw * stride_im)
         c_ptrs = (cache_ptr + pid_b * stride_cb + dst[:, None] * stride_cn
                   + offs_n[None, :].to(tl.int64) * stride_cd)
@@ -285,7 +317,41 @@ if triton is not None:
 else:  # pragma: no cover
     HOPPER_CONFIGS = []
     INTERPRET_CONFIG = None
-    _linear_scatter_kernel = _linear_scatter_autotuned = None
+    _linear_scatter_kernel = _linear_scatter_autotuned = _head_norm = None
+
+
+# --------------------------------------------------------------------------- per-head norm epilogue
+
+NORM_CODES = {"rms": 1, "layer": 2}  # the kernel's NORM constexpr (0: no norm)
+MAX_NORM_HEAD_DIM = 256  # the widest tile of HOPPER_CONFIGS: one head must fit in a tile
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadNorm:
+    """The per-head norm epilogue's arguments: `kind` "rms" or "layer" over each head's
+    `head_dim` contiguous output columns, optional `[head_dim]` affine `weight` / `bias`."""
+
+    kind: str
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+    head_dim: int
+
+
+def norm_configs(head_dim: int) -> list:
+    """Autotune candidates for the norm epilogue at `head_dim`: the configs whose tile
+    holds whole heads (BLOCK_N a multiple of `head_dim`). The interpreter's single
+    config has BLOCK_N = max(head_dim, 16) (16: tl.dot's minimum block size)."""
+    if _INTERPRET:
+        return [_config(16, max(head_dim, 16), 16, 2, 4, 1)]
+    return [c for c in HOPPER_CONFIGS if c.kwargs["BLOCK_N"] % head_dim == 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_autotuned(head_dim: int):
+    """One autotuner per head dim, over `norm_configs(head_dim)` (same key as the plain kernel)."""
+    return triton.autotune(configs=norm_configs(head_dim), key=["D_OUT", "D_IN", "M_BUCKET"])(
+        _linear_scatter_kernel)
 
 
 def _bucket(m: int) -> int:
@@ -297,11 +363,12 @@ def _bucket(m: int) -> int:
     return max(64, 1 << (m - 1).bit_length())
 
 
-def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None):
+def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm=None):
     """Launch the kernel. `wrap` is torch.library.wrap_triton inside the op (so that
     torch.compile sees the kernel), identity otherwise. `config`: a triton.Config or a
     dict of BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (+ num_warps, num_stages) to bypass
-    autotuning."""
+    autotuning. `norm`: a `HeadNorm` for the per-head norm epilogue
+    (linear_norm_scatter_), None for the plain projection."""
     if triton is None:
         raise RuntimeError("linear_scatter_: Triton is not installed; only the CPU reference path is available")
     B, M = index.shape
@@ -316,8 +383,11 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None):
     if _INTERPRET:
         fp32_ieee = True  # the interpreter computes in plain fp32 anyway
 
+    nw = norm.weight if norm is not None else None
+    nb = norm.bias if norm is not None else None
     args = (
         x, weight, bias if bias is not None else x, rows if rows is not None else index, index, cache,
+        nw if nw is not None else x, nb if nb is not None else x,
         M, D_out, D_in, _bucket(M),
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1),
@@ -325,15 +395,21 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None):
         rows.stride(0) if rows is not None else 0, rows.stride(1) if rows is not None else 0,
         index.stride(0), index.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2),
+        nw.stride(0) if nw is not None else 0, nb.stride(0) if nb is not None else 0,
+        float(norm.eps) if norm is not None else 0.0,
     )
-    flags = dict(HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee)
+    flags = dict(HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee,
+                 NORM=NORM_CODES[norm.kind] if norm is not None else 0,
+                 HEAD_DIM=norm.head_dim if norm is not None else 1,
+                 HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_out, meta["BLOCK_N"]), B)
 
     wrap = wrap or (lambda kernel: kernel)
     if config is None:
-        wrap(_linear_scatter_autotuned)[grid](*args, **flags)
+        tuned = _linear_scatter_autotuned if norm is None else _norm_autotuned(norm.head_dim)
+        wrap(tuned)[grid](*args, **flags)
         return
     if isinstance(config, triton.Config):
         meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

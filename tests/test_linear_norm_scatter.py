@@ -1,0 +1,361 @@
+"""Tests for the K projection + per-head norm + cache write op
+(`ras_compile.kernels.linear_norm_scatter_`).
+
+As in test_kernels.py, two processes: this pytest process checks the op's ATen path on
+CPU, `torch.compile(fullgraph=True)` and the argument checks; the Triton kernel runs in
+the interpreter in a subprocess, `python tests/test_linear_norm_scatter.py --interpret`
+with `TRITON_INTERPRET=1` (the variable must be set before the kernel is decorated).
+
+The reference is independent of the op: `F.linear` in fp32, a view to heads,
+`F.rms_norm` / `F.layer_norm`, one rounding, index assignment row by row.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ras_compile.kernels as kernels
+from ras_compile.kernels import linear_norm_scatter_, linear_norm_scatter_reference_
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EPS = 1e-5
+# Against an fp32 reference rounded once (the normalised outputs are of order 1 to 5).
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    index: torch.Tensor
+    cache: torch.Tensor
+    rows: torch.Tensor | None
+    norm: str
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    head_dim: int
+
+    @property
+    def args(self):
+        return self.x, self.weight, self.bias, self.index, self.cache
+
+    @property
+    def kwargs(self):
+        return dict(norm=self.norm, norm_weight=self.norm_weight, norm_bias=self.norm_bias, eps=EPS,
+                    head_dim=self.head_dim, rows=self.rows)
+
+    def clone(self) -> "Case":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return Case(c(self.x), c(self.weight), c(self.bias), c(self.index), c(self.cache), c(self.rows), self.norm,
+                    c(self.norm_weight), c(self.norm_bias), self.head_dim)
+
+    def expected(self) -> torch.Tensor:
+        """Plain torch: fp32 linear, heads, F.rms_norm / F.layer_norm, one rounding, rows assigned."""
+        x = self.x if self.rows is None else torch.stack([self.x[b, self.rows[b]] for b in range(len(self.x))])
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        out = F.linear(x.float(), self.weight.float(), f(self.bias))
+        heads = out.view(*out.shape[:-1], -1, self.head_dim)
+        if self.norm == "rms":
+            heads = F.rms_norm(heads, (self.head_dim,), f(self.norm_weight), EPS)
+        else:
+            heads = F.layer_norm(heads, (self.head_dim,), f(self.norm_weight), f(self.norm_bias), EPS)
+        out = heads.flatten(-2).to(self.cache.dtype)
+        want = self.cache.clone()
+        for b in range(self.index.shape[0]):
+            want[b, self.index[b]] = out[b]
+        return want
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, max_n: int = 24, max_heads: int = 4) -> Case:
+    dtype = draw(st.sampled_from(dtypes))
+    head_dim = draw(st.sampled_from([4, 8, 16, 32]))
+    heads = draw(st.integers(1, max_heads))
+    B = draw(st.integers(1, 2))
+    N = draw(st.integers(1, max_n))
+    k = draw(st.integers(1, N))
+    D_in = draw(st.integers(1, 40))
+    D_out = heads * head_dim
+    pattern = draw(st.sampled_from(["sorted", "unsorted", "padded"]))
+    n_valid = draw(st.integers(1, k)) if pattern == "padded" else k
+    norm = draw(st.sampled_from(["rms", "layer"]))
+    affine = draw(st.booleans())
+    gather = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def index_row():
+        if pattern == "padded":
+            valid = torch.randperm(N, generator=g)[:n_valid]
+            return torch.cat([valid, valid[-1:].expand(k - n_valid)])
+        perm = torch.randperm(N, generator=g)[:k]
+        return perm.sort().values if pattern == "sorted" else perm
+
+    index = torch.stack([index_row() for _ in range(B)])
+    if gather:
+        M = draw(st.integers(1, max_n))
+        rows = torch.randint(0, M, (B, k), generator=g)
+        rows[:, n_valid:] = rows[:, n_valid - 1: n_valid]
+        x = torch.randn(B, M, D_in, generator=g)
+    else:
+        rows = None
+        x = torch.randn(B, k, D_in, generator=g)
+        x[:, n_valid:] = x[:, n_valid - 1: n_valid]  # identical rows behind duplicate indices
+    weight = torch.randn(D_out, D_in, generator=g) / max(D_in, 1) ** 0.5
+    bias = torch.randn(D_out, generator=g) if draw(st.booleans()) else None
+    norm_weight = torch.randn(head_dim, generator=g) if affine else None
+    norm_bias = torch.randn(head_dim, generator=g) if affine and norm == "layer" else None
+    cache = torch.randn(B, N, D_out, generator=g)
+    to = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return Case(to(x), to(weight), to(bias), index, to(cache), rows, norm, to(norm_weight), to(norm_bias), head_dim)
+
+
+def check_result(case: Case, got: torch.Tensor) -> None:
+    """Active rows match the reference; every other cache row is bitwise unchanged."""
+    want = case.expected()
+    touched = torch.zeros(case.cache.shape[:2], dtype=torch.bool)
+    touched.scatter_(1, case.index, True)
+    assert torch.equal(got[~touched], case.cache[~touched]), "rows not in index were modified"
+    rtol, atol = TOL[case.cache.dtype]
+    torch.testing.assert_close(got[touched].float(), want[touched].float(), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- interpreter checks
+# Run by `python tests/test_linear_norm_scatter.py --interpret` under TRITON_INTERPRET=1.
+
+@settings(max_examples=int(os.environ.get("RAS_KERNEL_EXAMPLES", "60")), **SETTINGS)
+@given(case=cases(), wide=st.booleans())
+def interpreted_kernel_matches_reference(case: Case, wide: bool):
+    """The default config (BLOCK_N = max(head_dim, 16)) or a tile of several heads (64 wide)."""
+    config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=2) if wide and case.head_dim <= 64 else None
+    got = case.clone()
+    out = kernels.linear_norm_scatter_triton_(*got.args, **got.kwargs, config=config)
+    assert out is got.cache
+    check_result(case, got.cache)
+
+
+def interpreted_strided_and_fp32_norm_params():
+    """Strided operands and fp32 norm weight / bias with a 16-bit projection."""
+    g = torch.Generator().manual_seed(3)
+    B, k, N, D_in, hd, heads = 2, 7, 11, 12, 16, 3
+    D_out = hd * heads
+    case = Case(torch.randn(B, D_in, k, generator=g).transpose(1, 2).bfloat16(),
+                torch.randn(D_in, D_out, generator=g).t().bfloat16(), None,
+                torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]),
+                torch.randn(B, N, 2 * D_out, generator=g).bfloat16()[:, :, ::2], None, "layer",
+                torch.randn(2 * hd, generator=g)[::2], torch.randn(hd, generator=g), hd)
+    before = case.clone()
+    kernels.linear_norm_scatter_triton_(*case.args, **case.kwargs)
+    check_result(before, case.cache)
+
+
+def run_interpreter_checks() -> int:
+    if not kernels.triton_interpreting():
+        print("set TRITON_INTERPRET=1 to run the interpreter checks", file=sys.stderr)
+        return 2
+    failures = 0
+    for check in (interpreted_strided_and_fp32_norm_params, interpreted_kernel_matches_reference):
+        start = time.perf_counter()
+        try:
+            check()
+        except Exception:  # report every check, then fail
+            import traceback
+            traceback.print_exc()
+            failures += 1
+            status = "FAILED"
+        else:
+            status = "ok"
+        print(f"{check.__name__}: {status} ({time.perf_counter() - start:.1f}s)", flush=True)
+    return 1 if failures else 0
+
+
+def test_triton_kernel_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-20000:]}"
+
+
+# --------------------------------------------------------------------------- ATen path (CPU op)
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=cases())
+def test_op_on_cpu_matches_reference(case: Case):
+    for impl in (linear_norm_scatter_, linear_norm_scatter_reference_):
+        got = case.clone()
+        out = impl(*got.args, **got.kwargs)
+        assert out is got.cache
+        check_result(case, got.cache)
+
+
+def test_the_reference_can_fail():
+    """The check catches a wrong norm: rms results are not layer-norm results."""
+    g = torch.Generator().manual_seed(0)
+    case = Case(torch.randn(1, 3, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, generator=g),
+                torch.tensor([[2, 0, 1]]), torch.zeros(1, 4, 16), None, "layer", None, None, 8)
+    got = case.clone()
+    linear_norm_scatter_(*got.args, **dict(got.kwargs, norm="rms"))
+    with pytest.raises(AssertionError):
+        check_result(case, got.cache)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _good(**over):
+    args = dict(x=torch.randn(2, 3, 4), weight=torch.randn(16, 4), bias=torch.randn(16),
+                index=torch.tensor([[0, 1, 2], [3, 4, 5]]), cache=torch.zeros(2, 6, 16), norm="layer",
+                norm_weight=torch.randn(8), norm_bias=torch.randn(8), eps=1e-6, head_dim=8, rows=None)
+    args.update(over)
+    return args
+
+
+BAD_INPUTS = {
+    "norm-kind": (dict(norm="group"), "`norm`.*'group'"),
+    "head-dim-not-dividing": (dict(head_dim=32, norm_weight=None, norm_bias=None), "`head_dim`=32"),
+    "head-dim-not-pow2": (dict(weight=torch.randn(12, 4), bias=None, cache=torch.zeros(2, 6, 12), head_dim=6,
+                               norm_weight=None, norm_bias=None), "`head_dim`.*6"),
+    "head-dim-too-big": (dict(weight=torch.randn(512, 4), bias=None, cache=torch.zeros(2, 6, 512), head_dim=512,
+                              norm_weight=None, norm_bias=None), "`head_dim`.*512"),
+    "head-dim-type": (dict(head_dim=8.0), "`head_dim`"),
+    "eps-negative": (dict(eps=-1.0), "`eps`.*-1.0"),
+    "norm-weight-shape": (dict(norm_weight=torch.randn(16)), "`norm_weight`.*\\(16,\\)"),
+    "norm-weight-dtype": (dict(norm_weight=torch.randn(8).double()), "`norm_weight`.*float64"),
+    "norm-bias-shape": (dict(norm_bias=torch.randn(4)), "`norm_bias`"),
+    "norm-bias-with-rms": (dict(norm="rms"), "`norm_bias`.*rms"),
+    "norm-weight-device": (dict(norm_weight=torch.randn(8, device="meta")), "`norm_weight`.*meta"),
+    "x-rank": (dict(x=torch.randn(3, 4)), "linear_norm_scatter_: `x`"),
+    "index-dtype": (dict(index=torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)), "`index`"),
+    "cache-dout": (dict(cache=torch.zeros(2, 6, 8)), "`cache`"),
+    "weight-type": (dict(weight=[[1.0]]), "`weight`"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_inputs_raise_value_error_naming_the_argument(name):
+    over, pattern = BAD_INPUTS[name]
+    for fn in (linear_norm_scatter_, kernels.linear_norm_scatter_triton_, linear_norm_scatter_reference_):
+        args = _good(**over)
+        x, w, b, index, cache = (args.pop(n) for n in ("x", "weight", "bias", "index", "cache"))
+        with pytest.raises(ValueError, match=pattern):
+            fn(x, w, b, index, cache, **args)
+
+
+def test_triton_launcher_refuses_cpu_tensors_outside_the_interpreter():
+    if kernels.triton_interpreting():
+        pytest.skip("this process runs the interpreter")
+    args = _good()
+    positional = [args.pop(n) for n in ("x", "weight", "bias", "index", "cache")]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kernels.linear_norm_scatter_triton_(*positional, **args)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+def _cache_update(x, w, b, index, cache, nw, nb):
+    h = torch.tanh(x)  # something before and after the op, so the op sits inside a graph
+    linear_norm_scatter_(h, w, b, index, cache, norm="layer" if nb is not None else "rms", norm_weight=nw,
+                         norm_bias=nb, eps=EPS, head_dim=8)
+    return cache * 2 + 1
+
+
+def _compile_inputs(seed=0, k=5, layer=True):
+    g = torch.Generator().manual_seed(seed)
+    B, N, D_in, D_out = 2, 12, 16, 24
+    return dict(x=torch.randn(B, k, D_in, generator=g), w=torch.randn(D_out, D_in, generator=g),
+                b=torch.randn(D_out, generator=g),
+                index=torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]),
+                cache=torch.randn(B, N, D_out, generator=g), nw=torch.randn(8, generator=g),
+                nb=torch.randn(8, generator=g) if layer else None)
+
+
+@pytest.mark.parametrize("backend,layer", [("inductor", False), ("aot_eager", True), ("aot_eager", False)])
+def test_op_in_fullgraph_compile_matches_eager(backend, layer):
+    torch._dynamo.reset()
+    inputs = _compile_inputs(layer=layer)
+    eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
+    comp_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
+    want = _cache_update(**eager_in)
+    got = torch.compile(_cache_update, backend=backend, fullgraph=True)(**comp_in)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(comp_in["cache"], eager_in["cache"], rtol=1e-5, atol=1e-5)  # the mutation returns
+
+
+def test_op_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_cache_update)(**_compile_inputs())
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_dynamic_k_compiles_once():
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_cache_update, backend=counter, fullgraph=True)
+    for k in (3, 5, 8):
+        inputs = _compile_inputs(seed=k, k=k)
+        torch._dynamo.mark_dynamic(inputs["x"], 1, min=2, max=12)
+        torch._dynamo.mark_dynamic(inputs["index"], 1, min=2, max=12)
+        eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
+        torch.testing.assert_close(compiled(**inputs), _cache_update(**eager_in))
+        torch.testing.assert_close(inputs["cache"], eager_in["cache"])
+    assert counter.frame_count == 1
+
+
+class _GraphSeen(Exception):
+    pass
+
+
+def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
+    """With fake CUDA tensors the functionalized graph holds the Triton kernel call, no ATen norm or scatter."""
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        t = dict(device="cuda", dtype=torch.bfloat16)
+        x, w, b = torch.empty(2, 9, 16, **t), torch.empty(128, 16, **t), torch.empty(128, **t)
+        index = torch.empty(2, 9, device="cuda", dtype=torch.long)
+        cache, nw = torch.empty(2, 12, 128, **t), torch.empty(64, **t)
+
+    graphs = []
+
+    def compiler(gm, _inputs):
+        graphs.append(gm)
+        raise _GraphSeen
+
+    def f(x, w, b, index, cache, nw):
+        torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
+        return cache + 1
+
+    with pytest.raises(_GraphSeen):
+        aot_function(f, fw_compiler=compiler)(x, w, b, index, cache, nw)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("triton_kernel_wrapper" in t for t in targets), targets
+    assert not any(s in t for t in targets for s in ("scatter", "addmm", "linear", "rsqrt", "mean")), targets
+
+
+def test_norm_configs_hold_whole_heads():
+    for head_dim in (64, 128):
+        configs = kernels.norm_configs(head_dim)
+        assert configs and all(c.kwargs["BLOCK_N"] % head_dim == 0 for c in configs)
+
+
+if __name__ == "__main__":
+    if "--interpret" in sys.argv:
+        sys.exit(run_interpreter_checks())
+    sys.exit(pytest.main([__file__, "-q"]))
