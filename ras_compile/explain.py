@@ -38,6 +38,7 @@ class Explanation:
     sparse_flops: int
     caches: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
     fusible_projections: list[str] = field(default_factory=list)  # K/V linears fused with the cache write on CUDA
+    fused_norms: list[str] = field(default_factory=list)  # those K linears whose per-head q/k-norm is fused too
 
     @property
     def flop_fraction(self) -> float:
@@ -63,6 +64,9 @@ class Explanation:
         kv = sum(1 for name, _, _ in self.caches if name.endswith(("_key", "_value")))
         lines.append(f"  K/V projections fused with the cache write on CUDA: {len(self.fusible_projections)} of {kv}"
                      + (f" ({', '.join(self.fusible_projections)})" if self.fusible_projections else ""))
+        if self.fused_norms:
+            lines.append(f"    with the K's per-head norm in the epilogue: {len(self.fused_norms)} "
+                         f"({', '.join(self.fused_norms)})")
         cache_bytes = sum(_numel(s) * torch.empty((), dtype=getattr(torch, d)).element_size() for _, s, d in self.caches)
         lines.append(f"  caches: {len(self.caches)} tensors, {cache_bytes / 2**20:.2f} MiB")
         lines.append(f"  sparse step at ratio {self.ratio:g} ({self.active_tokens} active tokens): "
@@ -161,6 +165,7 @@ def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | No
                             policy.sample_ratio if ratio is None else ratio)
     fused = fuse_kv_projections(captured.program.graph_module, captured.analysis).fused_projections
     result.fusible_projections = [f.linear for f in fused]
+    result.fused_norms = [f.linear for f in fused if f.norm is not None]
     if verbose:
         print(result)
     return result

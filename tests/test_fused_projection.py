@@ -1,5 +1,6 @@
 """The fused K/V projection (passes/fuse_projection.py): "linear on the active rows, then
-scatter into the cache" becomes one ``ras_compile.linear_scatter_`` op, and nothing changes.
+scatter into the cache" becomes one ``ras_compile.linear_scatter_`` op (with a per-head
+q/k-norm on K: ``ras_compile.linear_norm_scatter_``), and nothing changes.
 
 On CPU the op runs its ATen reference, so fusing must give exactly the unfused values;
 the Triton kernel's own numerics are checked in test_kernels.py.
@@ -15,7 +16,7 @@ from conformance_models import FAMILIES
 from families import Case, flow_sigmas, prediction_of, timestep_for
 from ras_compile import RASPolicy, ras_compile
 from ras_compile.passes import token_ops
-from test_conformance import REFUSED, SUPPORTED
+from test_conformance import REFUSED, SUPPORTED, _euler_step, _timestep
 
 BATCH = 2
 _modules: dict = {}
@@ -61,13 +62,16 @@ def _ops(graph_module, target) -> int:
     return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-@pytest.mark.parametrize("name,fused,caches", [
-    ("dit", 4, 4),      # self-attention: K and V of every layer
-    ("sd3", 4, 4),      # joint attention: the image projections, joined with fresh text rows
-    ("flux", 2, 4),     # K goes through RMSNorm and RoPE: only V is fused
-    ("sana", 0, 0),     # linear attention: no K/V cache at all
+@pytest.mark.parametrize("name,fused,norms,caches", [
+    ("dit", 4, 0, 4),        # self-attention: K and V of every layer
+    ("sd3", 4, 0, 4),        # joint attention: the image projections, joined with fresh text rows
+    ("sd35", 6, 3, 6),       # + diffusers' RMSNorm on K (decomposed in the graph), also in the attn2 layer
+    ("cogvideox", 4, 2, 4),  # nn.LayerNorm on K (aten.layer_norm)
+    ("auraflow", 4, 2, 4),   # FP32LayerNorm on K: layer_norm on an fp32 copy, cast back
+    ("flux", 2, 0, 4),       # K goes through RMSNorm and then RoPE: only V is fused
+    ("sana", 0, 0, 0),       # linear attention: no K/V cache at all
 ])
-def test_which_projections_fuse_and_the_sparse_graph_calls_the_op_instead_of_a_scatter(name, fused, caches):
+def test_which_projections_fuse_and_the_sparse_graph_calls_the_op_instead_of_a_scatter(name, fused, norms, caches):
     family, model, plain, ras = _pair(name)
     kwargs = family.inputs(model, BATCH, 0)
     ras(**kwargs)
@@ -75,10 +79,16 @@ def test_which_projections_fuse_and_the_sparse_graph_calls_the_op_instead_of_a_s
     assert len(analysis.fused_projections) == fused
     assert sum(c.kind in ("key", "value") for c in analysis.caches) == caches
     assert analysis.counts["kv_projections_fused"] == fused
+    assert analysis.counts["kv_norms_fused"] == norms
+    assert all(f.norm is None or f.cache.endswith("_key") for f in analysis.fused_projections)
     sparse = ras.ras_capture(**kwargs).sparse
     unfused = plain.ras_capture(**kwargs).sparse
-    assert _ops(sparse, token_ops.project_into_cache_) == fused
+    assert _ops(sparse, token_ops.project_into_cache_) == fused - norms
+    assert _ops(sparse, token_ops.project_norm_into_cache_) == norms
     assert _ops(sparse, token_ops.scatter_tokens_) == _ops(unfused, token_ops.scatter_tokens_) - fused
+    if norms:  # the sparse graph computes no norm statistics for the fused K paths
+        assert _ops(sparse, torch.ops.aten.rsqrt.default) + _ops(sparse, torch.ops.aten.layer_norm.default) < \
+            _ops(unfused, torch.ops.aten.rsqrt.default) + _ops(unfused, torch.ops.aten.layer_norm.default)
     for site in analysis.caches:  # a fused cache lives in the projection's [B, L, D] layout
         if any(f.cache == site.name for f in analysis.fused_projections):
             assert (site.layout.batch_dim, site.layout.token_dim, len(site.shape)) == (0, 1, 3)
@@ -114,3 +124,66 @@ def test_fused_whole_loop_through_dynamo_equals_the_unfused_loop():
         assert [s.mode for s in ras.ras_controller.stats].count("sparse") == 4
         latents.append(latent)
     torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- q/k-norm in the epilogue, compiled
+
+QK_NORM = ["sd35", "cogvideox", "auraflow"]
+_compiled: dict = {}
+
+
+def _aot(name: str, ratio: float):
+    """The family compiled with aot_eager and fusion forced on (the ATen reference of the fused ops on CPU)."""
+    key = (name, ratio)
+    if key not in _compiled:
+        family = FAMILIES[name]
+        model = family.build(0)
+        policy = RASPolicy(sample_ratio=ratio, warmup_steps=1, reset_steps=(3,))
+        _compiled[key] = (family, model, ras_compile(model, policy, backend="aot_eager", latent_arg=family.latent_arg,
+                                                     fuse_kv_projection=True))
+    return _compiled[key]
+
+
+@pytest.mark.parametrize("name", QK_NORM)
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_normed_k_fused_sparse_step_after_dense_returns_the_dense_output_under_aot_eager(name, data):
+    family, model, ras = _aot(name, 0.5)
+    kwargs = family.inputs(model, BATCH, data.draw(st.integers(0, 3), label="seed"))
+    n = family.num_tokens
+    k = data.draw(st.integers(1, n), label="k")
+    index = torch.tensor([sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)])
+    ras.ras_controller.reset()
+    dense = _out(ras(**kwargs))
+    ras.ras_controller.override_next_step("sparse", index)
+    sparse = _out(ras(**kwargs))
+    assert ras.ras_controller.stats[-1].mode == "sparse"
+    assert ras.ras_analysis(**kwargs).counts["kv_norms_fused"] > 0
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", QK_NORM)
+def test_normed_k_fused_ratio_one_equals_the_dense_model_under_aot_eager(name):
+    family, model, ras = _aot(name, 1.0)
+    kwargs = family.inputs(model, BATCH, 0)
+    latent, t_arg = family.latent_arg, family.timestep_arg
+    dense_latent = ras_latent = kwargs[latent]
+    with torch.no_grad():
+        for step in range(3):
+            t = _timestep(kwargs[t_arg], step, 3)
+            want = _out(model(**dict(kwargs, **{latent: dense_latent, t_arg: t})))
+            got = _out(ras(**dict(kwargs, **{latent: ras_latent, t_arg: t})))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            dense_latent, ras_latent = _euler_step(dense_latent, want), _euler_step(ras_latent, got)
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
+    assert ras.ras_analysis(**kwargs).counts["kv_norms_fused"] > 0
+
+
+def test_explain_counts_the_fused_norms():
+    from ras_compile import explain
+
+    family = FAMILIES["sd35"]
+    model = family.build(0)
+    result = explain(model, family.inputs(model, BATCH, 0), latent_arg=family.latent_arg, verbose=False)
+    assert len(result.fusible_projections) == 6 and len(result.fused_norms) == 3
+    assert "per-head norm in the epilogue: 3" in str(result)

@@ -11,8 +11,17 @@ with a scatter epilogue on CUDA, its ATen reference elsewhere), and replays the
 layout chain on the full cache to feed attention. Values are unchanged: the chain
 moves no numbers, it only reinterprets them.
 
-Paths with a per-head norm or RoPE between the projection and attention are kept in
-the unfused form (a cache write after the norm / RoPE): see docs/kernels.md.
+A K path may also carry one per-head norm (RMSNorm or LayerNorm over the head dim, in
+the forms passes/head_norm.py recognises) between the layout ops: ``linear -> view /
+transpose to heads -> norm -> layout ops -> attention``. Then the cache holds the
+normalised heads in the ``[B, L, D]`` layout, the sparse graph calls
+``ras_compile.linear_norm_scatter_`` (the norm in the GeMM's epilogue) and computes no
+norm nodes, and the dense graph fills the cache by copying the norm's output into the
+layout chain applied to the cache (a view of it). That needs the chain in front of the
+norm to hand it whole, aligned heads of the projection's columns (``_aligned_heads``),
+a head dim the kernel can tile (a power of two <= 256 dividing D) and per-head affine
+parameters; otherwise the path stays unfused. Paths with RoPE after the norm stay
+unfused (a cache write after the RoPE): see docs/kernels.md.
 
 ``fuse_kv_projections(gm, analysis)`` returns a new analysis whose fusible K/V cache
 sites sit at their ``linear`` node, with ``fused_projections`` naming them; the
@@ -25,7 +34,9 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .token_axis import CacheSite, TokenAnalysis, TokenLayout, _packet
+from ..kernels.linear_norm_scatter import norm_head_dim_supported
+from .head_norm import HeadNormMatch, match_head_norm
+from .token_axis import _SKIPPED, CacheSite, TokenAnalysis, TokenLayout, _packet
 
 aten = torch.ops.aten
 
@@ -34,12 +45,30 @@ _LAYOUT_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedNorm:
+    """The per-head norm carried by a fused K projection (``linear_norm_scatter_``'s epilogue)."""
+
+    kind: str                 # "rms" or "layer"
+    weight: str | None        # [head_dim] affine weight node
+    bias: str | None          # [head_dim] affine bias node (layer norm)
+    eps: float
+    head_dim: int
+    input: str                # the node the norm reads: the projection re-laid out to heads
+    output: str               # the normalised value (attention's operand, or the next chain node's input)
+    nodes: tuple[str, ...]    # every node of the norm; the sparse graph computes none of them
+    layout: tuple[str, ...]   # the chain nodes from the linear's user to ``input``, in graph order
+
+
+@dataclasses.dataclass(frozen=True)
 class FusedProjection:
-    """Cache ``cache`` holds the output of ``linear``; ``chain`` re-lays it out for attention."""
+    """Cache ``cache`` holds the output of ``linear`` (normalised per head when ``norm`` is
+    set); ``chain`` re-lays it out for attention, whose operand is ``operand``."""
 
     cache: str
     linear: str
-    chain: tuple[str, ...]  # from the linear's user to the attention operand, in graph order
+    chain: tuple[str, ...]  # from the linear's user to the attention operand, in graph order, norm excluded
+    operand: str = ""       # the attention operand (the chain's last node, or the norm's output)
+    norm: FusedNorm | None = None
 
 
 def _layout(analysis: TokenAnalysis, node) -> TokenLayout | None:
@@ -62,24 +91,41 @@ def _chain_input(node: fx.Node, analysis: TokenAnalysis) -> fx.Node | None:
     return None
 
 
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that compute something (not the graph's metadata assertions)."""
+    return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _SKIPPED)]
+
+
 def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis) -> FusedProjection | None:
     operand = nodes[site.node]
     if not all(u.name in analysis.attention for u in operand.users):
         return None  # the operand feeds something else, which expects its sparse rows
-    chain = [operand]
+    chain: list[fx.Node] = []
+    norm: HeadNormMatch | None = None
+    norm_at = 0  # chain nodes appended before the norm was found (post-norm part)
     node = operand
     touched = {s.node for s in analysis.side_inputs} | {key.split(":")[0] for key in analysis.densify_at}
     while True:
         if node.name in touched:
             return None  # the rewrite does more than re-lay this node out
-        source = _chain_input(node, analysis)
-        if source is None:
-            return None
-        if len(source.users) != 1:
-            return None  # another reader of an intermediate (an in-place RoPE, a second head) needs it
+        found = match_head_norm(node) if norm is None and site.kind == "key" else None
+        if found is not None:
+            if touched & set(found.nodes):
+                return None
+            norm, norm_at = found, len(chain)
+            source = nodes[found.input]
+            inside = set(found.nodes)
+            if any(u.name not in inside for u in _readers(source)):
+                return None  # the un-normalised heads are read elsewhere (a second head, a RoPE of q)
+        else:
+            chain.append(node)
+            source = _chain_input(node, analysis)
+            if source is None:
+                return None
+            if len(source.users) != 1:
+                return None  # another reader of an intermediate (an in-place RoPE, a second head) needs it
         if source.op == "call_function" and source.target is aten.linear.default:
             break
-        chain.append(source)
         node = source
     linear = source
     lay = _layout(analysis, linear)
@@ -89,7 +135,63 @@ def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis
     weight = linear.args[1]
     if _layout(analysis, weight) is not None or (len(linear.args) > 2 and _layout(analysis, linear.args[2])):
         return None
-    return FusedProjection(site.name, linear.name, tuple(n.name for n in reversed(chain)))
+    graph_order = tuple(n.name for n in reversed(chain))
+    fused_norm = None
+    if norm is not None:
+        pre_norm = list(reversed(chain[norm_at:]))  # linear's user .. the norm's input
+        fused_norm = _fused_norm(norm, linear, pre_norm, nodes, analysis)
+        if fused_norm is None:
+            return None
+    return FusedProjection(site.name, linear.name, graph_order, operand.name, fused_norm)
+
+
+def _fused_norm(norm: HeadNormMatch, linear: fx.Node, pre_norm: list[fx.Node], nodes: dict[str, fx.Node],
+                analysis: TokenAnalysis) -> FusedNorm | None:
+    """The norm as the fused op can run it, or None: its affine parameters are per-head
+    constants, it keeps the projection's dtype, and the layout chain in front of it
+    hands it whole heads of the projection's output columns."""
+    out_val = linear.meta["val"]
+    if not norm_head_dim_supported(norm.head_dim, int(out_val.shape[-1])):
+        return None  # the kernel's tile must hold whole heads
+    if nodes[norm.output].meta["val"].dtype != out_val.dtype:
+        return None  # the cache holds the projection's dtype
+    for name in (norm.weight, norm.bias):
+        if name is None:
+            continue
+        param = nodes[name]
+        if _layout(analysis, param) is not None or param.meta["val"].dtype not in (out_val.dtype, torch.float32):
+            return None
+    if not _aligned_heads(linear, pre_norm, norm.head_dim):
+        return None
+    return FusedNorm(norm.kind, norm.weight, norm.bias, norm.eps, norm.head_dim, norm.input, norm.output,
+                     norm.nodes, tuple(n.name for n in pre_norm))
+
+
+def _aligned_heads(linear: fx.Node, pre_norm: list[fx.Node], head_dim: int) -> bool:
+    """True when ``pre_norm`` (layout-only nodes) turns the projection's ``[B, L, D]``
+    output into a view whose last dim is one aligned block of ``head_dim`` columns.
+
+    Replayed on a meta tensor of the projection's shape and strides: the result must be
+    a view of it (no copy, so the dense graph can fill the cache through the same
+    chain), unit stride along the last dim and every other stride and the offset a
+    multiple of ``head_dim``. Then normalising the last dim is normalising heads of the
+    ``[B, L, D]`` rows, which is what the fused op does.
+    """
+    val = linear.meta["val"]
+    probe = torch.empty(tuple(int(s) for s in val.shape), dtype=val.dtype, device="meta")
+    out = probe
+    for node in pre_norm:
+        if _packet(node) not in _LAYOUT_ONLY or any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return False  # a concatenation (text rows un-normalised in the replay) or a traced shape
+        try:
+            out = node.target(out, *node.args[1:], **node.kwargs)
+        except Exception:  # noqa: BLE001 - a layout the probe cannot replay is not fused
+            return False
+    if out is not probe and getattr(out, "_base", None) is not probe:
+        return False
+    if out.dim() == 0 or out.shape[-1] != head_dim or out.stride(-1) != 1 or out.storage_offset() % head_dim:
+        return False
+    return all(stride % head_dim == 0 or size == 1 for size, stride in zip(out.shape[:-1], out.stride()[:-1]))
 
 
 def fuse_kv_projections(gm: fx.GraphModule, analysis: TokenAnalysis) -> TokenAnalysis:
@@ -105,7 +207,8 @@ def fuse_kv_projections(gm: fx.GraphModule, analysis: TokenAnalysis) -> TokenAna
         caches.append(dataclasses.replace(
             site, node=linear.name, layout=_layout(analysis, linear),
             shape=tuple(int(s) for s in linear.meta["val"].shape), dtype=linear.meta["val"].dtype,
-            reader=found.chain[0]))
+            reader=found.chain[0] if found.chain else found.operand))
         fused.append(found)
-    counts = dict(analysis.counts, kv_projections_fused=len(fused))
+    counts = dict(analysis.counts, kv_projections_fused=len(fused),
+                  kv_norms_fused=sum(f.norm is not None for f in fused))
     return dataclasses.replace(analysis, caches=caches, fused_projections=fused, counts=counts)

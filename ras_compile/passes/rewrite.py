@@ -42,9 +42,11 @@ def dense_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
     env: dict = {}
     _copy_placeholders(gm.graph, graph, env)
     caches = _cache_placeholders(analysis, graph)
+    normed = {f.norm.output: f for f in analysis.fused_projections if f.norm is not None}
     fills: dict[str, list] = {}
     for site in analysis.caches:
-        fills.setdefault(site.reader, []).append(site)
+        if not any(f.cache == site.name for f in normed.values()):
+            fills.setdefault(site.reader, []).append(site)
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
         for site in fills.get(node.name, ()):
@@ -54,7 +56,22 @@ def dense_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
         if node.op == "call_function" and _packet(node) in _SKIPPED:
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name in normed:
+            _fill_through_layout(graph, normed[node.name], caches, nodes, env[node])
     return fx.GraphModule(gm, graph)
+
+
+def _fill_through_layout(graph: fx.Graph, fused, caches: dict, nodes: dict, value: fx.Node) -> None:
+    """Dense-step fill of a fused K cache with a per-head norm: the cache is ``[B, L, D]``
+    (the projection's layout) and holds normalised heads, while the graph normalises a
+    re-laid-out view. Copy the norm's output into the same layout chain applied to the
+    cache: a view of it (fuse_projection checks the chain is views only), so the values
+    land in the cache's own layout unchanged."""
+    view = caches[fused.cache]
+    for name in fused.norm.layout:
+        node = nodes[name]
+        view = graph.call_function(node.target, (view, *node.args[1:]), dict(node.kwargs))
+    graph.call_function(token_ops.fill_cache_, (view, value))
 
 
 class _SparseBuilder:
@@ -74,8 +91,12 @@ class _SparseBuilder:
             self.side.setdefault(s.node, []).append(s)
         self.cache_of = {(c.node, c.kind): c.name for c in analysis.caches}
         self.fused_linear = {f.linear: f for f in analysis.fused_projections}
-        self.fused_operand = {f.chain[-1]: f for f in analysis.fused_projections}
+        self.fused_operand = {f.operand: f for f in analysis.fused_projections}
         self.fused_chain = {name for f in analysis.fused_projections for name in f.chain}
+        norms = [f.norm for f in analysis.fused_projections if f.norm is not None]
+        self.norm_output = {n.output: n.input for n in norms}  # takes the already-normalised cache's value
+        self.norm_inner = {name for n in norms for name in n.nodes if name != n.output}  # not computed
+        self.nodes = {n.name: n for n in gm.graph.nodes}
 
     # -- symbolic pieces -------------------------------------------------------------
     @property
@@ -157,6 +178,10 @@ class _SparseBuilder:
             return self.copy(node, args, kwargs)
         if node.name in self.fused_linear:
             return self.project_into_cache(node, args, kwargs)
+        if node.name in self.norm_output:  # the fused op normalised the cache already
+            return self.env[self.nodes[self.norm_output[node.name]]]
+        if node.name in self.norm_inner:
+            return None
         if node.name in self.fused_chain:  # re-lays the full cache out for attention: dense shapes
             return self.copy(node, args, kwargs)
         for side in self.side.get(node.name, ()):
@@ -234,8 +259,15 @@ class _SparseBuilder:
         x, weight = args[0], args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         lay = self.layout(node)
+        cache = self.caches[fused.cache]
+        norm = fused.norm
+        if norm is None:
+            return self.graph.call_function(token_ops.project_into_cache_, (x, weight, bias, self.positions(lay), cache))
+        param = lambda name: None if name is None else self.env[self.nodes[name]]  # noqa: E731
         return self.graph.call_function(
-            token_ops.project_into_cache_, (x, weight, bias, self.positions(lay), self.caches[fused.cache]))
+            token_ops.project_norm_into_cache_,
+            (x, weight, bias, self.positions(lay), cache, norm.kind, param(norm.weight), param(norm.bias), norm.eps,
+             norm.head_dim))
 
     def attention_over_cache(self, node: fx.Node, args: list) -> list:
         """Fresh K/V rows go into the layer's cache; attention reads the whole cache."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.linear_norm_scatter import linear_norm_scatter_
 from ..kernels.linear_scatter import linear_scatter_
 
 
@@ -86,3 +87,17 @@ def project_into_cache_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     Triton GeMM with a scatter epilogue; elsewhere its ATen reference.
     """
     return linear_scatter_(x, weight, bias, pos, cache)
+
+
+def project_norm_into_cache_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor,
+                             cache: torch.Tensor, norm: str, norm_weight: torch.Tensor | None,
+                             norm_bias: torch.Tensor | None, eps: float, head_dim: int) -> torch.Tensor:
+    """``cache[b, pos[b, i]] = norm_per_head(x[b, i] @ weight.T + bias)`` in place (the fused K
+    projection with its q/k-norm); returns ``cache``.
+
+    ``cache`` is ``[B, L, D_out]`` in the projection's own layout, holding normalised
+    heads of ``head_dim`` columns. On CUDA the op is the Triton GeMM with a norm and
+    scatter epilogue; elsewhere its ATen reference.
+    """
+    return linear_norm_scatter_(x, weight, bias, pos, cache, norm=norm, norm_weight=norm_weight,
+                                norm_bias=norm_bias, eps=eps, head_dim=head_dim)
