@@ -15,6 +15,16 @@ For every (D, k) it times, in bf16 with batch 2 and a cache of N = 4096 tokens:
 and, with the gather prologue (x is the full [B, N, D] sequence, `rows` = the active
 positions): `aten_gather` (index_select + linear + index_copy_) vs `fused_gather`.
 
+The norm variant (a K projection with a per-head q/k RMSNorm, for every head dim in
+`--head-dims`, default 64 and 128; `--no-norm` skips it, `--norm-only` runs only it):
+
+* `aten_norm`:     `F.linear`, view to heads, `F.rms_norm` over the head dim with an
+                   affine weight, `index_copy_`;
+* `inductor_norm`: the same under `torch.compile` (Inductor fuses the norm into one
+                   kernel after cuBLAS's GeMM; the scatter stays a separate write);
+* `fused_norm`:    `ras_compile.kernels.linear_norm_scatter_` (the norm in the Triton
+                   GeMM's epilogue, autotuned over `norm_configs(head_dim)`).
+
 Writes `benchmarks/results/linear_scatter_<gpu>.json` and `.md`. Times are medians of
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in microseconds.
 Every fused result is checked against the ATen result before it is timed.
@@ -43,8 +53,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
     parser.add_argument("--quick", action="store_true", help="D 1536, k 512 and 2048 only")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128],
+                        help="head dims of the per-head norm variant")
+    parser.add_argument("--no-norm", action="store_true", help="skip the per-head norm variant")
+    parser.add_argument("--norm-only", action="store_true", help="run only the per-head norm variant")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.no_norm and args.norm_only:
+        parser.error("--no-norm and --norm-only exclude each other")
 
     if not torch.cuda.is_available():
         print("bench_linear_scatter: CUDA is not available on this machine; this benchmark times GPU "
@@ -62,7 +78,7 @@ def main(argv=None) -> int:
     from ras_compile.kernels.linear_scatter import _linear_scatter_autotuned
 
     if args.quick:
-        args.dims, args.ks = [1536], [512, 2048]
+        args.dims, args.ks, args.head_dims = [1536], [512, 2048], [128]
     dtype = getattr(torch, args.dtype)
     B, N = args.batch, args.tokens
     dev = torch.device("cuda")
@@ -83,7 +99,7 @@ def main(argv=None) -> int:
     inductor = None if args.no_compile else torch.compile(aten, fullgraph=True, dynamic=False)
 
     rows_out = []
-    for D in args.dims:
+    for D in ([] if args.norm_only else args.dims):
         w = torch.randn(D, D, device=dev, dtype=dtype) / D ** 0.5
         b = torch.randn(D, device=dev, dtype=dtype)
         x_full = torch.randn(B, N, D, device=dev, dtype=dtype)
@@ -136,14 +152,106 @@ def main(argv=None) -> int:
                   + f" | fused x{row['speedup_vs_aten']:.2f} vs aten (eager calls: x{row['speedup_vs_aten_eager']:.2f})"
                   + f" | {best}", flush=True)
 
+    norm_rows = [] if args.no_norm else _bench_norm(args, dtype, dev, aten)
+    if norm_rows is None:
+        return 1
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                 cuda=torch.version.cuda, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "linear_scatter_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=rows_out), indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(_markdown(meta, rows_out))
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(dict(meta=meta, results=rows_out, norm_results=norm_rows), indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text((_markdown(meta, rows_out) if rows_out else "")
+                                         + ("\n" if rows_out and norm_rows else "") + _norm_markdown(meta, norm_rows))
     print(f"wrote {args.out / stem}.json and .md")
     return 0
+
+
+def aten_norm(x, w, b, index, cache, norm_weight, head_dim: int, eps: float = 1e-6):
+    """The unfused K path: cuBLAS GeMM, per-head RMSNorm, `index_copy_` into the cache."""
+    B, N = cache.shape[:2]
+    out = F.linear(x, w, b)
+    heads = F.rms_norm(out.unflatten(-1, (-1, head_dim)), (head_dim,), norm_weight, eps).flatten(-2)
+    flat = (index + torch.arange(B, device=x.device).unsqueeze(1) * N).flatten()
+    cache.view(B * N, -1).index_copy_(0, flat, heads.reshape(B * index.shape[1], -1))
+    return cache
+
+
+def _bench_norm(args, dtype, dev, _aten) -> list | None:
+    """Rows of the per-head norm variant, or None when the fused result is wrong."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    from ras_compile.kernels import linear_norm_scatter_
+
+    B, N = args.batch, args.tokens
+    inductor = None if args.no_compile else torch.compile(aten_norm, fullgraph=True, dynamic=False)
+    rows = []
+    for D in args.dims:
+        w = torch.randn(D, D, device=dev, dtype=dtype) / D ** 0.5
+        b = torch.randn(D, device=dev, dtype=dtype)
+        cache = torch.randn(B, N, D, device=dev, dtype=dtype)
+        for head_dim in args.head_dims:
+            nw = torch.randn(head_dim, device=dev, dtype=dtype)
+            for k in args.ks:
+                if k > N:
+                    continue
+                index = torch.stack([torch.randperm(N, device=dev)[:k] for _ in range(B)])
+                x = torch.randn(B, k, D, device=dev, dtype=dtype)
+
+                def fused():
+                    return linear_norm_scatter_(x, w, b, index, cache, norm="rms", norm_weight=nw, eps=1e-6,
+                                                head_dim=head_dim)
+
+                want = aten_norm(x, w, b, index, cache.clone(), nw, head_dim)
+                got = linear_norm_scatter_(x, w, b, index, cache.clone(), norm="rms", norm_weight=nw, eps=1e-6,
+                                           head_dim=head_dim)  # also runs the autotuner
+                err = (got.float() - want.float()).abs().max().item()
+                if err > 0.1:
+                    print(f"bench_linear_scatter: fused norm result differs from ATen by {err} at D={D} "
+                          f"head_dim={head_dim} k={k}", file=sys.stderr)
+                    return None
+                fns = {"gemm": lambda: F.linear(x, w, b),
+                       "aten_norm": lambda: aten_norm(x, w, b, index, cache, nw, head_dim),
+                       "fused_norm": fused}
+                if inductor is not None:
+                    inductor(x, w, b, index, cache, nw, head_dim)
+                    fns["inductor_norm"] = lambda: inductor(x, w, b, index, cache, nw, head_dim)
+                us = {name: do_bench_cudagraph(fn) * 1e3 for name, fn in fns.items()}
+                us_eager = {name: do_bench(fn) * 1e3 for name, fn in fns.items()}
+                row = dict(D=D, head_dim=head_dim, k=k, N=N, B=B, dtype=args.dtype, max_abs_err=err, us=us,
+                           us_eager=us_eager, speedup_vs_aten=us["aten_norm"] / us["fused_norm"],
+                           speedup_vs_inductor=(us["inductor_norm"] / us["fused_norm"]) if "inductor_norm" in us
+                           else None)
+                rows.append(row)
+                print(f"D={D} head_dim={head_dim} k={k}: GPU time "
+                      + ", ".join(f"{n} {v:.1f}us" for n, v in us.items())
+                      + f" | fused norm x{row['speedup_vs_aten']:.2f} vs aten", flush=True)
+    return rows
+
+
+def _norm_markdown(meta, rows) -> str:
+    """The per-head norm variant's table ("" without rows)."""
+    if not rows:
+        return ""
+    has_ind = any(r["us"].get("inductor_norm") is not None for r in rows)
+    head = ["D", "head_dim", "k", "gemm", "aten + norm", *(["inductor + norm"] if has_ind else []), "fused norm",
+            "x vs aten", *(["x vs inductor"] if has_ind else [])]
+    lines = [
+        "# linear_norm_scatter_ benchmark (K projection + per-head RMSNorm + cache write)",
+        "",
+        f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}. Batch {rows[0]['B']}, N {rows[0]['N']}, "
+        f"{rows[0]['dtype']}, D_in = D_out = D. GPU time in microseconds (CUDA graphs, as above).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        u = r["us"]
+        cells = [r["D"], r["head_dim"], r["k"], f"{u['gemm']:.1f}", f"{u['aten_norm']:.1f}",
+                 *([f"{u['inductor_norm']:.1f}"] if has_ind else []), f"{u['fused_norm']:.1f}",
+                 f"{r['speedup_vs_aten']:.2f}", *([f"{r['speedup_vs_inductor']:.2f}"] if has_ind else [])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _markdown(meta, rows) -> str:

@@ -355,6 +355,37 @@ def test_norm_configs_hold_whole_heads():
         assert configs and all(c.kwargs["BLOCK_N"] % head_dim == 0 for c in configs)
 
 
+
+# --------------------------------------------------------------------------- the benchmark's CPU side
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_linear_scatter", REPO / "benchmarks" / "bench_linear_scatter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_norm_baseline_and_table_on_cpu():
+    """The benchmark's unfused baseline computes what the op computes, its table renders,
+    and without CUDA it exits with a message (the timings themselves need a GPU)."""
+    bench = _bench_module()
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 16, generator=g), torch.randn(32, 16, generator=g), torch.randn(32, generator=g)
+    index, nw = torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(2)]), torch.randn(16, generator=g)
+    cache = torch.randn(2, 9, 32, generator=g)
+    want = linear_norm_scatter_(x, w, b, index, cache.clone(), norm="rms", norm_weight=nw, eps=1e-6, head_dim=16)
+    torch.testing.assert_close(bench.aten_norm(x, w, b, index, cache.clone(), nw, 16), want, rtol=1e-5, atol=1e-5)
+    row = dict(D=1536, head_dim=128, k=512, N=4096, B=2, dtype="bfloat16",
+               us=dict(gemm=1.0, aten_norm=3.0, fused_norm=2.0, inductor_norm=2.5), speedup_vs_aten=1.5,
+               speedup_vs_inductor=1.25)
+    table = bench._norm_markdown(dict(gpu="GPU", torch="t", triton="tr"), [row])
+    assert "| 1536 | 128 | 512 | 1.0 | 3.0 | 2.5 | 2.0 | 1.50 | 1.25 |" in table
+    if not torch.cuda.is_available():
+        assert bench.main(["--quick", "--norm-only"]) == 2
+
+
 if __name__ == "__main__":
     if "--interpret" in sys.argv:
         sys.exit(run_interpreter_checks())
