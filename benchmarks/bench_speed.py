@@ -32,7 +32,10 @@ turned into the velocity as its pipeline does (learned sigma dropped, Lumina's s
 * ``ras_r<ratio>``: ``ras_compile(model, RASPolicy(sample_ratio=ratio, warmup_steps=4,
   reset_steps=(12, 20)))`` (Inductor) for each ratio; ``ras_r1`` computes every token in
   its sparse steps, so it measures RAS's own overhead (cache writes, gather/scatter, token
-  selection) against ``compiled``;
+  selection) against ``compiled``; dense steps run the sparse graph with every token
+  active (one compiled graph);
+* ``ras2g_r<ratio>`` (only when named in ``--configs``): the same with
+  ``dense_graph=True``, a separate compiled dense graph for the dense steps;
 * ``fbc`` / ``taylorseer`` / ``taylorseer_lite``: diffusers' First Block Cache and
   TaylorSeer hooks on the eager model, where they apply (else the reason is recorded).
 
@@ -289,8 +292,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
-                   help="run only these configurations (names: eager compiled ras_r<ratio> fbc taylorseer "
-                        "taylorseer_lite); eager and compiled are always added, they are the references")
+                   help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> fbc "
+                        "taylorseer taylorseer_lite; ras2g compiles a separate dense graph, see ras_compile's "
+                        "dense_graph); eager and compiled are always added, they are the references")
     p.add_argument("--no-caches", action="store_true", help="skip the First Block Cache / TaylorSeer runs")
     p.add_argument("--fbc-threshold", type=float, default=0.05,
                    help="First Block Cache threshold on the relative change of the first block's residual")
@@ -654,7 +658,8 @@ def run_config(spec: dict) -> dict:
             policy = RASPolicy(sample_ratio=spec["ratio"], warmup_steps=spec["warmup_steps"],
                                reset_steps=tuple(spec["reset_steps"]))
             result["policy"] = repr(policy)
-            ras = runner = ras_compile(model, policy, backend=spec["backend"])
+            ras = runner = ras_compile(model, policy, backend=spec["backend"],
+                                       dense_graph=spec.get("dense_graph", False))
             reset = ras.ras_controller.reset
 
             def on_step(i, t, run):
@@ -785,7 +790,11 @@ def configurations(args) -> list[dict]:
     configs += [dict(config=ratio_name(r), kind="ras", ratio=r) for r in args.ratios]
     if not args.no_caches:
         configs += [dict(config=k, kind=k) for k in CACHE_KINDS]
+    # ras2g_r<ratio>: the same with a separate dense graph (dense_graph=True); only when named
+    two_graphs = [dict(config="ras2g" + ratio_name(r)[3:], kind="ras", ratio=r, dense_graph=True)
+                  for r in args.ratios]
     if args.configs:
+        configs += two_graphs
         wanted = set(args.configs) | {"eager", "compiled"}
         unknown = wanted - {c["config"] for c in configs}
         if unknown:

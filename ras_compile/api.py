@@ -11,7 +11,7 @@ SUPPORTED_BACKENDS = ("inductor", "aot_eager", "eager", None)
 
 def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, backend: str | None = "inductor",
                 latent_arg: str | None = None, timestep_arg: str | None = None,
-                fuse_kv_projection: bool | str = "auto") -> RASModule:
+                fuse_kv_projection: bool | str = "auto", dense_graph: bool = False) -> RASModule:
     """Return ``model`` with Region-Adaptive Sampling, compiled.
 
     The result has the model's call signature and outputs. Graphs are captured on
@@ -31,6 +31,12 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
     ``ras_compile.kernels.linear_scatter_`` (a Triton GeMM with a scatter epilogue).
     ``"auto"`` fuses on CUDA when Triton is installed; ``True`` always (off CUDA the op
     runs its ATen reference, which gives the same values); ``False`` never.
+
+    ``dense_graph``: ``False`` (default) runs the dense steps (warm-up, resets, after
+    the end step) through the sparse graph with every token active, so each input
+    signature compiles one graph; ``True`` compiles a separate dense graph for them
+    (two compiles; dense steps skip the gathers and scatters of the sparse graph).
+    Both give the dense model's values; ``docs/benchmarks.md`` has the measured trade.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"ras_compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -44,4 +50,4 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
         raise ValueError(f"backend={backend!r} is not supported: use one of {SUPPORTED_BACKENDS} or a callable "
                          "torch.compile backend")
     return RASModule(model, policy, backend=backend, latent_arg=latent_arg, timestep_arg=timestep_arg,
-                     fuse_kv_projection=fuse_kv_projection)
+                     fuse_kv_projection=fuse_kv_projection, dense_graph=dense_graph)

@@ -63,16 +63,26 @@ def _detach_from_caches(flat, caches) -> list:
             for o in flat]
 
 
+def all_tokens(batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """The active set of a dense step run through the sparse graph: every token, ``[B, N]`` int64."""
+    return torch.arange(num_tokens, device=device).expand(batch, num_tokens).contiguous()
+
+
 class RASModule(torch.nn.Module):
     """``model`` with Region-Adaptive Sampling; attributes not defined here are the model's."""
 
     def __init__(self, model: torch.nn.Module, policy: RASPolicy, *, backend="inductor",
-                 latent_arg: str | None = None, timestep_arg: str | None = None, fuse_kv_projection="auto"):
+                 latent_arg: str | None = None, timestep_arg: str | None = None, fuse_kv_projection="auto",
+                 dense_graph: bool = False):
         super().__init__()
         if fuse_kv_projection not in ("auto", True, False):
             raise ValueError(f"fuse_kv_projection={fuse_kv_projection!r} is not allowed: use 'auto' (fused on CUDA), "
                              "True (always; elsewhere the op runs its ATen reference) or False")
+        if not isinstance(dense_graph, bool):
+            raise ValueError(f"dense_graph={dense_graph!r} is not allowed: use False (dense steps run the sparse "
+                             "graph with every token active: one compile) or True (compile a separate dense graph)")
         self.ras_fuse_kv_projection = fuse_kv_projection
+        self.ras_dense_graph = dense_graph
         self.model = model
         self.ras_policy = policy
         self.ras_backend = backend
@@ -141,7 +151,7 @@ class RASModule(torch.nn.Module):
                 else self.model
             return Captured(key, None, self._latent_arg, fallback=dense)
         captured = Captured(key, program, name, analysis=analysis)
-        captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend)
+        captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend)  # compiled on its first call
         captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend)
         return captured
 
@@ -201,9 +211,11 @@ class RASModule(torch.nn.Module):
             caches = captured.caches[slot] = [torch.empty(c.shape, dtype=c.dtype, device=latent.device)
                                               for c in analysis.caches]
         inputs = captured.graph_inputs(call)
-        if mode == "dense":
+        if mode == "dense" and self.ras_dense_graph:
             flat = captured.dense(*inputs, *caches)
         else:
+            if mode == "dense":  # every token active: the sparse graph computes the dense step and fills the caches
+                index = all_tokens(analysis.batch_size, analysis.num_tokens, latent.device)
             if index.shape[1] >= 2 and self.ras_backend not in BACKENDS_WITHOUT_DYNAMO:
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *caches)
