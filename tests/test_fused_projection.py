@@ -187,3 +187,29 @@ def test_explain_counts_the_fused_norms():
     result = explain(model, family.inputs(model, BATCH, 0), latent_arg=family.latent_arg, verbose=False)
     assert len(result.fusible_projections) == 6 and len(result.fused_norms) == 3
     assert "per-head norm in the epilogue: 3" in str(result)
+
+
+@pytest.mark.parametrize("name", QK_NORM)
+def test_dense_graph_fills_normed_k_caches_as_a_full_sparse_write_does(name):
+    """The dense graph fills a fused K cache by copying the norm's output through the
+    layout chain's views: the caches hold what the sparse graph's fused op writes with
+    every token active (the projection layout, normalised heads)."""
+    from ras_compile.capture import call_arguments
+
+    family, model, _, ras = _pair(name)
+    kwargs = family.inputs(model, BATCH, 1)
+    ras(**kwargs)
+    cap = ras.ras_capture(**kwargs)
+    inputs = cap.graph_inputs(call_arguments(ras._signature, (), dict(kwargs)))
+    fresh = lambda: [torch.full(c.shape, float("nan"), dtype=c.dtype) for c in cap.analysis.caches]  # noqa: E731
+    dense_caches, sparse_caches = fresh(), fresh()
+    with torch.no_grad():
+        cap.dense(*inputs, *dense_caches)
+        everyone = torch.arange(family.num_tokens).expand(BATCH, -1).contiguous()
+        cap.sparse(*inputs, everyone, *sparse_caches)
+    normed = {f.cache for f in cap.analysis.fused_projections if f.norm is not None}
+    assert normed
+    for site, d, s in zip(cap.analysis.caches, dense_caches, sparse_caches):
+        if site.name in normed:
+            assert not d.isnan().any()
+            torch.testing.assert_close(d, s, rtol=1e-5, atol=1e-6, msg=lambda m: f"{site.name}: {m}")
