@@ -295,6 +295,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> fbc "
                         "taylorseer taylorseer_lite; ras2g compiles a separate dense graph, see ras_compile's "
                         "dense_graph); eager and compiled are always added, they are the references")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
     p.add_argument("--no-caches", action="store_true", help="skip the First Block Cache / TaylorSeer runs")
     p.add_argument("--fbc-threshold", type=float, default=0.05,
                    help="First Block Cache threshold on the relative change of the first block's residual")
@@ -651,7 +654,8 @@ def run_config(spec: dict) -> dict:
         if kind == "eager":
             runner = model
         elif kind == "compiled":
-            runner = torch.compile(model, backend=spec["backend"])
+            mode = {"mode": spec["compile_mode"]} if spec.get("compile_mode") else {}
+            runner = torch.compile(model, backend=spec["backend"], **mode)
         elif kind == "ras":
             from ras_compile import RASPolicy, ras_compile
 
@@ -659,7 +663,8 @@ def run_config(spec: dict) -> dict:
                                reset_steps=tuple(spec["reset_steps"]))
             result["policy"] = repr(policy)
             ras = runner = ras_compile(model, policy, backend=spec["backend"],
-                                       dense_graph=spec.get("dense_graph", False))
+                                       dense_graph=spec.get("dense_graph", False),
+                                       compile_mode=spec.get("compile_mode"))
             reset = ras.ras_controller.reset
 
             def on_step(i, t, run):
@@ -894,7 +899,9 @@ def markdown(report: dict) -> str:
         f"- input: {input_note(run, cfg)}",
         f"- loop: {run['steps']} flow-matching Euler steps (shift {run['shift']}); RAS dense steps: warm-up "
         f"{run['warmup_steps']}, resets {', '.join(map(str, run['reset_steps'])) or 'none'}; "
-        f"backend {run['backend']}; best of {run['repeats']} timed generations after one warm-up",
+        f"backend {run['backend']}"
+        + (f", compile mode {run['compile_mode']}" if run.get("compile_mode") else "")
+        + f"; best of {run['repeats']} timed generations after one warm-up",
         f"- compile caches: {compile_cache_note(run)}",
         f"- 1-minute load average when each configuration started: {load or 'n/a'}",
     ]
@@ -1043,7 +1050,7 @@ def main(argv=None) -> int:
                      warmup_steps=args.warmup_steps, reset_steps=list(args.reset_steps), shift=args.shift,
                      seed=args.seed, backend=args.backend, device=args.device, dtype=args.dtype,
                      threads=args.threads, repeats=args.repeats, fbc_threshold=args.fbc_threshold,
-                     taylorseer_interval=args.taylorseer_interval)
+                     taylorseer_interval=args.taylorseer_interval, compile_mode=args.compile_mode)
     machine = machine_info(args)
     cfg = model_config(spec_base)
     print(f"machine: {machine['cpu_model']}, {machine['cores_available']} cores, {machine['torch_threads']} "

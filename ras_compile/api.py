@@ -11,7 +11,8 @@ SUPPORTED_BACKENDS = ("inductor", "aot_eager", "eager", None)
 
 def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, backend: str | None = "inductor",
                 latent_arg: str | None = None, timestep_arg: str | None = None,
-                fuse_kv_projection: bool | str = "auto", dense_graph: bool = False) -> RASModule:
+                fuse_kv_projection: bool | str = "auto", dense_graph: bool = False,
+                compile_mode: str | None = None) -> RASModule:
     """Return ``model`` with Region-Adaptive Sampling, compiled.
 
     The result has the model's call signature and outputs. Graphs are captured on
@@ -37,6 +38,14 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
     signature compiles one graph; ``True`` compiles a separate dense graph for them
     (two compiles; dense steps skip the gathers and scatters of the sparse graph).
     Both give the dense model's values; ``docs/benchmarks.md`` has the measured trade.
+
+    ``compile_mode``: ``torch.compile``'s ``mode`` for the Inductor graphs (``None``:
+    torch's default). ``"reduce-overhead"`` replays CUDA graphs on CUDA: the K/V and
+    output caches are marked as static addresses (the graphs write them in place) and
+    every call starts a new CUDA-graph step, so a returned tensor is valid until the
+    next call (pipelines consume it before then). One CUDA graph is recorded per
+    active-token count (two with a static ratio: ``k`` and ``N``). Not yet measured on a
+    GPU: see docs/benchmarks.md.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"ras_compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -50,4 +59,5 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
         raise ValueError(f"backend={backend!r} is not supported: use one of {SUPPORTED_BACKENDS} or a callable "
                          "torch.compile backend")
     return RASModule(model, policy, backend=backend, latent_arg=latent_arg, timestep_arg=timestep_arg,
-                     fuse_kv_projection=fuse_kv_projection, dense_graph=dense_graph)
+                     fuse_kv_projection=fuse_kv_projection, dense_graph=dense_graph,
+                     compile_mode=compile_mode)

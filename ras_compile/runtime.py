@@ -27,10 +27,26 @@ TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # tried in this order when time
 MAX_CAPTURES = 8  # input signatures kept (graphs and caches); older ones are captured again when they return
 
 
-def compile_graph(gm: torch.fx.GraphModule, backend):
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the Inductor modes that replay CUDA graphs
+
+
+def compile_graph(gm: torch.fx.GraphModule, backend, mode: str | None = None):
     if backend in BACKENDS_WITHOUT_DYNAMO:
         return gm
-    return torch.compile(gm, backend=backend, fullgraph=True)
+    if mode is None:
+        return torch.compile(gm, backend=backend, fullgraph=True)
+    return torch.compile(gm, backend=backend, fullgraph=True, mode=mode)
+
+
+def check_compile_mode(mode, backend) -> None:
+    """``ValueError`` unless ``mode`` is an Inductor mode and the backend is Inductor."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={mode!r} is not allowed: use one of {COMPILE_MODES} "
+                         "(torch.compile's modes for Inductor)")
+    if mode is not None and backend != "inductor":
+        raise ValueError(f"compile_mode={mode!r} needs backend='inductor' (the modes are Inductor's), "
+                         f"got backend={backend!r}")
 
 
 def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
@@ -73,7 +89,7 @@ class RASModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, policy: RASPolicy, *, backend="inductor",
                  latent_arg: str | None = None, timestep_arg: str | None = None, fuse_kv_projection="auto",
-                 dense_graph: bool = False):
+                 dense_graph: bool = False, compile_mode: str | None = None):
         super().__init__()
         if fuse_kv_projection not in ("auto", True, False):
             raise ValueError(f"fuse_kv_projection={fuse_kv_projection!r} is not allowed: use 'auto' (fused on CUDA), "
@@ -81,8 +97,10 @@ class RASModule(torch.nn.Module):
         if not isinstance(dense_graph, bool):
             raise ValueError(f"dense_graph={dense_graph!r} is not allowed: use False (dense steps run the sparse "
                              "graph with every token active: one compile) or True (compile a separate dense graph)")
+        check_compile_mode(compile_mode, backend)
         self.ras_fuse_kv_projection = fuse_kv_projection
         self.ras_dense_graph = dense_graph
+        self.ras_compile_mode = compile_mode
         self.model = model
         self.ras_policy = policy
         self.ras_backend = backend
@@ -147,12 +165,13 @@ class RASModule(torch.nn.Module):
             message = str(exc).replace(" Pass RASPolicy(on_unsupported='fallback') to run it dense instead.", "")
             warnings.warn(f"{message} Running the dense compiled model instead (on_unsupported='fallback').",
                           stacklevel=3)
-            dense = compile_graph(self.model, self.ras_backend) if self.ras_backend not in BACKENDS_WITHOUT_DYNAMO \
-                else self.model
+            dense = self.model if self.ras_backend in BACKENDS_WITHOUT_DYNAMO \
+                else compile_graph(self.model, self.ras_backend, self.ras_compile_mode)
             return Captured(key, None, self._latent_arg, fallback=dense)
         captured = Captured(key, program, name, analysis=analysis)
-        captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend)  # compiled on its first call
-        captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend)
+        mode = self.ras_compile_mode
+        captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend, mode)  # compiled on first call
+        captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend, mode)
         return captured
 
     def _fuses(self, device: torch.device) -> bool:
@@ -206,10 +225,16 @@ class RASModule(torch.nn.Module):
         controller = self.ras_controllers[slot]
         mode, index = controller.begin_step(timestep, captured, analysis.num_tokens, analysis.batch_size,
                                             latent.device)
+        cuda_graphs = self.ras_compile_mode in CUDA_GRAPH_MODES and latent.device.type == "cuda"
         caches = captured.caches.get(slot)
         if caches is None:
             caches = captured.caches[slot] = [torch.empty(c.shape, dtype=c.dtype, device=latent.device)
                                               for c in analysis.caches]
+            if cuda_graphs:  # the graphs write the caches in place: CUDA graphs must keep their addresses
+                for cache in caches:
+                    torch._dynamo.mark_static_address(cache)
+        if cuda_graphs:  # each call is a new step: earlier replays' outputs were consumed by the caller
+            torch.compiler.cudagraph_mark_step_begin()
         inputs = captured.graph_inputs(call)
         if mode == "dense" and self.ras_dense_graph:
             flat = captured.dense(*inputs, *caches)

@@ -262,3 +262,30 @@ def test_dense_steps_through_the_sparse_graph_equal_a_separate_dense_graph(famil
         torch.testing.assert_close(preds[False], preds[True], rtol=1e-5, atol=1e-5)
     modes = [s.mode for s in runs[False].ras_controller.stats]
     assert modes == [s.mode for s in runs[True].ras_controller.stats] and {"dense", "sparse"} <= set(modes)
+
+
+def test_compile_mode_is_validated_and_reaches_inductor(monkeypatch):
+    model = PlainDiT()
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        ras_compile(model, RASPolicy(), compile_mode="fast")
+    with pytest.raises(ValueError, match="needs backend='inductor'"):
+        ras_compile(model, RASPolicy(), backend="aot_eager", compile_mode="reduce-overhead")
+    seen = []
+    real_compile = torch.compile
+
+    def spy(gm, **kwargs):
+        seen.append(kwargs.get("mode"))
+        return real_compile(gm, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    case = Case("dit", layers=1, heads=2, head_dim=8, patch=2, height=8, width=8, batch=1)
+    model = case.build()
+    kwargs = case.inputs(model)
+    policy = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+    # On the CPU "reduce-overhead" is Inductor without CUDA graphs: same values as eager graphs
+    ras, ref = ras_compile(model, policy, compile_mode="reduce-overhead"), ras_compile(model, policy, backend=None)
+    for sigma in (1.0, 0.75, 0.5):
+        call = dict(kwargs, timestep=timestep_for(sigma, 1))
+        torch.testing.assert_close(prediction_of(ras(**call)), prediction_of(ref(**call)), rtol=1e-4, atol=1e-4)
+    assert seen and set(seen) == {"reduce-overhead"}
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]

@@ -71,3 +71,23 @@ def test_fused_equals_unfused_on_cuda_bf16_loop():
         outs.append(torch.stack(res))
     assert mods[1].ras_controller.stats[-1].mode == "sparse"
     torch.testing.assert_close(outs[1], outs[0], rtol=3e-2, atol=3e-2)
+
+
+def test_cuda_graphs_reduce_overhead_loop_equals_the_default_mode():
+    """compile_mode="reduce-overhead" replays CUDA graphs that write the caches in place:
+    a whole loop must give the default mode's values, with one recording per k."""
+    family = FAMILIES["sd3"]
+    model = family.build(0).to(DEV, torch.float32)
+    policy = RASPolicy(sample_ratio=0.25, warmup_steps=2, reset_steps=(5,))
+    mods = [ras_compile(model, policy, latent_arg=family.latent_arg, compile_mode=m)
+            for m in (None, "reduce-overhead")]
+    kwargs = _on_cuda(family.inputs(model, BATCH, 0), torch.float32)
+    outs = []
+    for ras in mods:
+        res = []
+        for t in torch.linspace(1000, 100, 8):
+            kw = dict(kwargs, timestep=torch.full((BATCH,), float(t), device=DEV))
+            res.append(_out(ras(**kw)).float().clone())
+        outs.append(torch.stack(res))
+    assert [s.mode for s in mods[1].ras_controller.stats].count("sparse") >= 4
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
