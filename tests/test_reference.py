@@ -79,6 +79,20 @@ def test_dit_init_predicts_zero_and_diffusers_init_does_not():
         assert model.build_reference_model(0, init="diffusers", **TINY)(**kwargs)[0].abs().max() > 0
 
 
+def test_class_embedding_std_sets_the_initial_class_embeddings_only():
+    base = model.build_reference_model(0, num_layers=2)
+    loud = model.build_reference_model(0, class_embedding_std=1.0, num_layers=2)
+    for a, b in zip(base.transformer_blocks, loud.transformer_blocks):
+        table_a = a.norm1.emb.class_embedder.embedding_table.weight
+        table_b = b.norm1.emb.class_embedder.embedding_table.weight
+        assert 0.01 < table_a.std() < 0.03 and 0.9 < table_b.std() < 1.1
+    differing = {n for (n, p), (_, q) in zip(base.named_parameters(), loud.named_parameters()) if not torch.equal(p, q)}
+    assert differing and all(n.endswith("class_embedder.embedding_table.weight") for n in differing)
+    with pytest.raises(ValueError, match="class_embedding_std"):
+        model.build_reference_model(0, class_embedding_std=0.0, **TINY)
+    assert train._parse(["--out", "x", "--class-embedding-std", "0.5"]).class_embedding_std == 0.5
+
+
 def test_save_pretrained_round_trip(tmp_path):
     m = model.build_reference_model(1, init="diffusers", **TINY).eval()
     m.save_pretrained(tmp_path)

@@ -59,13 +59,16 @@ def reference_config() -> dict[str, Any]:
     )
 
 
-def dit_initialise(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+def dit_initialise(model: DiTTransformer2DModel, class_embedding_std: float = 0.02) -> DiTTransformer2DModel:
     """Re-initialise ``model`` in place the way the DiT paper does, and return it.
 
     Xavier-uniform linear weights with zero biases; N(0, 0.02) timestep-MLP and class
-    embeddings; and zeros for every adaLN modulation and the final projection, so each
-    block starts as the identity and the model starts by predicting 0 ("adaLN-Zero").
-    diffusers leaves PyTorch's default initialisation, which trains more slowly."""
+    embeddings (the class embeddings' std is ``class_embedding_std``); and zeros for every
+    adaLN modulation and the final projection, so each block starts as the identity and
+    the model starts by predicting 0 ("adaLN-Zero"). diffusers leaves PyTorch's default
+    initialisation, which trains more slowly."""
+    if not class_embedding_std > 0:
+        raise ValueError(f"class_embedding_std must be > 0, got {class_embedding_std!r}")
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.xavier_uniform_(module.weight)
@@ -75,7 +78,7 @@ def dit_initialise(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
         emb = block.norm1.emb
         torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
         torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
-        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=class_embedding_std)
         torch.nn.init.zeros_(block.norm1.linear.weight)
         torch.nn.init.zeros_(block.norm1.linear.bias)
     for linear in (model.proj_out_1, model.proj_out_2):
@@ -84,20 +87,21 @@ def dit_initialise(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     return model
 
 
-def build_reference_model(seed: int = 0, init: str = "dit", **overrides: Any) -> DiTTransformer2DModel:
+def build_reference_model(seed: int = 0, init: str = "dit", class_embedding_std: float = 0.02, **overrides: Any
+                          ) -> DiTTransformer2DModel:
     """A freshly initialised reference model (weights from ``seed``; the global RNG is restored).
 
-    ``init="dit"`` applies :func:`dit_initialise`; ``init="diffusers"`` keeps the
-    library's default initialisation (non-zero outputs, useful for tests of a random
-    model). ``overrides`` replace entries of :func:`reference_config` (the tests use
-    this for a tiny model)."""
+    ``init="dit"`` applies :func:`dit_initialise` (with ``class_embedding_std``);
+    ``init="diffusers"`` keeps the library's default initialisation (non-zero outputs,
+    useful for tests of a random model). ``overrides`` replace entries of
+    :func:`reference_config` (the tests use this for a tiny model)."""
     if init not in ("dit", "diffusers"):
         raise ValueError(f"init must be 'dit' or 'diffusers', got {init!r}")
     config = {**reference_config(), **overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DiTTransformer2DModel(**config)
-        return dit_initialise(model) if init == "dit" else model
+        return dit_initialise(model, class_embedding_std) if init == "dit" else model
 
 
 def parameter_count(model: torch.nn.Module) -> int:
