@@ -14,11 +14,8 @@ Two processes:
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ras_compile.kernels as kernels
+from interpreter import run_checks, run_in_interpreter
 from ras_compile.kernels import linear_scatter_, linear_scatter_reference_
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Relative/absolute tolerances against an fp32 reference rounded once to the dtype: the
@@ -210,33 +207,12 @@ def interpreted_edge_sizes():
 
 
 def run_interpreter_checks() -> int:
-    if not kernels.triton_interpreting():
-        print("set TRITON_INTERPRET=1 to run the interpreter checks", file=sys.stderr)
-        return 2
-    failures = 0
-    for check in (interpreted_edge_sizes, interpreted_strided_inputs,
-                  interpreted_duplicates_write_identical_values, interpreted_kernel_matches_reference):
-        start = time.perf_counter()
-        try:
-            check()
-        except Exception:  # report every check, then fail
-            import traceback
-            traceback.print_exc()
-            failures += 1
-            status = "FAILED"
-        else:
-            status = "ok"
-        print(f"{check.__name__}: {status} ({time.perf_counter() - start:.1f}s)", flush=True)
-    return 1 if failures else 0
+    return run_checks((interpreted_edge_sizes, interpreted_strided_inputs,
+                       interpreted_duplicates_write_identical_values, interpreted_kernel_matches_reference))
 
 
 def test_triton_kernel_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    print(proc.stdout)
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-20000:]}"
+    run_in_interpreter(__file__)
 
 
 # --------------------------------------------------------------------------- ATen path (CPU op)

@@ -1,7 +1,7 @@
 """Tests for the K projection + per-head norm + cache write op
 (`ras_compile.kernels.linear_norm_scatter_`).
 
-As in test_kernels.py, two processes: this pytest process checks the op's ATen path on
+As in test_kernels.py (both use tests/interpreter.py), two processes: this pytest process checks the op's ATen path on
 CPU, `torch.compile(fullgraph=True)` and the argument checks; the Triton kernel runs in
 the interpreter in a subprocess, `python tests/test_linear_norm_scatter.py --interpret`
 with `TRITON_INTERPRET=1` (the variable must be set before the kernel is decorated).
@@ -12,9 +12,7 @@ The reference is independent of the op: `F.linear` in fp32, a view to heads,
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ras_compile.kernels as kernels
+from interpreter import run_checks, run_in_interpreter
 from ras_compile.kernels import linear_norm_scatter_, linear_norm_scatter_reference_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,32 +161,11 @@ def interpreted_strided_and_fp32_norm_params():
 
 
 def run_interpreter_checks() -> int:
-    if not kernels.triton_interpreting():
-        print("set TRITON_INTERPRET=1 to run the interpreter checks", file=sys.stderr)
-        return 2
-    failures = 0
-    for check in (interpreted_strided_and_fp32_norm_params, interpreted_kernel_matches_reference):
-        start = time.perf_counter()
-        try:
-            check()
-        except Exception:  # report every check, then fail
-            import traceback
-            traceback.print_exc()
-            failures += 1
-            status = "FAILED"
-        else:
-            status = "ok"
-        print(f"{check.__name__}: {status} ({time.perf_counter() - start:.1f}s)", flush=True)
-    return 1 if failures else 0
+    return run_checks((interpreted_strided_and_fp32_norm_params, interpreted_kernel_matches_reference))
 
 
 def test_triton_kernel_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    print(proc.stdout)
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-20000:]}"
+    run_in_interpreter(__file__)
 
 
 # --------------------------------------------------------------------------- ATen path (CPU op)
