@@ -34,8 +34,6 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the Inductor modes tha
 def compile_graph(gm: torch.fx.GraphModule, backend, mode: str | None = None):
     if backend in BACKENDS_WITHOUT_DYNAMO:
         return gm
-    if mode is None:
-        return torch.compile(gm, backend=backend, fullgraph=True)
     return torch.compile(gm, backend=backend, fullgraph=True, mode=mode)
 
 

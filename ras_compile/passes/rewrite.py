@@ -43,9 +43,10 @@ def dense_graph(gm: fx.GraphModule, analysis: TokenAnalysis) -> fx.GraphModule:
     _copy_placeholders(gm.graph, graph, env)
     caches = _cache_placeholders(analysis, graph)
     normed = {f.norm.output: f for f in analysis.fused_projections if f.norm is not None}
+    filled_through_layout = {f.cache for f in normed.values()}
     fills: dict[str, list] = {}
     for site in analysis.caches:
-        if not any(f.cache == site.name for f in normed.values()):
+        if site.name not in filled_through_layout:
             fills.setdefault(site.reader, []).append(site)
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
