@@ -85,6 +85,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import the check
 
 from ras_compile.machine import (CONTENTION_MARGIN, cores_available, cpu_model, cpu_seconds,  # noqa: E402
                                   load_average, other_cpu_cores)
+from ras_compile.runtime import COMPILE_MODES  # noqa: E402
 
 # The loop: RAS's default schedule over a 28-step loop; a tiny one for --quick.
 LOOP_FULL = dict(steps=28, warmup_steps=4, reset_steps=[12, 20])
@@ -296,7 +297,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "taylorseer taylorseer_lite; ras2g compiles a separate dense graph, see ras_compile's "
                         "dense_graph); eager and compiled are always added, they are the references")
     p.add_argument("--compile-mode", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=[m for m in COMPILE_MODES if m is not None],
                    help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
     p.add_argument("--no-caches", action="store_true", help="skip the First Block Cache / TaylorSeer runs")
     p.add_argument("--fbc-threshold", type=float, default=0.05,
@@ -654,8 +655,7 @@ def run_config(spec: dict) -> dict:
         if kind == "eager":
             runner = model
         elif kind == "compiled":
-            mode = {"mode": spec["compile_mode"]} if spec.get("compile_mode") else {}
-            runner = torch.compile(model, backend=spec["backend"], **mode)
+            runner = torch.compile(model, backend=spec["backend"], mode=spec.get("compile_mode"))
         elif kind == "ras":
             from ras_compile import RASPolicy, ras_compile
 
