@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 import ras_compile.kernels as kernels
 from interpreter import run_checks, run_in_interpreter
+from op_checks import (assert_compiled_matches_eager, assert_dynamic_k_compiles_once,
+                       assert_one_graph_without_breaks, traced_targets)
 from ras_compile.kernels import linear_scatter_, linear_scatter_reference_
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -340,54 +342,25 @@ def _compile_inputs(seed=0, k=5, gather=False, bias=True):
 @pytest.mark.parametrize("backend,gather,bias", [("inductor", True, True), ("aot_eager", False, False),
                                                  ("aot_eager", True, True)])
 def test_op_in_fullgraph_compile_matches_eager(backend, gather, bias):
-    torch._dynamo.reset()
-    inputs = _compile_inputs(gather=gather, bias=bias)
-    eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-    comp_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-    want = _cache_update(**eager_in)
-    got = torch.compile(_cache_update, backend=backend, fullgraph=True)(**comp_in)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(comp_in["cache"], eager_in["cache"])  # the mutation reaches the caller
+    assert_compiled_matches_eager(_cache_update, _compile_inputs(gather=gather, bias=bias), backend)
 
 
 def test_op_compiles_without_graph_breaks():
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(_cache_update)(**_compile_inputs())
-    assert explanation.graph_break_count == 0
-    assert explanation.graph_count == 1
+    assert_one_graph_without_breaks(_cache_update, _compile_inputs())
 
 
 def test_public_function_and_dynamic_k_under_compile():
     """The public wrapper (returns cache) traces too, and a dynamic k compiles once."""
-    torch._dynamo.reset()
-
     def f(x, w, b, index, cache, rows):
         return linear_scatter_(x, w, b, index, cache, rows).sum(-1)
 
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(f, backend=counter, fullgraph=True)
-    for k in (3, 5, 8):
-        inputs = _compile_inputs(seed=k, k=k)
-        # (a max is needed: with min alone torch 2.13 fails in value-range setup)
-        torch._dynamo.mark_dynamic(inputs["x"], 1, min=2, max=12)
-        torch._dynamo.mark_dynamic(inputs["index"], 1, min=2, max=12)
-        eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-        torch.testing.assert_close(compiled(**inputs), f(**eager_in))
-        torch.testing.assert_close(inputs["cache"], eager_in["cache"])
-    assert counter.frame_count == 1
-
-
-class _GraphSeen(Exception):
-    pass
+    assert_dynamic_k_compiles_once(f, _compile_inputs)
 
 
 def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
     """With fake CUDA tensors (no GPU needed), AOTAutograd's functionalization
     decomposes the op into the Triton kernel call that Inductor would compile, and the
     CPU ATen ops never appear: the device branch takes the kernel path."""
-    from functorch.compile import aot_function
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -399,19 +372,11 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
         cache = torch.empty(2, 12, 24, device="cuda", dtype=torch.bfloat16)
         torch.ops.ras_compile.linear_scatter_(x, w, b, index, cache, rows)  # the fake kernel runs
 
-    graphs = []
-
-    def compiler(gm, _inputs):
-        graphs.append(gm)
-        raise _GraphSeen  # fake tensors cannot run the graph; the graph is all we want
-
     def f(x, w, b, index, cache, rows):
         torch.ops.ras_compile.linear_scatter_(x, w, b, index, cache, rows)
         return cache + 1
 
-    with pytest.raises(_GraphSeen):
-        aot_function(f, fw_compiler=compiler)(x, w, b, index, cache, rows)
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    targets = traced_targets(f, x, w, b, index, cache, rows)
     assert any("triton_kernel_wrapper" in t for t in targets), targets
     assert not any("scatter" in t or "addmm" in t or "linear" in t for t in targets), targets
 

@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 
 import ras_compile.kernels as kernels
 from interpreter import run_checks, run_in_interpreter
+from op_checks import (assert_compiled_matches_eager, assert_dynamic_k_compiles_once,
+                       assert_one_graph_without_breaks, traced_targets)
 from ras_compile.kernels import linear_norm_scatter_, linear_norm_scatter_reference_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,46 +264,19 @@ def _compile_inputs(seed=0, k=5, layer=True):
 
 @pytest.mark.parametrize("backend,layer", [("inductor", False), ("aot_eager", True), ("aot_eager", False)])
 def test_op_in_fullgraph_compile_matches_eager(backend, layer):
-    torch._dynamo.reset()
-    inputs = _compile_inputs(layer=layer)
-    eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-    comp_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-    want = _cache_update(**eager_in)
-    got = torch.compile(_cache_update, backend=backend, fullgraph=True)(**comp_in)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(comp_in["cache"], eager_in["cache"], rtol=1e-5, atol=1e-5)  # the mutation returns
+    assert_compiled_matches_eager(_cache_update, _compile_inputs(layer=layer), backend, rtol=1e-5, atol=1e-5)
 
 
 def test_op_compiles_without_graph_breaks():
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(_cache_update)(**_compile_inputs())
-    assert explanation.graph_break_count == 0
-    assert explanation.graph_count == 1
+    assert_one_graph_without_breaks(_cache_update, _compile_inputs())
 
 
 def test_dynamic_k_compiles_once():
-    torch._dynamo.reset()
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(_cache_update, backend=counter, fullgraph=True)
-    for k in (3, 5, 8):
-        inputs = _compile_inputs(seed=k, k=k)
-        torch._dynamo.mark_dynamic(inputs["x"], 1, min=2, max=12)
-        torch._dynamo.mark_dynamic(inputs["index"], 1, min=2, max=12)
-        eager_in = {n: None if t is None else t.clone() for n, t in inputs.items()}
-        torch.testing.assert_close(compiled(**inputs), _cache_update(**eager_in))
-        torch.testing.assert_close(inputs["cache"], eager_in["cache"])
-    assert counter.frame_count == 1
-
-
-class _GraphSeen(Exception):
-    pass
+    assert_dynamic_k_compiles_once(_cache_update, _compile_inputs)
 
 
 def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
     """With fake CUDA tensors the functionalized graph holds the Triton kernel call, no ATen norm or scatter."""
-    from functorch.compile import aot_function
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -310,19 +285,11 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
         index = torch.empty(2, 9, device="cuda", dtype=torch.long)
         cache, nw = torch.empty(2, 12, 128, **t), torch.empty(64, **t)
 
-    graphs = []
-
-    def compiler(gm, _inputs):
-        graphs.append(gm)
-        raise _GraphSeen
-
     def f(x, w, b, index, cache, nw):
         torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
         return cache + 1
 
-    with pytest.raises(_GraphSeen):
-        aot_function(f, fw_compiler=compiler)(x, w, b, index, cache, nw)
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    targets = traced_targets(f, x, w, b, index, cache, nw)
     assert any("triton_kernel_wrapper" in t for t in targets), targets
     assert not any(s in t for t in targets for s in ("scatter", "addmm", "linear", "rsqrt", "mean")), targets
 
