@@ -77,6 +77,19 @@ def _detach_from_caches(flat, caches) -> list:
             for o in flat]
 
 
+def row_major(index: torch.Tensor) -> torch.Tensor:
+    """``index`` with row-major strides (copied only when it has other ones).
+
+    The compiled graphs guard on their inputs' strides, and an index can be contiguous
+    with other strides: a ``[1, k]`` slice of a ``[1, N]`` ranking keeps the row stride
+    ``N`` (a size-1 dim's stride does not count for ``is_contiguous``), and a shared
+    active set may be expanded over the batch (stride 0). Either would recompile the
+    sparse graph on its first call with such an index."""
+    if index.stride() == torch.empty(index.shape, device="meta").stride():
+        return index
+    return index.clone(memory_format=torch.contiguous_format)
+
+
 def all_tokens(batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
     """The active set of a dense step run through the sparse graph: every token, ``[B, N]`` int64."""
     return torch.arange(num_tokens, device=device).expand(batch, num_tokens).contiguous()
@@ -239,6 +252,7 @@ class RASModule(torch.nn.Module):
         else:
             if mode == "dense":  # every token active: the sparse graph computes the dense step and fills the caches
                 index = all_tokens(analysis.batch_size, analysis.num_tokens, latent.device)
+            index = row_major(index)
             if index.shape[1] >= 2 and self.ras_backend not in BACKENDS_WITHOUT_DYNAMO:
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *caches)

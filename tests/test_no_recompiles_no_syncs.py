@@ -11,14 +11,18 @@ from ras_compile import RASPolicy, ras_compile
 from ras_compile.controller import RASController
 
 
+@pytest.mark.parametrize("batch, share", [(2, "per_sample"), (1, "per_sample"), (2, "batch")])
 @pytest.mark.parametrize("dense_graph", [False, True])
-def test_a_28_step_dynamic_schedule_compiles_each_graph_once(dense_graph):
+def test_a_28_step_dynamic_schedule_compiles_each_graph_once(dense_graph, batch, share):
     """One graph by default (dense steps run the sparse graph with every token active), two
-    with ``dense_graph=True``; either way nothing compiles again over a whole loop."""
-    case = Case("sd3", layers=1, heads=2, head_dim=8, patch=2, height=16, width=16, batch=2)
+    with ``dense_graph=True``; either way nothing compiles again over a whole loop. Batch 1
+    and a batch-shared active set give indices with unusual strides (a ``[1, k]`` slice of
+    a ranking keeps the row stride N; a shared set is expanded over the batch), which
+    recompiled the sparse graph until the runtime made them row-major."""
+    case = Case("sd3", layers=1, heads=2, head_dim=8, patch=2, height=16, width=16, batch=batch)
     model = case.build()
     policy = RASPolicy(sample_ratio=0.5, warmup_steps=4, reset_steps=(12, 20), schedule="dynamic", num_steps=28,
-                       skip_num_step=8, skip_num_step_length=4, dynamic_drop_multiple=4)
+                       skip_num_step=8, skip_num_step_length=4, dynamic_drop_multiple=4, share_active_set=share)
     ras = ras_compile(model, policy, backend="aot_eager", dense_graph=dense_graph)
     kwargs = case.inputs(model)
     latent, sigmas = kwargs["hidden_states"], flow_sigmas(28)
@@ -29,7 +33,7 @@ def test_a_28_step_dynamic_schedule_compiles_each_graph_once(dense_graph):
         for i in range(28):
             # the first call compiles (and, with a dense graph, the first sparse one); nothing after that
             torch._dynamo.config.error_on_recompile = i > (first_sparse if dense_graph else 0)
-            pred = prediction_of(ras(**dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], 2))))
+            pred = prediction_of(ras(**dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], batch))))
             latent = latent + (sigmas[i + 1] - sigmas[i]) * pred
     finally:
         torch._dynamo.config.error_on_recompile = False
