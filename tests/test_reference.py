@@ -52,6 +52,19 @@ def test_make_batch_other_sizes():
     assert images.shape == (3, 3, 16, 16)
 
 
+def test_make_batch_renders_where_asked_from_the_same_cpu_draws():
+    """A GPU run renders its batches on the GPU; CI has none, so the meta device stands in:
+    it computes shapes only, and refuses (like CUDA) any op that mixes it with CPU tensors,
+    so every tensor the renderer touches must be on the asked device. The draws stay on the
+    CPU generator, so the CPU stream is unchanged by the device argument."""
+    images, labels = data.make_batch(3, 10, size=16, device="meta")
+    assert images.device.type == labels.device.type == "meta"
+    assert images.shape == (10, 3, 16, 16) and labels.shape == (10,)
+    cpu_images, cpu_labels = data.make_batch(3, 10, size=16, device="cpu")
+    assert torch.equal(cpu_images, data.make_batch(3, 10, size=16)[0])
+    assert torch.equal(cpu_labels, data.make_batch(3, 10, size=16)[1])
+
+
 def test_training_seeds_stay_below_evaluation_seeds():
     assert data.training_seed(0, 0) != data.training_seed(0, 1) != data.training_seed(1, 0)
     assert data.training_seed(999_999, 999_999_999) < data.EVAL_SEED_BASE
@@ -254,6 +267,40 @@ def test_batch_stream_gives_the_same_batches_with_and_without_loader_workers():
         want_x, want_l = data.make_batch(data.training_seed(3, step), 4, 16)
         assert torch.equal(xa, want_x) and torch.equal(la, want_l)
         assert torch.equal(xb, want_x) and torch.equal(lb, want_l)
+
+
+def test_batch_stream_renders_on_the_training_device_without_workers_only():
+    x, labels = next(train.batch_stream(3, 5, 4, 16, workers=0, device="meta"))
+    assert x.device.type == labels.device.type == "meta"
+    with pytest.raises(ValueError, match="workers=0"):
+        next(train.batch_stream(3, 5, 4, 16, workers=2, device="meta"))
+
+
+def test_train_with_model_options_compiled_and_refuses_to_resume_another_model(tmp_path):
+    """--patch-size / --heads / --layers reach the model; --compile trains through
+    torch.compile (the cheap aot_eager backend here) and saves the plain module's weights;
+    resuming with another model is refused with the differing settings named."""
+    pixels = dict(TINY, patch_size=1)
+    log = train.train(tmp_path, steps=2, settings=train.TrainSettings(batch_size=2), log_every=1,
+                      model_overrides=pixels, compile_backend="aot_eager")
+    assert log["compile_backend"] == "aot_eager" and log["model_overrides"] == pixels
+    assert all(math.isfinite(c["loss"]) for c in log["curve"])
+    loaded = model.load_reference_model(tmp_path)
+    assert loaded.config.patch_size == 1 and loaded.pos_embed.height == 8  # 8x8 pixels: 64 tokens
+    assert not any(k.startswith("_orig_mod") for k in train.torch.load(
+        tmp_path / "training_state.pt", weights_only=True)["model"])
+    with pytest.raises(ValueError, match="patch_size: saved 1, now 2"):
+        train.train(tmp_path, steps=3, settings=train.TrainSettings(batch_size=2), model_overrides=TINY,
+                    resume=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "0"], "--heads must be a positive integer"),
+    (["--patch-size", "3"], "not a multiple of --patch-size 3"),
+])
+def test_train_cli_refuses_bad_model_options_in_one_line(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--out", str(tmp_path), "--steps", "1", *args])
 
 
 def test_label_gap_is_zero_for_a_model_that_ignores_its_label_and_not_when_it_does_not():

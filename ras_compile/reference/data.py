@@ -15,10 +15,12 @@ So an image has regions that are easy to denoise (a flat or gradient background)
 regions that are not (a textured object with sharp edges), which is what Region-Adaptive
 Sampling exploits.
 
-Everything is drawn from a ``torch.Generator`` seeded with ``seed`` (the global RNG is
-never touched) and computed with vectorised torch ops on the CPU, so
-``make_batch(seed, n, size)`` is a pure function of its arguments: a few thousand 32x32
-images take well under a second per thousand.
+Every random number is drawn on the CPU from a ``torch.Generator`` seeded with ``seed``
+(the global RNG is never touched), in an order that never depends on the data, so
+``make_batch(seed, n, size)`` is a pure function of its arguments. The images are then
+rendered with vectorised torch ops on ``device`` (the CPU by default: a few thousand 32x32
+images take well under a second per thousand). Rendering on a GPU gives the same images up
+to float rounding, and is what keeps a GPU training run from waiting on the CPU for data.
 """
 from __future__ import annotations
 
@@ -57,14 +59,25 @@ def training_seed(run_seed: int, step: int) -> int:
     return run_seed * _STEPS_PER_RUN + step
 
 
-def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-    """Uniform samples in ``[low, high)`` drawn from ``gen``."""
-    return low + (high - low) * torch.rand(shape, generator=gen)
+def _rand(gen: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``U[0, 1)`` samples drawn on the CPU from ``gen``, moved to ``device``."""
+    return torch.rand(shape, generator=gen).to(device)
 
 
-def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _randint(gen: torch.Generator, high: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Integers in ``[0, high)`` drawn on the CPU from ``gen``, moved to ``device``."""
+    return torch.randint(high, shape, generator=gen).to(device)
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float, device: torch.device
+             ) -> torch.Tensor:
+    """Uniform samples in ``[low, high)`` drawn from ``gen``, on ``device``."""
+    return low + (high - low) * _rand(gen, shape, device)
+
+
+def _grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-centre coordinates in ``[0, 1]``, as ``(x, y)`` each ``[1, size, size]``."""
-    c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    c = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) / size
     y, x = torch.meshgrid(c, c, indexing="ij")
     return x[None], y[None]
 
@@ -80,24 +93,25 @@ def _lerp_colours(c1: torch.Tensor, c2: torch.Tensor, w: torch.Tensor) -> torch.
     return c1 + (c2[:, :, None, None] - c1) * w[:, None]
 
 
-def _upsample_matrix(cells: int, size: int) -> torch.Tensor:
+def _upsample_matrix(cells: int, size: int, device: torch.device) -> torch.Tensor:
     """The ``[size, cells]`` matrix of 1-D bicubic upsampling from ``cells`` to ``size`` samples.
 
     Bicubic upsampling is separable, so a ``cells x cells`` grid ``g`` upsamples to
     ``A @ g @ A.T``: a batched matmul, much cheaper than ``interpolate`` per image."""
     rows = torch.eye(cells)[:, :, None].expand(cells, cells, cells)  # row j: e_j outer ones
     up = torch.nn.functional.interpolate(rows[:, None], size=(size, size), mode="bicubic", align_corners=False)
-    return up[:, 0, :, 0].T.contiguous()
+    return up[:, 0, :, 0].T.contiguous().to(device)
 
 
 def _smooth_noise(gen: torch.Generator, n: int, size: int, cells: torch.Tensor) -> torch.Tensor:
     """Smooth noise in ``[0, 1]``, ``[n, size, size]``: random 4x4 and 8x8 grids upsampled
     bicubically and mixed per image (``cells`` in ``[4, 8]``: 4 is all coarse, 8 all fine)."""
-    out = torch.zeros((n, size, size))
+    device = cells.device
+    out = torch.zeros((n, size, size), device=device)
     w = _per_image((cells - 4.0) / 4.0).clamp(0, 1)
     for k, weight in ((4, 1 - w), (8, w)):
-        a = _upsample_matrix(k, size)
-        out = out + weight * (a @ torch.rand((n, k, k), generator=gen) @ a.T)
+        a = _upsample_matrix(k, size, device)
+        out = out + weight * (a @ _rand(gen, (n, k, k), device) @ a.T)
     return out.clamp(0, 1)
 
 
@@ -109,18 +123,19 @@ def _stripes(coord: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor, sharp
 
 def _backgrounds(gen: torch.Generator, n: int, size: int, x: torch.Tensor, y: torch.Tensor
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Backgrounds ``[n, 3, H, W]`` in ``[0, 1]`` and their two colours (each ``[n, 3]``)."""
-    kind = torch.randint(len(BACKGROUNDS), (n,), generator=gen)
-    c1 = torch.rand((n, 3), generator=gen)
-    c2 = torch.rand((n, 3), generator=gen)
-    angle = _uniform(gen, (n,), 0.0, 2 * math.pi)
+    """Backgrounds ``[n, 3, H, W]`` in ``[0, 1]`` and their two colours (each ``[n, 3]``), on ``x``'s device."""
+    device = x.device
+    kind = _randint(gen, len(BACKGROUNDS), (n,), device)
+    c1 = _rand(gen, (n, 3), device)
+    c2 = _rand(gen, (n, 3), device)
+    angle = _uniform(gen, (n,), 0.0, 2 * math.pi, device)
     along = x * _per_image(torch.cos(angle)) + y * _per_image(torch.sin(angle))  # [n, H, W]
     ramp = (along - along.amin(dim=(1, 2), keepdim=True)) / (
         along.amax(dim=(1, 2), keepdim=True) - along.amin(dim=(1, 2), keepdim=True)).clamp_min(1e-6)
-    stripes = _stripes(along, _uniform(gen, (n,), 2.0, 6.0), _uniform(gen, (n,), 0.0, 2 * math.pi))
-    noise = _smooth_noise(gen, n, size, _uniform(gen, (n,), 4.0, 8.0))
+    stripes = _stripes(along, _uniform(gen, (n,), 2.0, 6.0, device), _uniform(gen, (n,), 0.0, 2 * math.pi, device))
+    noise = _smooth_noise(gen, n, size, _uniform(gen, (n,), 4.0, 8.0, device))
     weights = torch.stack([torch.zeros_like(ramp), ramp, stripes, noise])  # [4, n, H, W]
-    w = weights[kind, torch.arange(n)]
+    w = weights[kind, torch.arange(n, device=device)]
     image = _lerp_colours(c1, c2, w)
     return image, (c1, c2)
 
@@ -177,31 +192,34 @@ def _shape_masks(labels: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torc
 
 
 def _textures(gen: torch.Generator, n: int, size: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Texture weights in ``[0, 1]`` in the object frame, ``[n, H, W]`` (one kind per image)."""
-    kind = torch.randint(len(TEXTURES), (n,), generator=gen)
-    freq = _uniform(gen, (n,), 1.0, 2.2)
-    phase = _uniform(gen, (n,), 0.0, 2 * math.pi)
+    """Texture weights in ``[0, 1]`` in the object frame, ``[n, H, W]`` (one kind per image), on ``u``'s device."""
+    device = u.device
+    kind = _randint(gen, len(TEXTURES), (n,), device)
+    freq = _uniform(gen, (n,), 1.0, 2.2, device)
+    phase = _uniform(gen, (n,), 0.0, 2 * math.pi, device)
     solid = torch.zeros_like(u)
     stripes = _stripes(u, freq, phase, sharpness=6.0)
     checker = torch.sigmoid(6.0 * torch.sin(math.pi * _per_image(freq) * u * 1.5)
                             * torch.sin(math.pi * _per_image(freq) * v * 1.5))
-    noise = _smooth_noise(gen, n, size, _uniform(gen, (n,), 6.0, 8.0))
+    noise = _smooth_noise(gen, n, size, _uniform(gen, (n,), 6.0, 8.0, device))
     weights = torch.stack([solid, stripes, checker, noise])
-    return weights[kind, torch.arange(n)]
+    return weights[kind, torch.arange(n, device=device)]
 
 
 def _pick_colours(gen: torch.Generator, n: int, avoid: list[torch.Tensor], min_distance: float = 0.3,
                   tries: int = 8) -> torch.Tensor:
-    """One random colour ``[n, 3]`` per image, far from every colour in ``avoid`` (each ``[n, 3]``).
+    """One random colour ``[n, 3]`` per image, far from every colour in ``avoid`` (each ``[n, 3]``,
+    all on one device: the result's).
 
     Draws ``tries`` candidates per image and keeps the first whose mean absolute channel
     distance to each avoided colour is at least ``min_distance``, or else the candidate
     farthest from them (so the draw count, hence the RNG stream, never depends on data)."""
-    candidates = torch.rand((tries, n, 3), generator=gen)
+    device = avoid[0].device
+    candidates = _rand(gen, (tries, n, 3), device)
     distance = torch.stack([(candidates - c).abs().mean(dim=2) for c in avoid]).amin(dim=0)  # [tries, n]
-    first_ok = 1e3 - torch.arange(tries, dtype=torch.float32)[:, None]
+    first_ok = 1e3 - torch.arange(tries, dtype=torch.float32, device=device)[:, None]
     choice = torch.where(distance >= min_distance, first_ok, distance).argmax(dim=0)
-    return candidates[choice, torch.arange(n)]
+    return candidates[choice, torch.arange(n, device=device)]
 
 
 def _balanced_labels(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -210,25 +228,29 @@ def _balanced_labels(gen: torch.Generator, n: int) -> torch.Tensor:
     return labels[torch.randperm(n, generator=gen)]
 
 
-def make_batch(seed: int, n: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(seed: int, n: int, size: int = 32, device: str | torch.device | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of ``n`` labelled images, a pure function of ``(seed, n, size)``.
 
     Returns ``(images, labels)``: ``images`` float32 ``[n, 3, size, size]`` in
     ``[-1, 1]``, ``labels`` int64 ``[n]`` in ``[0, NUM_CLASSES)``, balanced over the
-    classes (each appears ``n // NUM_CLASSES`` or one more times).
+    classes (each appears ``n // NUM_CLASSES`` or one more times), both on ``device``
+    (default: the CPU). The random draws are the same on every device; only the
+    rendering's float rounding differs.
     """
     if n < 0 or size < 4:
         raise ValueError(f"need n >= 0 and size >= 4, got n={n}, size={size}")
+    device = torch.device(device if device is not None else "cpu")
     gen = torch.Generator().manual_seed(int(seed))
     hi = size * _SUPERSAMPLE
-    x, y = _grid(hi)
+    x, y = _grid(hi, device)
     labels = _balanced_labels(gen, n)
     background, bg_colours = _backgrounds(gen, n, hi, x, y)
 
-    radius = _uniform(gen, (n,), 0.2, 0.34)
-    cx = radius + (1 - 2 * radius) * torch.rand((n,), generator=gen)
-    cy = radius + (1 - 2 * radius) * torch.rand((n,), generator=gen)
-    angle = _uniform(gen, (n,), 0.0, 2 * math.pi)
+    radius = _uniform(gen, (n,), 0.2, 0.34, device)
+    cx = radius + (1 - 2 * radius) * _rand(gen, (n,), device)
+    cy = radius + (1 - 2 * radius) * _rand(gen, (n,), device)
+    angle = _uniform(gen, (n,), 0.0, 2 * math.pi, device)
     u, v = _local_frame(x, y, cx, cy, radius, angle)
 
     mask = _shape_masks(labels, u, v)  # [n, H, W]
@@ -239,4 +261,4 @@ def make_batch(seed: int, n: int, size: int = 32) -> tuple[torch.Tensor, torch.T
     m = mask[:, None]
     image = background * (1 - m) + foreground * m
     image = torch.nn.functional.avg_pool2d(image, _SUPERSAMPLE)  # anti-aliased edges
-    return (image * 2 - 1).clamp(-1, 1).contiguous(), labels
+    return (image * 2 - 1).clamp(-1, 1).contiguous(), labels.to(device)

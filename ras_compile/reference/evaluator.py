@@ -79,9 +79,10 @@ def build_classifier(seed: int = 0, width: int = 32) -> ShapeClassifier:
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, max_noise: float = 0.15) -> torch.Tensor:
-    """Add Gaussian noise of a per-image standard deviation in ``[0, max_noise]``."""
+    """Add Gaussian noise of a per-image standard deviation in ``[0, max_noise]`` (drawn on the
+    CPU from ``gen``, whatever ``images``' device)."""
     level = torch.rand((images.shape[0], 1, 1, 1), generator=gen) * max_noise
-    return images + level * torch.randn(images.shape, generator=gen)
+    return images + (level * torch.randn(images.shape, generator=gen)).to(images.device)
 
 
 def evaluation_set(n: int = 1024, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +121,9 @@ def train_classifier(minutes: float | None = None, steps: int | None = None, see
 
     AdamW with a cosine decay over ``steps`` (or a constant rate under a minutes-only
     budget); cross-entropy on noise-augmented images. ``device``: where it trains (the
-    data and the augmentation noise come from CPU generators); ``workers``: loader
-    processes that make the batches. The returned classifier is on the CPU."""
+    data's and the augmentation noise's random draws come from CPU generators; without
+    ``workers`` the batches are rendered on ``device``); ``workers``: loader processes that
+    make the batches on the CPU instead. The returned classifier is on the CPU."""
     from .train import batch_stream
 
     device = torch.device(device)
@@ -130,7 +132,7 @@ def train_classifier(minutes: float | None = None, steps: int | None = None, see
     clf = build_classifier(seed, width).to(device).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     curve, window, step, t0 = [], [], 0, time.perf_counter()
-    batches = batch_stream(seed, 0, batch_size, 32, workers)
+    batches = batch_stream(seed, 0, batch_size, 32, workers, device=None if workers > 0 else device)
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < minutes * 60):
         data_seed = training_seed(seed, step)
         images, labels = next(batches)

@@ -26,8 +26,7 @@ samples/s, ~22 steps/min at batch 32. The loss (per-step mean over ``sigma``) fe
 1.25 to ~0.55 after 50 steps, ~0.30 after 100 and ~0.27 after 150. Three hours on one
 thread is ~4000 steps of 32; with two threads expect roughly 1.5-1.8x that.
 
-On a GPU (``--device cuda --workers 14``; the recipe is
-``benchmarks/gpu_checks/train_reference.sh``): on the lent NVIDIA H100 with 16 cores, batch
+The first GPU run (``--device cuda --workers 14``, the recipe of that time): on the lent NVIDIA H100 with 16 cores, batch
 128 ran at ~31 steps/s (~3,900 samples/s; the CPU-side generator in the 14 loader
 processes is the limit, not the GPU). A first 3.5-minute run (6,400 steps, 820 k samples)
 reached a loss of 0.11, but its dense 28-step samples were classified right only 18 % of
@@ -47,7 +46,20 @@ compared 0.02 with 1.0: at step 1200 the loss was the same (0.153), the gap at s
 decisive: both gaps are still under 1 % of the loss, so the default is unchanged.
 
 The model needs many times more training before it can ship; ``--resume`` continues a run from
-``training_state.pt`` (about 25 MB), so the budget can be split over several device calls.
+``training_state.pt`` (about 25 MB at the default size), so the budget can be split over
+several device calls.
+
+The GPU recipe after that run (``benchmarks/gpu_checks/train_reference.sh``, not run yet:
+no session since has had a GPU) changes what limited it and what the issue asks of a GPU
+run: the batches are rendered on the GPU (``--workers 0``, the default: the random draws
+stay on the CPU, so the data is the same up to float rounding), which removes the loader
+bound; 1024 tokens per sample (``--patch-size 1`` on the same 32x32 images, so the shipped
+classifier still judges them); a wider, deeper model (``--heads 3 --layers 8``: 6.1 M
+parameters, 11.7 MiB as float16 safetensors, inside the 25 MB budget); bf16 autocast and
+``--compile``. ``--resume`` refuses a state trained with other model options. On this
+CPU the recipe's model runs (3 steps of 8 with ``--compile``: 1.4 min, mostly the
+compile), but a label gap of it takes minutes per measurement: leave ``--gap-every`` off
+on a CPU at that size.
 
 Outputs in ``DIR``: the EMA model (``config.json`` + ``diffusion_pytorch_model.safetensors``,
 loadable with :func:`~ras_compile.reference.model.load_reference_model`),
@@ -186,22 +198,28 @@ class _StepBatches(torch.utils.data.Dataset):
     """Item ``step`` is training step ``step``'s batch: a pure function of (seed, step), so
     batches made by loader workers are the ones the main process would make."""
 
-    def __init__(self, seed: int, batch_size: int, image_size: int):
-        self.seed, self.batch_size, self.image_size = seed, batch_size, image_size
+    def __init__(self, seed: int, batch_size: int, image_size: int, device: torch.device | None = None):
+        self.seed, self.batch_size, self.image_size, self.device = seed, batch_size, image_size, device
 
     def __len__(self) -> int:
         return 10 ** 9
 
     def __getitem__(self, step: int):
-        return make_batch(training_seed(self.seed, step), self.batch_size, self.image_size)
+        return make_batch(training_seed(self.seed, step), self.batch_size, self.image_size, self.device)
 
 
-def batch_stream(seed: int, start_step: int, batch_size: int, image_size: int = 32, workers: int = 0):
+def batch_stream(seed: int, start_step: int, batch_size: int, image_size: int = 32, workers: int = 0,
+                 device: str | torch.device | None = None):
     """Yield ``(images, labels)`` of steps ``start_step, start_step + 1, ...`` in order.
 
-    ``workers > 0`` makes the batches in that many loader processes (the generator is
-    CPU work; a GPU run needs several cores to keep up); the stream is the same."""
-    data = _StepBatches(seed, batch_size, image_size)
+    With ``workers == 0`` the batches are rendered on ``device`` in this process (on a GPU
+    that is far faster than any number of CPU workers; the random draws stay on the CPU).
+    ``workers > 0`` makes them on the CPU in that many loader processes (``device`` must
+    then be the CPU or None). The stream is the same either way, up to float rounding
+    on a GPU."""
+    if workers > 0 and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"loader workers render batches on the CPU; use workers=0 to render on {device}")
+    data = _StepBatches(seed, batch_size, image_size, torch.device(device) if device is not None else None)
     if workers <= 0:
         step = start_step
         while True:
@@ -222,11 +240,29 @@ def _save_model(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
 
 
 def _save_state(path: Path, model, ema, optimizer, step: int, curve: list, gaps: list) -> None:
-    """Write the resumable training state (atomically)."""
+    """Write the resumable training state (atomically), with the model's config so a resume
+    with other model options is refused clearly."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "curve": curve, "label_gaps": gaps}, tmp)
+                "step": step, "curve": curve, "label_gaps": gaps, "model_config": _config_dict(model)}, tmp)
     tmp.replace(path)
+
+
+def _config_dict(model: torch.nn.Module) -> dict:
+    """The model's diffusers config as plain ``{key: value}`` (private ``_`` keys dropped)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+
+
+def _check_resumed_config(saved: dict | None, model: torch.nn.Module, state_path: Path) -> None:
+    """Refuse to resume a run whose saved model config differs from the one built now."""
+    if saved is None:  # a state written before configs were saved
+        return
+    now = _config_dict(model)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        raise ValueError(f"{state_path} was trained with another model ({detail}); resume with the run's model "
+                         f"options or train into a new --out folder")
 
 
 def _record_gap(ema: torch.nn.Module, step: int) -> dict:
@@ -253,15 +289,20 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
           settings: TrainSettings = TrainSettings(), log_every: int = 25, checkpoint_minutes: float = 10.0,
           save_dtype: torch.dtype = torch.float32, resume: bool = False, preview: bool = False,
           model_overrides: dict | None = None, device: str | torch.device = "cpu", workers: int = 0,
-          autocast: torch.dtype | None = None, gap_every: int = 0) -> dict:
+          autocast: torch.dtype | None = None, gap_every: int = 0, compile_backend: str | None = None) -> dict:
     """Train a reference DiT into ``out`` until ``steps`` steps or ``minutes`` minutes; returns the log.
 
-    ``device`` is where the model trains (the data and all random draws come from CPU
-    generators either way); ``workers`` loader processes make the batches; ``autocast``
+    ``device`` is where the model trains (all random draws come from CPU generators
+    either way); without ``workers`` the batches are rendered on ``device``, with them in
+    that many CPU loader processes; ``autocast``
     (bf16 on a GPU) runs forward passes in that dtype with fp32 master weights.
     ``gap_every > 0`` measures the EMA model's :func:`~ras_compile.reference.check.label_gap`
     every that many steps (and at the end) and records it in the log's ``label_gaps``: it
-    shows whether the model has started to use its class label."""
+    shows whether the model has started to use its class label. ``model_overrides`` replace
+    entries of :func:`~ras_compile.reference.model.reference_config` (width, depth, patch
+    size); ``compile_backend`` (e.g. ``"inductor"``) runs the training forward and backward
+    through ``torch.compile`` with that backend (the EMA and the saved weights are the plain
+    module's)."""
     if minutes is None and steps is None:
         raise ValueError("give --minutes or --steps (or both)")
     out = Path(out)
@@ -277,6 +318,7 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
     start_step, curve, gaps = 0, [], []
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=True, map_location=device)
+        _check_resumed_config(state.get("model_config"), model, state_path)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -284,17 +326,21 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
         print(f"resumed at step {start_step}", flush=True)
     print(f"reference DiT: {parameter_count(model) / 1e6:.2f} M parameters, batch {settings.batch_size}, "
           f"{(model.config.sample_size // model.config.patch_size) ** 2} tokens, device {device}, {torch.get_num_threads()} threads, "
-          f"{workers} loader workers", flush=True)
+          f"{workers} loader workers" + (f", compiled ({compile_backend})" if compile_backend else ""), flush=True)
+    # The compiled module shares the parameters; state dicts and the EMA use the plain one.
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     t0 = last_ckpt = time.perf_counter()
     window: list[torch.Tensor] = []
     step = start_step
-    # The data's size is the model's (model_overrides may change sample_size).
-    batches = batch_stream(seed, start_step, settings.batch_size, model.config.sample_size, workers)
+    # The data's size is the model's (model_overrides may change sample_size). Without loader
+    # workers the batches are rendered where the model trains.
+    batches = batch_stream(seed, start_step, settings.batch_size, model.config.sample_size, workers,
+                           device=None if workers > 0 else device)
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < minutes * 60):
         x0, labels = next(batches)
         x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        window.append(train_step(model, optimizer, x0, labels, step_generator(seed, step),
+        window.append(train_step(forward, optimizer, x0, labels, step_generator(seed, step),
                                  learning_rate(step, settings), settings, autocast))
         ema_update(ema, model, settings.ema_decay, step)
         step += 1
@@ -319,7 +365,8 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
     _save_model(ema.cpu(), out, save_dtype)
     log = {"seed": seed, "steps": step, "minutes": minutes, "threads": torch.get_num_threads(),
            "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
-           "workers": workers, "autocast": str(autocast) if autocast else None,
+           "workers": workers, "autocast": str(autocast) if autocast else None, "compile_backend": compile_backend,
+           "model_overrides": model_overrides or {},
            "wall_s": round(time.perf_counter() - t0, 1), "settings": dataclasses.asdict(settings),
            "parameters": parameter_count(model), "save_dtype": str(save_dtype), "torch": torch.__version__,
            "curve": curve, "label_gaps": gaps}
@@ -350,8 +397,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="image side in pixels (patch 2: 32 -> 256 tokens, 64 -> 1024 tokens)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads of 64 channels (width = 64 x heads; default: the reference config's 2)")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the reference config's 6)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch side in pixels (default 2; 1 makes a 32x32 image 1024 tokens)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (0: make batches in-process)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data loader processes that render batches on the CPU (0: render them in this process "
+                        "on --device, the fast choice on a GPU)")
+    p.add_argument("--compile", default=None, metavar="BACKEND", nargs="?", const="inductor",
+                   help="train through torch.compile with this backend (bare --compile: inductor)")
     p.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none",
                    help="forward-pass autocast dtype (bfloat16 on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/training_state.pt")
@@ -372,10 +428,18 @@ def main(argv: list[str] | None = None) -> dict:
     settings = TrainSettings(batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, ema_decay=a.ema_decay,
                              label_dropout=a.label_dropout, time_sampling=a.time_sampling, image_size=a.image_size,
                              class_embedding_std=a.class_embedding_std)
+    overrides = {key: value for key, value in (("num_attention_heads", a.heads), ("num_layers", a.layers),
+                                               ("patch_size", a.patch_size)) if value is not None}
+    for name, value in (("--heads", a.heads), ("--layers", a.layers), ("--patch-size", a.patch_size)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {name} must be a positive integer, got {value}")
+    if a.patch_size is not None and a.image_size % a.patch_size:
+        raise SystemExit(f"error: --image-size {a.image_size} is not a multiple of --patch-size {a.patch_size}")
     return train(a.out, a.minutes, a.steps, a.seed, settings, log_every=a.log_every,
-                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview, device=a.device,
+                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview,
+                 model_overrides=overrides, device=a.device,
                  workers=a.workers, autocast=None if a.autocast == "none" else getattr(torch, a.autocast),
-                 gap_every=a.gap_every)
+                 gap_every=a.gap_every, compile_backend=a.compile)
 
 
 if __name__ == "__main__":
