@@ -78,14 +78,14 @@ def _detach_from_caches(flat, caches) -> list:
 
 
 def row_major(index: torch.Tensor) -> torch.Tensor:
-    """``index`` with row-major strides (copied only when it has other ones).
+    """The ``[B, k]`` ``index`` with strides ``(k, 1)`` (copied only when it has others).
 
     The compiled graphs guard on their inputs' strides, and an index can be contiguous
-    with other strides: a ``[1, k]`` slice of a ``[1, N]`` ranking keeps the row stride
-    ``N`` (a size-1 dim's stride does not count for ``is_contiguous``), and a shared
-    active set may be expanded over the batch (stride 0). Either would recompile the
-    sparse graph on its first call with such an index."""
-    if index.stride() == torch.empty(index.shape, device="meta").stride():
+    with other strides: with batch 1 the selection's ``[1, k]`` slice of the ``[1, N]``
+    ranking keeps the row stride ``N`` (a size-1 dim's stride does not count for
+    ``is_contiguous``, so ``.contiguous()`` keeps it), which recompiled the sparse graph
+    on the first sparse step."""
+    if index.stride() == (index.shape[1], 1):
         return index
     return index.clone(memory_format=torch.contiguous_format)
 

@@ -15,10 +15,10 @@ from ras_compile.controller import RASController
 @pytest.mark.parametrize("dense_graph", [False, True])
 def test_a_28_step_dynamic_schedule_compiles_each_graph_once(dense_graph, batch, share):
     """One graph by default (dense steps run the sparse graph with every token active), two
-    with ``dense_graph=True``; either way nothing compiles again over a whole loop. Batch 1
-    and a batch-shared active set give indices with unusual strides (a ``[1, k]`` slice of
-    a ranking keeps the row stride N; a shared set is expanded over the batch), which
-    recompiled the sparse graph until the runtime made them row-major."""
+    with ``dense_graph=True``; either way nothing compiles again over a whole loop, for
+    per-sample and batch-shared active sets. With batch 1 the active index is a ``[1, k]``
+    slice of the ranking that keeps the row stride N, which recompiled the sparse graph
+    until the runtime made it row-major (``runtime.row_major``)."""
     case = Case("sd3", layers=1, heads=2, head_dim=8, patch=2, height=16, width=16, batch=batch)
     model = case.build()
     policy = RASPolicy(sample_ratio=0.5, warmup_steps=4, reset_steps=(12, 20), schedule="dynamic", num_steps=28,
