@@ -26,9 +26,9 @@ samples/s, ~22 steps/min at batch 32. The loss (per-step mean over ``sigma``) fe
 1.25 to ~0.55 after 50 steps, ~0.30 after 100 and ~0.27 after 150. Three hours on one
 thread is ~4000 steps of 32; with two threads expect roughly 1.5-1.8x that.
 
-The first GPU run (``--device cuda --workers 14``, the recipe of that time): on the lent NVIDIA H100 with 16 cores, batch
-128 ran at ~31 steps/s (~3,900 samples/s; the CPU-side generator in the 14 loader
-processes is the limit, not the GPU). A first 3.5-minute run (6,400 steps, 820 k samples)
+The first GPU run (``--device cuda --workers 14``, the recipe of that time): on the lent
+NVIDIA H100 with 16 cores, batch 128 ran at ~31 steps/s (~3,900 samples/s; the CPU-side
+generator in the 14 loader processes is the limit, not the GPU). A first 3.5-minute run (6,400 steps, 820 k samples)
 reached a loss of 0.11, but its dense 28-step samples were classified right only 18 % of
 the time (chance is 12.5 %): backgrounds and colours, blobs instead of shapes. Its
 label gap (:func:`~ras_compile.reference.check.label_gap`: how much the loss rises with
@@ -198,7 +198,7 @@ class _StepBatches(torch.utils.data.Dataset):
     """Item ``step`` is training step ``step``'s batch: a pure function of (seed, step), so
     batches made by loader workers are the ones the main process would make."""
 
-    def __init__(self, seed: int, batch_size: int, image_size: int, device: torch.device | None = None):
+    def __init__(self, seed: int, batch_size: int, image_size: int, device: str | torch.device | None = None):
         self.seed, self.batch_size, self.image_size, self.device = seed, batch_size, image_size, device
 
     def __len__(self) -> int:
@@ -219,7 +219,7 @@ def batch_stream(seed: int, start_step: int, batch_size: int, image_size: int = 
     on a GPU."""
     if workers > 0 and device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"loader workers render batches on the CPU; use workers=0 to render on {device}")
-    data = _StepBatches(seed, batch_size, image_size, torch.device(device) if device is not None else None)
+    data = _StepBatches(seed, batch_size, image_size, device)
     if workers <= 0:
         step = start_step
         while True:
