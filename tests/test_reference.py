@@ -280,9 +280,13 @@ def test_train_with_model_options_compiled_and_refuses_to_resume_another_model(t
     """--patch-size / --heads / --layers reach the model; --compile trains through
     torch.compile (the cheap aot_eager backend here) and saves the plain module's weights;
     resuming with another model is refused with the differing settings named."""
+    from torch._dynamo.utils import counters
+
     pixels = dict(TINY, patch_size=1)
+    counters.clear()
     log = train.train(tmp_path, steps=2, settings=train.TrainSettings(batch_size=2), log_every=1,
                       model_overrides=pixels, compile_backend="aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # the training forward really went through Dynamo
     assert log["compile_backend"] == "aot_eager" and log["model_overrides"] == pixels
     assert all(math.isfinite(c["loss"]) for c in log["curve"])
     loaded = model.load_reference_model(tmp_path)
