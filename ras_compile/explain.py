@@ -39,6 +39,7 @@ class Explanation:
     caches: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
     fusible_projections: list[str] = field(default_factory=list)  # K/V linears fused with the cache write on CUDA
     fused_norms: list[str] = field(default_factory=list)  # those K linears whose per-head q/k-norm is fused too
+    recognised_attention: list[str] = field(default_factory=list)  # hand-written attention rewritten as SDPA
 
     @property
     def flop_fraction(self) -> float:
@@ -55,6 +56,9 @@ class Explanation:
         for value, consumer, reason in self.densified:
             lines.append(f"  densified: {value} before {consumer} ({reason})")
         lines.append("  nodes: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()))
+        if self.recognised_attention:
+            lines.append(f"  hand-written attention recognised ({len(self.recognised_attention)}): "
+                         + "; ".join(self.recognised_attention))
         lines.append(f"  attention over cached K/V ({len(self.attention_cached_kv)}): "
                      + (", ".join(self.attention_cached_kv) or "none"))
         if self.cross_attention:
@@ -142,6 +146,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         counts=dict(analysis.counts), ratio=ratio, active_tokens=k,
         dense_flops=dense_flops, sparse_flops=sparse_flops,
         caches=[(c.name, c.shape, str(c.dtype).replace("torch.", "")) for c in analysis.caches],
+        recognised_attention=[str(r) for r in analysis.recognised_attention],
     )
 
 

@@ -17,6 +17,7 @@ from .capture import Captured, call_arguments, export_model, latent_placeholder,
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
+from .passes.attention_pattern import recognise_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
@@ -166,7 +167,9 @@ class RASModule(torch.nn.Module):
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+            recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
             analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
+            analysis.recognised_attention = recognised
             if self._fuses(latent.device):
                 analysis = fuse_kv_projections(gm, analysis)
         except UnsupportedModelError as exc:

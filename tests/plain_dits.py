@@ -2,8 +2,12 @@
 
 ``PlainDiT`` is an ordinary DiT (patch conv, self-attention blocks, unpatchify by
 reshape/permute); ``token_mixer`` adds an operator that mixes tokens: ones the pass
-densifies through an activation cache ("mean", "conv", "linear_attention") and ones
-it must refuse ("cumsum": no rule; "manual_attention": a [N, N] score matrix).
+densifies through an activation cache ("mean", "conv", "linear_attention"), one it
+recognises as attention ("manual_attention": softmax(h h^T) h, no projections) and ones
+it must refuse ("cumsum": no rule; "gram": (h h^T) h, a [N, N] product that is no
+attention). ``attention`` picks how the blocks write their attention: with
+``F.scaled_dot_product_attention`` ("sdpa") or by hand, in the forms of
+:data:`HAND_WRITTEN_ATTENTION`.
 """
 from __future__ import annotations
 
@@ -12,10 +16,42 @@ import torch.nn.functional as F
 from torch import nn
 
 
+HAND_WRITTEN_ATTENTION = (
+    "timm",           # q * scale @ k^T, softmax, dropout (eval), @ v
+    "einsum_masked",  # einsum scores / sqrt(d), masked_fill(-inf) of every 5th key, fp32 softmax, einsum
+    "folded_heads",   # heads folded into the batch axis ([B * H, N, d], diffusers' classic processor), bmm
+    "rel_bias",       # q @ k^T * scale + a learned [H, N, N] bias (a mask with query and key axes)
+)
+
+
+def _hand_written_attention(form: str, q, k, v, bias=None):
+    """Attention of ``q, k, v`` ``[b, heads, n, d]`` written out in ``form``; returns ``[b, heads, n, d]``."""
+    b, heads, n, d = q.shape
+    scale = d ** -0.5
+    if form == "timm":
+        attn = (q * scale) @ k.transpose(-2, -1)
+        return F.dropout(attn.softmax(dim=-1), p=0.1, training=False) @ v
+    if form == "einsum_masked":
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / d ** 0.5
+        hidden = (torch.arange(n, device=q.device) % 5 == 3).view(1, 1, 1, n)
+        probs = scores.masked_fill(hidden, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+        return torch.einsum("bhij,bhjd->bhid", probs, v)
+    if form == "folded_heads":
+        fold = lambda t: t.reshape(b * heads, n, d)  # noqa: E731
+        probs = (torch.bmm(fold(q), fold(k).transpose(1, 2)) * scale).softmax(dim=-1)
+        return torch.bmm(probs, fold(v)).reshape(b, heads, n, d)
+    if form == "rel_bias":
+        scores = q @ k.transpose(-2, -1) * scale + bias[:, :n, :n]
+        return scores.softmax(dim=-1) @ v
+    raise ValueError(f"unknown attention form {form!r}")
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, token_mixer: str | None):
+    def __init__(self, dim: int, heads: int, token_mixer: str | None, attention: str = "sdpa", max_tokens: int = 64):
         super().__init__()
         self.heads = heads
+        self.attention = attention
+        self.bias = nn.Parameter(0.5 * torch.randn(heads, max_tokens, max_tokens)) if attention == "rel_bias" else None
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -30,7 +66,11 @@ class Block(nn.Module):
         shift, scale = self.mod(emb).unsqueeze(1).chunk(2, dim=-1)
         h = self.norm1(x) * (1 + scale) + shift
         q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        if self.attention == "sdpa":
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = _hand_written_attention(self.attention, q, k, v, self.bias)
+        a = a.transpose(1, 2).reshape(b, n, d)
         x = x + self.out(a)
         if self.token_mixer == "mean":
             x = x + x.mean(dim=1, keepdim=True)  # global pooling over tokens
@@ -45,16 +85,19 @@ class Block(nn.Module):
         elif self.token_mixer == "manual_attention":
             scores = (h @ h.transpose(1, 2)).softmax(dim=-1)
             x = x + scores @ h
+        elif self.token_mixer == "gram":
+            x = x + (h @ h.transpose(1, 2)) @ h / n
         return x + self.mlp(self.norm2(x))
 
 
 class PlainDiT(nn.Module):
-    def __init__(self, channels=4, dim=16, heads=2, depth=2, patch=2, token_mixer: str | None = None):
+    def __init__(self, channels=4, dim=16, heads=2, depth=2, patch=2, token_mixer: str | None = None,
+                 attention: str = "sdpa"):
         super().__init__()
         self.patch = patch
         self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
         self.time = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, token_mixer) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, token_mixer, attention) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, patch * patch * channels)
 

@@ -193,7 +193,7 @@ def test_token_mixing_ops_are_densified_and_keep_the_dense_equivalence(mixer, de
 
 
 @pytest.mark.parametrize("mixer,op,why", [("cumsum", "aten.cumsum.default", "no token rule"),
-                                          ("manual_attention", "aten.matmul.default", "two token axes")])
+                                          ("gram", "aten.matmul.default", "two token axes")])
 def test_an_op_the_pass_cannot_decide_is_refused_with_node_op_and_reason(mixer, op, why):
     ras = ras_compile(PlainDiT(token_mixer=mixer), RASPolicy(), backend=None)
     with pytest.raises(UnsupportedModelError) as info:

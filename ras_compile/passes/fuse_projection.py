@@ -130,7 +130,7 @@ def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis
     linear = source
     lay = _layout(analysis, linear)
     shape = tuple(int(s) for s in linear.meta["val"].shape)
-    if lay is None or len(shape) != 3 or lay.batch_dim != 0 or lay.token_dim != 1:
+    if lay is None or len(shape) != 3 or lay.batch_dim != 0 or lay.token_dim != 1 or lay.batch_group != 1:
         return None
     weight = linear.args[1]
     if _layout(analysis, weight) is not None or (len(linear.args) > 2 and _layout(analysis, linear.args[2])):

@@ -117,10 +117,17 @@ class _SparseBuilder:
         return self.graph.call_function(operator.add, (self.k, p - self.a.num_tokens))
 
     def positions(self, lay: TokenLayout) -> fx.Node:
-        key = (lay.offset, lay.length)
+        """The ``[rows, k]`` dense positions of the active tokens on an axis laid out as ``lay``
+        (one row per sample, repeated ``batch_group`` times where axes are folded into the batch)."""
+        group = lay.batch_group if lay.batch_dim is not None else 1
+        key = (lay.offset, lay.length, group)
         if key not in self._pos:
-            self._pos[key] = self.graph.call_function(
-                token_ops.dense_positions, (self.index, lay.offset, lay.length, self.a.num_tokens))
+            if group == 1:
+                self._pos[key] = self.graph.call_function(
+                    token_ops.dense_positions, (self.index, lay.offset, lay.length, self.a.num_tokens))
+            else:
+                self._pos[key] = self.graph.call_function(
+                    token_ops.repeat_rows, (self.positions(lay.shifted(batch_group=1)), group))
         return self._pos[key]
 
     def layout(self, node) -> TokenLayout | None:

@@ -32,20 +32,29 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where image tokens sit in one tensor (dense shapes)."""
+    """Where image tokens sit in one tensor (dense shapes).
+
+    ``batch_group``: how many consecutive rows of the batch axis belong to one sample.
+    It is 1 unless a view folded other axes into the batch axis behind it, as
+    ``[B, H, N, d] -> [B * H, N, d]`` does (diffusers' classic attention processor,
+    einops' ``(b h) n d``): sample ``b`` then owns rows ``b * H ... b * H + H - 1``."""
 
     token_dim: int
     batch_dim: int | None
     offset: int
     length: int
+    batch_group: int = 1
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
-                offset: int | None = None, length: int | None = None) -> "TokenLayout":
+                offset: int | None = None, length: int | None = None,
+                batch_group: int | None = None) -> "TokenLayout":
+        batch_dim = self.batch_dim if batch_dim == "same" else batch_dim
         return TokenLayout(
             self.token_dim if token_dim is None else token_dim,
-            self.batch_dim if batch_dim == "same" else batch_dim,
+            batch_dim,
             self.offset if offset is None else offset,
             self.length if length is None else length,
+            1 if batch_dim is None else self.batch_group if batch_group is None else batch_group,
         )
 
 
@@ -90,6 +99,7 @@ class TokenAnalysis:
     output_leaf: int | None = None     # which flat output is the latent-shaped prediction
     counts: dict[str, int] = field(default_factory=dict)
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
+    recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
 
 
 def _val(node):
@@ -133,6 +143,36 @@ def _map_dim_through_view(in_shape, out_shape, dim) -> int | None:
         if running == before and size == in_shape[dim]:
             return j
         running *= size
+    return None
+
+
+def _regroup_batch_through_view(in_shape, out_shape, batch_dim: int, group: int, batch_size: int,
+                                token_dim: int) -> tuple[int, int] | None:
+    """Where the batch axis goes when a view folds axes into it or splits it (the axis
+    keeps samples outermost: sample ``b`` owns ``group`` consecutive rows), as
+    ``(out_dim, out_group)``; None if the view mixes samples with the token axis.
+
+    Folding ``[B, H, ...] -> [B * H, ...]`` multiplies the group by ``H``; splitting
+    ``[B * H, ...] -> [B, H, ...]`` (or into ``[B * H1, H2, ...]``) divides it."""
+    before = prod(in_shape[:batch_dim])
+    running = 1
+    for j, size in enumerate(out_shape):
+        if running == before:
+            # fold: input axes batch_dim .. end-1 become output axis j
+            merged = in_shape[batch_dim]
+            for end in range(batch_dim + 1, len(in_shape)):
+                if end == token_dim or merged >= size:
+                    break
+                merged *= in_shape[end]
+                if merged == size:
+                    return j, group * (merged // in_shape[batch_dim])
+            # split: input axis batch_dim becomes output axes j, j+1, ... with samples in axis j
+            if in_shape[batch_dim] % size == 0 and size % batch_size == 0 and size != in_shape[batch_dim]:
+                return j, size // batch_size
+            return None
+        running *= size
+        if running > before:
+            return None
     return None
 
 
@@ -376,12 +416,17 @@ def _view(an: _Analyzer, node: fx.Node):
             an.densify(src, node, "the token axis is split back into the latent grid (unpatchify, or a grid operator such as a convolution follows)")
             return None
         an.refuse(node, "a view that splits or merges a joint (text + image) token axis")
-    batch_dim = None
+    batch_dim, group = None, 1
     if lay.batch_dim is not None:
-        batch_dim = _map_dim_through_view(in_shape, out_shape, lay.batch_dim)
+        batch_dim, group = _map_dim_through_view(in_shape, out_shape, lay.batch_dim), lay.batch_group
         if batch_dim is None and an.batch_size > 1:
-            an.refuse(node, "a view that merges the batch axis with the token axis or another axis")
-    return lay.shifted(token_dim=token_dim, batch_dim=batch_dim)
+            regrouped = _regroup_batch_through_view(in_shape, out_shape, lay.batch_dim, lay.batch_group,
+                                                    an.batch_size, lay.token_dim)
+            if regrouped is None:
+                an.refuse(node, "a view that merges the batch axis with the token axis, or splits it other "
+                                "than into samples and a per-sample axis")
+            batch_dim, group = regrouped
+    return lay.shifted(token_dim=token_dim, batch_dim=batch_dim, batch_group=group)
 
 
 def _permute_like(an, node, order):
@@ -497,8 +542,10 @@ def _matmul(an, node):
             an.densify(operand, node, "a matrix product contracts over the token axis")
         return None
     if "contracted" in kinds or [r[0] for r in roles].count("free") > 1:
-        an.refuse(node, "a matrix product between two image-token tensors whose result has two token axes "
-                        "(hand-written attention); use scaled_dot_product_attention")
+        an.refuse(node, "a matrix product between two image-token tensors whose result has two token axes, "
+                        "and not part of an attention the pass recognises (softmax over the last axis of q k^T, "
+                        "times v, with only scales, masks and casts between: see docs/how-it-works.md); "
+                        "write it with scaled_dot_product_attention")
     outs = {(r[2].token_dim, r[2].offset, r[2].length) for r in roles}
     if len(outs) > 1:
         an.refuse(node, "matrix product operands carry image tokens on different axes")

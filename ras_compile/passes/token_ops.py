@@ -35,6 +35,12 @@ def dense_positions(index: torch.Tensor, offset: int, dense_length: int, num_tok
     return torch.cat(parts, dim=1)
 
 
+def repeat_rows(pos: torch.Tensor, group: int) -> torch.Tensor:
+    """``pos`` with every sample's row repeated ``group`` times: the position map of a batch
+    axis into which a view folded a per-sample axis (``[B, H, N, d] -> [B * H, N, d]``)."""
+    return pos.repeat_interleave(group, dim=0)
+
+
 def _batch_arange(pos: torch.Tensor) -> torch.Tensor:
     return torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
 

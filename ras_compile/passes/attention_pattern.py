@@ -1,0 +1,370 @@
+"""Recognise hand-written attention in a captured graph and rewrite it as one SDPA node.
+
+The token analysis (passes/token_axis.py) knows attention as
+``aten.scaled_dot_product_attention``: queries keep the token axis, keys and values are
+read whole from the K/V cache. Many DiTs compute attention by hand instead (the DiT and
+PixArt reference code, timm's non-fused path, diffusers' classic ``AttnProcessor``),
+which torch.export captures as::
+
+    s = matmul(q, transpose(k, -2, -1))          # or bmm, baddbmm(_, q, kT, beta=0, alpha=a),
+                                                 # or einsum("...id,...jd->...ij", q, k)
+    s = s * c | s / c | s + mask | masked_fill(s, m, -inf) | to(s, dtype)   # any of, in any order
+    p = softmax(s, -1)                           # or _softmax; optionally with a dtype
+    p = dropout(p, _, False) | to(p, dtype) | clone(p)                     # inference no-ops
+    o = matmul(p, v)                             # or bmm, einsum("...ij,...jd->...id", p, v)
+
+Read as tokens, ``s`` has two token axes (queries and keys), which the analysis cannot
+follow. ``recognise_attention`` replaces each such chain by
+``scaled_dot_product_attention(q, k, v, attn_mask=M, scale=c)``, the same function: the
+scale is the product of every constant factor (``alpha``, ``* c``, ``/ c``), an additive
+mask is passed as is, ``masked_fill(s, m, v)`` with ``v = -inf`` (or a finite ``v <=
+-1e4``) becomes the boolean mask ``~m``, and adding a constant to every score is dropped
+(softmax ignores it). The match is strict: every intermediate value must be read only
+inside the chain (a model that returns its attention maps is left alone and refused as
+before), the softmax is over the last axis, q, k and v have rank >= 3 with equal batch
+axes and one dtype, and the output has that dtype. Anything else is left as it was.
+
+What differs from the hand-written form: the float rounding of the fused kernel, and a
+query row whose keys are *all* masked by a finite fill (the hand-written softmax spreads
+it uniformly; SDPA's boolean mask does not). Neither changes a model whose masks leave
+some key visible to every query, which is what padding masks do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from .token_axis import _SKIPPED, _packet
+
+aten = torch.ops.aten
+
+__all__ = ["RecognisedAttention", "recognise_attention"]
+
+_SOFTMAX = {aten.softmax, aten._softmax}
+_PRODUCT = {aten.matmul, aten.bmm}
+_CASTS = {aten.to, aten._to_copy}
+_IDENTITY_AFTER = {aten.clone, aten.contiguous, aten.alias, aten.detach}
+_FILL_LIMIT = -1e4  # a masked_fill value at or below this removes the key from the softmax
+
+
+@dataclasses.dataclass(frozen=True)
+class RecognisedAttention:
+    """One hand-written attention replaced by ``sdpa`` (node names in the captured graph)."""
+
+    sdpa: str
+    scores: str       # the q-k product node
+    softmax: str
+    output: str       # the p-v product node it replaced
+    scale: float
+    mask: str | None  # "additive" or "boolean" or None
+
+    def __str__(self) -> str:
+        mask = f", {self.mask} mask" if self.mask else ""
+        return f"{self.scores} -> {self.softmax} -> {self.output} as {self.sdpa} (scale {self.scale:.6g}{mask})"
+
+
+@dataclasses.dataclass
+class _Chain:
+    q: fx.Node
+    k: fx.Node               # [..., S, E], or the [..., E, S] operand when k_transposed is False
+    k_is_transposed: bool    # True: ``k`` above is the [..., E, S] operand and needs a transpose
+    v: fx.Node | None = None
+    scale: float = 1.0
+    mask: fx.Node | None = None
+    mask_kind: str | None = None  # "additive" or "fill"
+    scores: fx.Node | None = None
+    nodes: list = dataclasses.field(default_factory=list)  # every node the SDPA replaces
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Users that compute something (metadata asserts do not count)."""
+    return [u for u in node.users if _packet(u) not in _SKIPPED]
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = _users(node)
+    return users[0] if len(users) == 1 else None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def _is_last_dim(dim, rank: int) -> bool:
+    return isinstance(dim, int) and dim % rank == rank - 1
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    if _packet(node) is not aten.transpose:
+        return False
+    rank = _val(node).dim()
+    return {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}
+
+
+def _einsum_roles(equation: str, kind: str) -> bool:
+    """Whether ``equation`` is a score product (``...id,...jd->...ij``, kind "scores") or a
+    value product (``...ij,...jd->...id``, kind "values") over the same leading axes."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        return False
+    ins, out = eq.split("->")
+    a, b = ins.split(",")
+    if any(len(t) < 3 for t in (a, b, out)) or len({a[:-2], b[:-2], out[:-2]}) != 1:
+        return False
+    prefix = a[:-2]
+    i, x = a[-2:]
+    y, z = b[-2:]
+    letters = [c for c in prefix if c != "."]
+    if len(set(letters)) != len(letters) or any(c in letters for c in (i, x, y, z)):
+        return False
+    if kind == "scores":   # a = i d, b = j d, out = i j
+        return x == z and len({i, y, x}) == 3 and out[-2:] == i + y
+    return x == y and len({i, x, z}) == 3 and out[-2:] == i + z  # a = i j, b = j d, out = i d
+
+
+def _score_product(node: fx.Node) -> _Chain | None:
+    """``node`` as the q-k product, or None."""
+    packet = _packet(node)
+    if packet in _PRODUCT:
+        return _score_product_from(node.args[0], node.args[1])
+    if packet is aten.baddbmm:
+        beta, alpha = _arg(node, 3, "beta", 1), _arg(node, 4, "alpha", 1)
+        if not (_is_number(beta) and _is_number(alpha)) or beta not in (0, 1):
+            return None
+        chain = _score_product_from(node.args[1], node.args[2])
+        if chain is None:
+            return None
+        chain.scale *= float(alpha)
+        if beta == 1:
+            chain.mask, chain.mask_kind = node.args[0], "additive"
+        return chain
+    if packet is aten.einsum and _einsum_roles(node.args[0], "scores") and len(node.args[1]) == 2:
+        q, k = node.args[1]
+        return _Chain(q=q, k=k, k_is_transposed=False)
+    return None
+
+
+def _score_product_from(q, kt) -> _Chain | None:
+    if not (isinstance(q, fx.Node) and isinstance(kt, fx.Node)):
+        return None
+    if _is_last_two_transpose(kt):
+        return _Chain(q=q, k=kt.args[0], k_is_transposed=False)
+    return _Chain(q=q, k=kt, k_is_transposed=True)
+
+
+def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain | None:
+    """Walk from a softmax input back to the q-k product through scale / mask / cast nodes."""
+    if _only_user(node) is None:
+        return None  # the scores are read elsewhere too: not a pure attention
+    packet = _packet(node)
+    here = [*chain_nodes, node]
+    if packet in (*_PRODUCT, aten.baddbmm, aten.einsum):
+        chain = _score_product(node)
+        if chain is None or (chain.mask is not None and mask is not None):
+            return None
+        chain.scale *= scale
+        if mask is not None:
+            chain.mask, chain.mask_kind = mask
+        chain.scores, chain.nodes = node, here
+        return chain
+    if packet in _CASTS:
+        return _walk_scores(node.args[0], here, scale, mask)
+    if packet is aten.mul:
+        a, b = node.args[0], node.args[1]
+        tensor, c = (a, b) if _is_number(b) else (b, a) if _is_number(a) else (None, None)
+        if tensor is None:
+            return None
+        return _walk_scores(tensor, here, scale * float(c), mask)
+    if packet is aten.div:
+        if not _is_number(node.args[1]) or node.args[1] == 0 or node.kwargs.get("rounding_mode"):
+            return None
+        return _walk_scores(node.args[0], here, scale / float(node.args[1]), mask)
+    if packet is aten.add:
+        a, b = node.args[0], node.args[1]
+        if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
+            return None
+        if _is_number(b) or _is_number(a):  # a constant shift of every score: softmax ignores it
+            return _walk_scores(a if _is_number(b) else b, here, scale, mask)
+        if mask is not None:
+            return None
+        for scores, extra in ((a, b), (b, a)):
+            chain = _walk_scores(scores, here, scale, (extra, "additive"))
+            if chain is not None:
+                return chain
+        return None
+    if packet is aten.masked_fill:
+        value = node.args[2]
+        if mask is not None or not _is_number(value) or not (value == -math.inf or value <= _FILL_LIMIT):
+            return None
+        if _val(node.args[1]) is None or _val(node.args[1]).dtype != torch.bool:
+            return None
+        return _walk_scores(node.args[0], here, scale, (node.args[1], "fill"))
+    return None
+
+
+def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, list] | None:
+    """From the softmax forward through inference no-ops to the p-v product."""
+    node, passed = softmax, []
+    while True:
+        user = _only_user(node)
+        if user is None:
+            return None
+        packet = _packet(user)
+        if packet in _CASTS or packet in _IDENTITY_AFTER:
+            node = user
+        elif packet is aten.dropout:
+            if _arg(user, 2, "train", True) and _arg(user, 1, "p", 0) != 0:
+                return None
+            node = user
+        elif packet in _PRODUCT and user.args[0] is node:
+            return user, passed
+        elif (packet is aten.einsum and _einsum_roles(user.args[0], "values") and len(user.args[1]) == 2
+              and user.args[1][0] is node):
+            return user, passed
+        else:
+            return None
+        passed.append(node)
+
+
+def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
+    q, k, v = _val(chain.q), _val(chain.k), _val(chain.v)
+    out = _val(output)
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, out)) or q.dim() < 3:
+        return False
+    if not (q.dim() == k.dim() == v.dim() == out.dim()):
+        return False
+    k_shape = tuple(k.shape[:-2]) + ((k.shape[-1], k.shape[-2]) if chain.k_is_transposed else tuple(k.shape[-2:]))
+    batch = tuple(q.shape[:-2])
+    if tuple(k_shape[:-2]) != batch or tuple(v.shape[:-2]) != batch:
+        return False
+    if k_shape[-1] != q.shape[-1] or v.shape[-2] != k_shape[-2]:
+        return False
+    if not (q.dtype == k.dtype == v.dtype == out.dtype) or not q.is_floating_point():
+        return False
+    if chain.mask is not None:
+        m = _val(chain.mask)
+        if not isinstance(m, torch.Tensor):
+            return False
+        try:
+            torch.broadcast_shapes(tuple(m.shape), (*batch, q.shape[-2], k_shape[-2]))
+        except RuntimeError:
+            return False
+        if m.dim() > q.dim():
+            return False
+        if chain.mask_kind == "additive" and not m.is_floating_point():
+            return False  # SDPA would read a boolean as a keep-mask, not as +0 / +1
+    return True
+
+
+def _match(softmax: fx.Node) -> tuple[_Chain, fx.Node] | None:
+    scores = softmax.args[0]
+    if not isinstance(scores, fx.Node) or not isinstance(_val(scores), torch.Tensor):
+        return None
+    if not _is_last_dim(softmax.args[1], _val(scores).dim()):
+        return None
+    chain = _walk_scores(scores, [], 1.0, None)
+    if chain is None:
+        return None
+    forward = _walk_probabilities(softmax)
+    if forward is None:
+        return None
+    output, passed = forward
+    chain.v = output.args[1] if _packet(output) in _PRODUCT else output.args[1][1]
+    if not isinstance(chain.v, fx.Node) or not _shapes_fit(chain, output):
+        return None
+    chain.nodes += [softmax, *passed, output]
+    return chain, output
+
+
+def _fake(node: fx.Node, fn, *args, **kwargs) -> None:
+    """Compute ``node.meta['val']`` by running ``fn`` on the inputs' fake values."""
+    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    kw = {k: (v.meta["val"] if isinstance(v, fx.Node) else v) for k, v in kwargs.items()}
+    mode = detect_fake_mode([v for v in (*vals, *kw.values()) if isinstance(v, torch.Tensor)])
+    with mode:
+        node.meta["val"] = fn(*vals, **kw)
+
+
+def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
+    with graph.inserting_before(output):
+        k = chain.k
+        if chain.k_is_transposed:
+            k = graph.call_function(aten.transpose.int, (chain.k, -2, -1))
+            _fake(k, aten.transpose.int, chain.k, -2, -1)
+        mask = chain.mask
+        if mask is not None and chain.mask_kind == "fill":
+            mask = graph.call_function(aten.logical_not.default, (chain.mask,))
+            _fake(mask, aten.logical_not.default, chain.mask)
+        elif mask is not None and _val(mask).dtype != _val(chain.q).dtype:
+            dtype = _val(chain.q).dtype
+            mask = graph.call_function(aten.to.dtype, (chain.mask, dtype))
+            _fake(mask, aten.to.dtype, chain.mask, dtype)
+        kwargs = {"attn_mask": mask, "scale": chain.scale}
+        sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (chain.q, k, chain.v), kwargs)
+        _fake(sdpa, aten.scaled_dot_product_attention.default, chain.q, k, chain.v, **kwargs)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in output.meta:
+            sdpa.meta[key] = output.meta[key]
+    output.replace_all_uses_with(sdpa)
+    return sdpa
+
+
+def _erase_dead(graph: fx.Graph, nodes: list) -> None:
+    """Erase the replaced ``nodes`` (with the metadata asserts on them), last first, then
+    their operands that nothing reads any more (a transpose of K, baddbmm's empty input)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    erased = set()
+    operands = []
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+        for user in list(node.users):
+            if _packet(user) in _SKIPPED and not user.users:
+                graph.erase_node(user)
+        if not node.users:
+            operands += [a for a in node.all_input_nodes if a not in nodes]
+            graph.erase_node(node)
+            erased.add(node)
+    for node in operands:
+        if node.op == "call_function" and node not in erased and not _users(node) and not node.is_impure():
+            for user in list(node.users):
+                graph.erase_node(user)
+            graph.erase_node(node)
+            erased.add(node)
+
+
+def recognise_attention(gm: fx.GraphModule) -> list[RecognisedAttention]:
+    """Rewrite every hand-written attention chain of ``gm`` as one SDPA node, in place.
+
+    Returns what was replaced, in graph order (an empty list leaves ``gm`` untouched)."""
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _packet(node) not in _SOFTMAX or node.graph is not gm.graph:
+            continue
+        matched = _match(node)
+        if matched is None:
+            continue
+        chain, output = matched
+        names = (chain.scores.name, node.name, output.name)
+        sdpa = _replace(gm.graph, chain, output)
+        _erase_dead(gm.graph, chain.nodes)
+        found.append(RecognisedAttention(sdpa=sdpa.name, scores=names[0], softmax=names[1], output=names[2],
+                                         scale=chain.scale,
+                                         mask={"additive": "additive", "fill": "boolean"}.get(chain.mask_kind)))
+    if found:
+        gm.graph.lint()
+        gm.recompile()
+    return found

@@ -1,0 +1,173 @@
+"""Hand-written attention (passes/attention_pattern.py) goes through the pass like SDPA.
+
+Models that write ``softmax(q k^T) v`` out by hand (timm's non-fused path, einsum with a
+mask, heads folded into the batch axis, a learned bias over query and key axes,
+diffusers' classic ``AttnProcessor``) are rewritten to one SDPA node whose K/V are
+cached; the properties are the ones SDPA models keep: the dense graph equals the model,
+a sparse step right after a dense step equals it for any active set.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plain_dits import HAND_WRITTEN_ATTENTION, PlainDiT
+from ras_compile import RASPolicy, UnsupportedModelError, explain, ras_compile
+from ras_compile.passes.attention_pattern import recognise_attention
+
+aten = torch.ops.aten
+POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+
+
+def _sparse_after_dense(model, inputs: dict, index: torch.Tensor):
+    ras = ras_compile(model, POLICY, backend="aot_eager")
+    dense = ras(**inputs)
+    ras.ras_controller.override_next_step("sparse", index)
+    return ras, dense, ras(**inputs)
+
+
+def _export(fn: torch.nn.Module, *args) -> fx.GraphModule:
+    return torch.export.export(fn, args, strict=False).graph_module
+
+
+def _targets(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("form", HAND_WRITTEN_ATTENTION)
+def test_each_hand_written_form_becomes_cached_attention_and_keeps_dense_equivalence(form):
+    torch.manual_seed(0)
+    model = PlainDiT(attention=form, depth=2).eval()
+    x, t = torch.randn(2, 4, 8, 12), torch.full((2,), 999.0)
+    ras = ras_compile(model, POLICY, backend="aot_eager")
+    analysis = ras.ras_analysis(x, t)
+    assert len(analysis.recognised_attention) == 2
+    assert len(analysis.attention) == 2 and analysis.counts["attention_cached_kv"] == 2
+    assert {r.sdpa for r in analysis.recognised_attention} == set(analysis.attention)
+    dense = ras(x, t)
+    torch.testing.assert_close(dense, model(x, t), rtol=1e-5, atol=1e-5)
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 5, 6, 23], [1, 2, 17, 20]]))
+    torch.testing.assert_close(ras(x, t), dense, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(form=st.sampled_from(HAND_WRITTEN_ATTENTION), batch=st.integers(1, 3), data=st.data())
+def test_sparse_step_after_dense_equals_dense_for_any_active_set(form, batch, data):
+    torch.manual_seed(1)
+    model = PlainDiT(attention=form, depth=2, heads=2).eval()
+    x, t = torch.randn(batch, 4, 8, 8), torch.full((batch,), 500.0)
+    k = data.draw(st.integers(1, 16), label="k")
+    rows = [data.draw(st.permutations(range(16)), label="order")[:k] for _ in range(batch)]
+    _, dense, sparse = _sparse_after_dense(model, dict(hidden_states=x, timestep=t), torch.tensor(rows))
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_classic_attention_processor_is_supported():
+    """diffusers' AttnProcessor: baddbmm(empty, q, k^T, beta=0, alpha=scale), softmax, bmm,
+    with heads folded into the batch axis ([B * H, N, d])."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AttnProcessor())
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.full((2,), 400),
+                  class_labels=torch.tensor([1, 7]), return_dict=False)
+    ras, dense, sparse = _sparse_after_dense(model, inputs, torch.tensor([[0, 3, 9], [2, 4, 15]]))
+    analysis = ras.ras_analysis(**inputs)
+    assert [r.scores for r in analysis.recognised_attention] == ["baddbmm", "baddbmm_1"]
+    assert all(abs(r.scale - 8 ** -0.5) < 1e-12 for r in analysis.recognised_attention)
+    torch.testing.assert_close(dense[0], model(**inputs)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unprojected_self_attention_mixer_is_recognised_too():
+    model = PlainDiT(token_mixer="manual_attention", depth=2)
+    x, t = torch.randn(2, 4, 8, 12), torch.full((2,), 999.0)
+    ras, dense, sparse = _sparse_after_dense(model, dict(hidden_states=x, timestep=t),
+                                             torch.tensor([[1, 2, 3], [4, 20, 23]]))
+    assert len(ras.ras_analysis(x, t).recognised_attention) == 2
+    torch.testing.assert_close(dense, model(x, t))
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_reports_the_recognised_attention():
+    model = PlainDiT(attention="timm", depth=1)
+    report = explain(model, dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.ones(2)), verbose=False)
+    text = str(report)
+    assert "hand-written attention recognised (1)" in text
+    assert "matmul -> softmax -> matmul_1 as scaled_dot_product_attention" in text
+
+
+# -- the rewrite itself, on small graphs -------------------------------------------------------
+
+class _Scores(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, q, k, v, m):
+        return self.body(q, k, v, m)
+
+
+def _rewrite(body, *args):
+    gm = _export(_Scores(body), *args)
+    found = recognise_attention(gm)
+    return gm, found
+
+
+QKV = (torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6))
+
+
+@pytest.mark.parametrize("name,body,scale,mask", [
+    ("scaled after", lambda q, k, v, m: ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v, 0.5, None),
+    ("divided, two factors", lambda q, k, v, m: (q @ k.transpose(-2, -1) / 4.0 * 3.0).softmax(-1) @ v, 0.75, None),
+    ("constant shift ignored", lambda q, k, v, m: (q @ k.transpose(-2, -1) + 2.0).softmax(-1) @ v, 1.0, None),
+    ("additive mask", lambda q, k, v, m: (q @ k.transpose(-2, -1) + m).softmax(-1) @ v, 1.0, "additive"),
+    ("mask first", lambda q, k, v, m: (m + q @ k.transpose(-2, -1)).softmax(-1) @ v, 1.0, "additive"),
+    ("finite fill", lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m < -1, -1e9).softmax(-1) @ v,
+     1.0, "boolean"),
+    ("dtype softmax", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1), -1, dtype=torch.float32) @ v,
+     1.0, None),
+])
+def test_rewrite_matches_the_hand_written_function(name, body, scale, mask):
+    m = torch.randn(1, 1, 5, 7)
+    gm, found = _rewrite(body, *QKV, m)
+    assert len(found) == 1, name
+    assert found[0].scale == pytest.approx(scale) and found[0].mask == mask
+    targets = _targets(gm)
+    assert aten.scaled_dot_product_attention.default in targets
+    assert not {aten.softmax.int, aten._softmax.default, aten.matmul.default} & set(targets)
+    torch.testing.assert_close(gm(*QKV, m)[0], body(*QKV, m), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,body", [
+    ("attention maps also returned",
+     lambda q, k, v, m: (lambda p: (p @ v, p))((q @ k.transpose(-2, -1)).softmax(-1))),
+    ("softmax over the query axis", lambda q, k, v, m: (q @ q.transpose(-2, -1)).softmax(-2) @ q),
+    ("tensor-valued scale", lambda q, k, v, m: ((q @ k.transpose(-2, -1)) * m).softmax(-1) @ v),
+    ("two additive masks", lambda q, k, v, m: (q @ k.transpose(-2, -1) + m + m * 2).softmax(-1) @ v),
+    ("probabilities changed", lambda q, k, v, m: ((q @ k.transpose(-2, -1)).softmax(-1) * 2) @ v),
+    ("mild fill", lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m < -1, -5.0).softmax(-1) @ v),
+    ("no softmax", lambda q, k, v, m: (q @ k.transpose(-2, -1)) @ v),
+    ("probabilities on the right", lambda q, k, v, m: v.transpose(-2, -1) @ (k @ q.transpose(-2, -1)).softmax(-1)),
+])
+def test_what_is_not_exactly_attention_is_left_alone(name, body):
+    m = torch.randn(1, 1, 5, 7)
+    gm, found = _rewrite(body, *QKV, m)
+    assert found == [], name
+    assert aten.scaled_dot_product_attention.default not in _targets(gm)
+
+
+def test_a_token_mixer_that_is_no_attention_is_still_refused_with_its_node():
+    ras = ras_compile(PlainDiT(token_mixer="gram"), RASPolicy(), backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(torch.randn(1, 4, 8, 8), torch.full((1,), 999.0))
+    assert info.value.op == "aten.matmul.default" and "two token axes" in str(info.value)
+    assert "scaled_dot_product_attention" in str(info.value)
