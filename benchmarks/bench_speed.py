@@ -37,7 +37,11 @@ turned into the velocity as its pipeline does (learned sigma dropped, Lumina's s
 * ``ras2g_r<ratio>`` (only when named in ``--configs``): the same with
   ``dense_graph=True``, a separate compiled dense graph for the dense steps;
 * ``fbc`` / ``taylorseer`` / ``taylorseer_lite``: diffusers' First Block Cache and
-  TaylorSeer hooks on the eager model, where they apply (else the reason is recorded).
+  TaylorSeer hooks on the eager model, where they apply (else the reason is recorded);
+* ``compiled_again`` (last; by default except with ``--quick``, see
+  ``--recheck-baseline``): ``compiled`` once more, in a fresh process after all the
+  others. The same loop measured twice says how far a single run's baseline can be
+  trusted: the report gives the drift and every RAS speed-up against both baselines.
 
 Each configuration runs in its own Python process (clean Dynamo state, clean peak-RSS,
 and by default an empty Inductor cache directory so the compile time is a cold one):
@@ -294,12 +298,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> fbc "
-                        "taylorseer taylorseer_lite; ras2g compiles a separate dense graph, see ras_compile's "
+                        "taylorseer taylorseer_lite compiled_again; ras2g compiles a separate dense graph, see ras_compile's "
                         "dense_graph); eager and compiled are always added, they are the references")
     p.add_argument("--compile-mode", default=None,
                    choices=[m for m in COMPILE_MODES if m is not None],
                    help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
     p.add_argument("--no-caches", action="store_true", help="skip the First Block Cache / TaylorSeer runs")
+    p.add_argument("--recheck-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="run 'compiled' again at the end (as compiled_again) and report how far the baseline "
+                        "drifted between the two runs (default: on, off with --quick)")
     p.add_argument("--fbc-threshold", type=float, default=0.05,
                    help="First Block Cache threshold on the relative change of the first block's residual")
     p.add_argument("--taylorseer-interval", type=int, default=None,
@@ -798,15 +805,17 @@ def configurations(args) -> list[dict]:
     # ras2g_r<ratio>: the same with a separate dense graph (dense_graph=True); only when named
     two_graphs = [dict(config="ras2g" + ratio_name(r)[3:], kind="ras", ratio=r, dense_graph=True)
                   for r in args.ratios]
-    if args.configs:
-        configs += two_graphs
-        wanted = set(args.configs) | {"eager", "compiled"}
-        unknown = wanted - {c["config"] for c in configs}
-        if unknown:
-            raise SystemExit(f"bench_speed: unknown configuration(s) {sorted(unknown)}; "
-                             f"known: {[c['config'] for c in configs]}")
-        configs = [c for c in configs if c["config"] in wanted]
-    return configs
+    recheck = [dict(config="compiled_again", kind="compiled")]  # always last: the baseline, measured again
+    if not args.configs:
+        return configs + (recheck if args.recheck_baseline or (args.recheck_baseline is None and not args.quick)
+                          else [])
+    configs += two_graphs + recheck
+    wanted = set(args.configs) | {"eager", "compiled"} | ({"compiled_again"} if args.recheck_baseline else set())
+    unknown = wanted - {c["config"] for c in configs}
+    if unknown:
+        raise SystemExit(f"bench_speed: unknown configuration(s) {sorted(unknown)}; "
+                         f"known: {[c['config'] for c in configs]}")
+    return [c for c in configs if c["config"] in wanted]
 
 
 def run_worker(spec: dict, tmp: Path, args) -> dict:
@@ -834,6 +843,8 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
 
     by_name = {r["config"]: r for r in results}
     eager, compiled = by_name.get("eager", {}), by_name.get("compiled", {})
+    again = by_name.get("compiled_again", {})
+    recheck = compiled.get("ok") and again.get("ok")
     reference = torch.load(compiled["latents_path"]) if compiled.get("ok") else None
     image_tokens, other_tokens = cfg["image_tokens"], cfg["flop_other_tokens"]
     for r in results:
@@ -841,6 +852,8 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
             continue
         if compiled.get("ok"):
             r["speedup_vs_compiled"] = compiled["steady_s"] / r["steady_s"]
+        if recheck:
+            r["speedup_vs_compiled_again"] = again["steady_s"] / r["steady_s"]
         if eager.get("ok"):
             r["speedup_vs_eager"] = eager["steady_s"] / r["steady_s"]
         if r["kind"] == "ras":
@@ -851,6 +864,8 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
             r["flop_bound_speedup"] = 1 / fraction
             if "speedup_vs_compiled" in r:
                 r["fraction_of_bound"] = r["speedup_vs_compiled"] / r["flop_bound_speedup"]
+            if recheck:
+                r["fraction_of_bound_vs_compiled_again"] = r["speedup_vs_compiled_again"] / r["flop_bound_speedup"]
             f = r.get("counted_sparse_flop_fraction")
             if f is not None:
                 dense_steps = sum(policy.is_dense_step(t) for t in range(args.steps))
@@ -859,7 +874,9 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
             latents = torch.load(r["latents_path"])
             r["max_abs_diff_vs_compiled"] = (latents - reference).abs().max().item()
         r.pop("latents_path", None)
-    return {"reference_latent_max_abs": reference.abs().max().item() if reference is not None else None}
+    drift = again["steady_s"] / compiled["steady_s"] - 1 if recheck else None
+    return {"reference_latent_max_abs": reference.abs().max().item() if reference is not None else None,
+            "baseline_drift": drift}
 
 
 # ------------------------------------------------------------------------------ reports
@@ -944,6 +961,7 @@ def markdown(report: dict) -> str:
                           f"{r['config']} {r['gpu_peak_mib']:.0f} MiB"
                           + (f" ({100 * (r['gpu_peak_mib'] / base - 1):+.1f} % vs compiled)" if base else "")
                           for r in gpu) + "."]
+    lines += baseline_recheck_lines(report)
     lines += ["", f"Reference scale: max |latent| of the compiled dense result = "
                   f"{fmt(report['summary']['reference_latent_max_abs'], '.3f')}.", ""]
     if run.get("command"):
@@ -968,6 +986,26 @@ def markdown(report: dict) -> str:
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def baseline_recheck_lines(report: dict) -> list[str]:
+    """The markdown paragraph on the baseline measured twice (empty without a recheck)."""
+    drift = report["summary"].get("baseline_drift")
+    if drift is None:
+        return []
+    by_name = {r["config"]: r for r in report["results"]}
+    first, again = by_name["compiled"]["steady_s"], by_name["compiled_again"]["steady_s"]
+    ras = [r for r in report["results"] if r.get("ok") and r["kind"] == "ras" and "speedup_vs_compiled_again" in r]
+    pairs = "; ".join(
+        f"{r['config']} {r['speedup_vs_compiled']:.2f}x / {r['speedup_vs_compiled_again']:.2f}x"
+        + (f" ({100 * r['fraction_of_bound']:.0f} % / {100 * r['fraction_of_bound_vs_compiled_again']:.0f} % "
+           f"of the FLOP bound)" if "fraction_of_bound_vs_compiled_again" in r else "")
+        for r in ras)
+    return ["", f"Baseline recheck: the compiled dense loop, run again in a fresh process after every other "
+                f"configuration (`compiled_again`), took {again:.2f} s against {first:.2f} s the first time "
+                f"({100 * drift:+.1f} %). Speed-ups against the first / the second baseline: "
+                + (pairs or "no RAS row") + ". A difference this large is what one run's figures are good to "
+                "on this machine."]
 
 
 def input_note(run: dict, cfg: dict) -> str:

@@ -132,3 +132,38 @@ def test_example_inputs_for_packed_and_rope_families():
     with torch.no_grad():
         out = lumina(**inputs)[0]
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
+
+
+def test_the_baseline_is_rechecked_last_by_default_but_not_in_quick_mode(bench):
+    names = lambda argv: [c["config"] for c in bench.configurations(bench.parse_args(argv))]  # noqa: E731
+    assert names(["--ratios", "0.5", "--no-caches"]) == ["eager", "compiled", "ras_r0.5", "compiled_again"]
+    assert names(["--ratios", "0.5", "--no-caches", "--no-recheck-baseline"]) == ["eager", "compiled", "ras_r0.5"]
+    assert names(["--quick", "--ratios", "0.5", "--no-caches"]) == ["eager", "compiled", "ras_r0.5"]
+    assert names(["--quick", "--ratios", "0.5", "--recheck-baseline"])[-1] == "compiled_again"
+    assert names(["--ratios", "0.5", "--configs", "ras_r0.5"]) == ["eager", "compiled", "ras_r0.5"]
+    assert names(["--ratios", "0.5", "--configs", "compiled_again", "ras2g_r0.5"]) == [
+        "eager", "compiled", "ras2g_r0.5", "compiled_again"]
+
+
+@pytest.mark.slow
+def test_recheck_reports_the_baseline_drift_and_both_speedups(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    torch._dynamo.reset()
+    argv = ["--quick", "--in-process", "--backend", "eager", "--ratios", "0.5", "--repeats", "1", "--steps", "3",
+            "--warmup-steps", "1", "--reset-steps", "--no-caches", "--no-plot", "--threads", "1",
+            "--recheck-baseline", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "cpu_sd3_quick.json").read_text())
+    results = {r["config"]: r for r in report["results"]}
+    assert list(results)[-1] == "compiled_again" and results["compiled_again"]["ok"]
+    drift = report["summary"]["baseline_drift"]
+    assert drift == pytest.approx(results["compiled_again"]["steady_s"] / results["compiled"]["steady_s"] - 1)
+    assert results["compiled_again"]["max_abs_diff_vs_compiled"] == 0.0  # the same loop, the same latents
+    ras = results["ras_r0.5"]
+    assert ras["speedup_vs_compiled_again"] == pytest.approx(
+        results["compiled_again"]["steady_s"] / ras["steady_s"])
+    assert ras["fraction_of_bound_vs_compiled_again"] == pytest.approx(
+        ras["speedup_vs_compiled_again"] / ras["flop_bound_speedup"])
+    md = (tmp_path / "cpu_sd3_quick.md").read_text()
+    assert "Baseline recheck" in md and f"{100 * drift:+.1f} %" in md

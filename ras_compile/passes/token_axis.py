@@ -630,7 +630,6 @@ def _slice(an, node):
 def _split(an, node):
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
-    packet = _packet(node)
     dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = _norm_dim(dim_arg, rank)
     outs = node.meta["val"]
