@@ -71,7 +71,7 @@ class RecognisedAttention:
 @dataclasses.dataclass
 class _Chain:
     q: fx.Node
-    k: fx.Node               # [..., S, E], or the [..., E, S] operand when k_transposed is False
+    k: fx.Node               # [..., S, E]; or, when k_is_transposed, the [..., E, S] product operand
     k_is_transposed: bool    # True: ``k`` above is the [..., E, S] operand and needs a transpose
     v: fx.Node | None = None
     scale: float = 1.0
