@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from .token_axis import _SKIPPED, _packet
+from .token_axis import _SKIPPED, _arg, _packet, _readers, _val
 
 aten = torch.ops.aten
 
@@ -81,24 +81,9 @@ class _Chain:
     nodes: list = dataclasses.field(default_factory=list)  # every node the SDPA replaces
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    """Users that compute something (metadata asserts do not count)."""
-    return [u for u in node.users if _packet(u) not in _SKIPPED]
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = _users(node)
-    return users[0] if len(users) == 1 else None
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+def _only_reader(node: fx.Node) -> fx.Node | None:
+    readers = _readers(node)
+    return readers[0] if len(readers) == 1 else None
 
 
 def _is_number(x) -> bool:
@@ -169,7 +154,7 @@ def _score_product_from(q, kt) -> _Chain | None:
 
 def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain | None:
     """Walk from a softmax input back to the q-k product through scale / mask / cast nodes."""
-    if _only_user(node) is None:
+    if _only_reader(node) is None:
         return None  # the scores are read elsewhere too: not a pure attention
     packet = _packet(node)
     here = [*chain_nodes, node]
@@ -221,7 +206,7 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, list] | None:
     """From the softmax forward through inference no-ops to the p-v product."""
     node, passed = softmax, []
     while True:
-        user = _only_user(node)
+        user = _only_reader(node)
         if user is None:
             return None
         packet = _packet(user)
@@ -324,9 +309,10 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
     return sdpa
 
 
-def _erase_dead(graph: fx.Graph, nodes: list) -> None:
+def _erase_dead(graph: fx.Graph, nodes: list) -> set[fx.Node]:
     """Erase the replaced ``nodes`` (with the metadata asserts on them), last first, then
-    their operands that nothing reads any more (a transpose of K, baddbmm's empty input)."""
+    their operands that nothing reads any more (a transpose of K, baddbmm's empty input).
+    Returns the erased nodes."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     erased = set()
     operands = []
@@ -339,31 +325,34 @@ def _erase_dead(graph: fx.Graph, nodes: list) -> None:
             graph.erase_node(node)
             erased.add(node)
     for node in operands:
-        if node.op == "call_function" and node not in erased and not _users(node) and not node.is_impure():
+        if node.op == "call_function" and node not in erased and not _readers(node) and not node.is_impure():
             for user in list(node.users):
                 graph.erase_node(user)
             graph.erase_node(node)
             erased.add(node)
+    return erased
+
+
+_MASK_KINDS = {"additive": "additive", "fill": "boolean"}  # how a chain's mask reaches SDPA
 
 
 def recognise_attention(gm: fx.GraphModule) -> list[RecognisedAttention]:
     """Rewrite every hand-written attention chain of ``gm`` as one SDPA node, in place.
 
     Returns what was replaced, in graph order (an empty list leaves ``gm`` untouched)."""
-    found = []
+    found, erased = [], set()
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or _packet(node) not in _SOFTMAX or node.graph is not gm.graph:
+        if node in erased or node.op != "call_function" or _packet(node) not in _SOFTMAX:
             continue
         matched = _match(node)
         if matched is None:
             continue
         chain, output = matched
-        names = (chain.scores.name, node.name, output.name)
         sdpa = _replace(gm.graph, chain, output)
-        _erase_dead(gm.graph, chain.nodes)
-        found.append(RecognisedAttention(sdpa=sdpa.name, scores=names[0], softmax=names[1], output=names[2],
-                                         scale=chain.scale,
-                                         mask={"additive": "additive", "fill": "boolean"}.get(chain.mask_kind)))
+        found.append(RecognisedAttention(sdpa=sdpa.name, scores=chain.scores.name, softmax=node.name,
+                                         output=output.name, scale=chain.scale,
+                                         mask=_MASK_KINDS.get(chain.mask_kind)))
+        erased |= _erase_dead(gm.graph, chain.nodes)
     if found:
         gm.graph.lint()
         gm.recompile()

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from ..kernels.linear_norm_scatter import norm_head_dim_supported
 from .head_norm import HeadNormMatch, match_head_norm
-from .token_axis import _SKIPPED, CacheSite, TokenAnalysis, TokenLayout, _packet
+from .token_axis import CacheSite, TokenAnalysis, TokenLayout, _packet, _readers
 
 aten = torch.ops.aten
 
@@ -89,11 +89,6 @@ def _chain_input(node: fx.Node, analysis: TokenAnalysis) -> fx.Node | None:
         if lay is not None and dim == lay.token_dim and len(carriers) == 1:
             return carriers[0]  # image rows joined with text rows that are computed every step
     return None
-
-
-def _readers(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that compute something (not the graph's metadata assertions)."""
-    return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _SKIPPED)]
 
 
 def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis) -> FusedProjection | None:

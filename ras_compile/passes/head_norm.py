@@ -31,7 +31,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .token_axis import _SKIPPED, _packet
+from .token_axis import _SKIPPED, _arg, _packet, _val
 
 aten = torch.ops.aten
 
@@ -50,18 +50,8 @@ class HeadNormMatch:
     head_dim: int
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _is(node, packet) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and _packet(node) is packet
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def _last_dim_only(node: fx.Node, normalized_shape) -> int | None:

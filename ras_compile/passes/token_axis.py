@@ -122,6 +122,13 @@ def _packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", node.target)
 
 
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``index`` of ``node``, passed positionally or as keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 _VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten}
 _SAME_SHAPE = {aten.to, aten._to_copy, aten.contiguous, aten.dropout, aten.alias, aten.detach, aten.type_as,
                aten.clone, aten.lift_fresh_copy}
@@ -129,6 +136,11 @@ _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, at
                aten.norm, aten.linalg_vector_norm, aten.var_mean, aten.std_mean}
 _SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
 _SKIPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that compute something (not the graph's metadata assertions)."""
+    return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _SKIPPED)]
 
 
 def _norm_dim(d: int, rank: int) -> int:
