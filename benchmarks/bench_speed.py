@@ -298,8 +298,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> fbc "
-                        "taylorseer taylorseer_lite compiled_again; ras2g compiles a separate dense graph, see ras_compile's "
-                        "dense_graph); eager and compiled are always added, they are the references")
+                        "taylorseer taylorseer_lite compiled_again; ras2g compiles a separate dense graph, see "
+                        "ras_compile's dense_graph); eager and compiled are always added, they are the references")
     p.add_argument("--compile-mode", default=None,
                    choices=[m for m in COMPILE_MODES if m is not None],
                    help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
@@ -1001,7 +1001,8 @@ def baseline_recheck_lines(report: dict) -> list[str]:
         + (f" ({100 * r['fraction_of_bound']:.0f} % / {100 * r['fraction_of_bound_vs_compiled_again']:.0f} % "
            f"of the FLOP bound)" if "fraction_of_bound_vs_compiled_again" in r else "")
         for r in ras)
-    return ["", f"Baseline recheck: the compiled dense loop, run again in a fresh process after every other "
+    where = "" if report["run"].get("in_process") else " in a fresh process"
+    return ["", f"Baseline recheck: the compiled dense loop, run again{where} after every other "
                 f"configuration (`compiled_again`), took {again:.2f} s against {first:.2f} s the first time "
                 f"({100 * drift:+.1f} %). Speed-ups against the first / the second baseline: "
                 + (pairs or "no RAS row") + ". A difference this large is what one run's figures are good to "
