@@ -65,6 +65,28 @@ def test_make_batch_renders_where_asked_from_the_same_cpu_draws():
     assert torch.equal(cpu_labels, data.make_batch(3, 10, size=16)[1])
 
 
+def test_objects_are_placed_inside_the_image_near_its_centre():
+    """Every object fits in the image, its centre within CENTRE_JITTER of the middle and its
+    radius in RADIUS_RANGE, and the draws cover those ranges."""
+    radius, cx, cy = data._placements(torch.Generator().manual_seed(3), 4096, torch.device("cpu"))
+    low, high = data.RADIUS_RANGE
+    assert low <= radius.min() and radius.max() < high and radius.max() - radius.min() > 0.9 * (high - low)
+    for c in (cx, cy):
+        offset = (c - 0.5).abs()
+        assert offset.max() <= data.CENTRE_JITTER and offset.max() > 0.9 * data.CENTRE_JITTER
+        assert (c - radius).min() > 0 and (c + radius).max() < 1
+
+
+def test_objects_are_upright():
+    """The object frame is the image frame shifted and scaled, never rotated: a square's
+    edges stay parallel to the image's."""
+    x, y = data._grid(64, torch.device("cpu"))
+    u, v = data._local_frame(x, y, torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([0.3]))
+    square = data._shape_mask(data.CLASS_NAMES.index("square"), u, v)[0]
+    rows, cols = square.any(dim=1), square.any(dim=0)
+    assert torch.equal(square, rows[:, None] & cols[None, :])  # an axis-aligned rectangle
+
+
 def test_training_seeds_stay_below_evaluation_seeds():
     assert data.training_seed(0, 0) != data.training_seed(0, 1) != data.training_seed(1, 0)
     assert data.training_seed(999_999, 999_999_999) < data.EVAL_SEED_BASE

@@ -19,9 +19,9 @@ Sampling exploits.
 Objects are upright and near the centre so that the class-conditional model can learn its
 classes within the CPU training budget of ``ras_compile.reference.train``. With random
 rotations and centres anywhere, the average image of every class at high noise is the same
-blur, so the label only matters late in sampling and in a few edge pixels. A CPU pilot of
-the same model and recipe, at about 36 k training samples, scored 12.5 % class accuracy
-(chance) on those images and 33 % on these (guidance 4; docs/quality.md).
+blur, so the label only matters late in sampling and in a few edge pixels. CPU pilots of
+the same model and recipe scored 12.5 % class accuracy (chance) on those images after 40 k
+training samples and 33 % on these after 35 k (guidance 4; docs/quality.md).
 
 Every random number is drawn on the CPU from a ``torch.Generator`` seeded with ``seed``
 (the global RNG is never touched), in an order that never depends on the data, so
@@ -153,6 +153,16 @@ def _backgrounds(gen: torch.Generator, n: int, size: int, x: torch.Tensor, y: to
     return image, (c1, c2)
 
 
+def _placements(gen: torch.Generator, n: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each object's radius and centre ``(radius, cx, cy)``, each ``[n]``, as fractions of the
+    image side: radius in :data:`RADIUS_RANGE`, centre within :data:`CENTRE_JITTER` of 0.5."""
+    radius = _uniform(gen, (n,), *RADIUS_RANGE, device)
+    cx = 0.5 + _uniform(gen, (n,), -CENTRE_JITTER, CENTRE_JITTER, device)
+    cy = 0.5 + _uniform(gen, (n,), -CENTRE_JITTER, CENTRE_JITTER, device)
+    return radius, cx, cy
+
+
 def _local_frame(x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, radius: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinates in the object's frame: centred on ``(cx, cy)``, in units of ``radius``."""
@@ -257,9 +267,7 @@ def make_batch(seed: int, n: int, size: int = 32, device: str | torch.device | N
     labels = _balanced_labels(gen, n)
     background, bg_colours = _backgrounds(gen, n, hi, x, y)
 
-    radius = _uniform(gen, (n,), *RADIUS_RANGE, device)
-    cx = 0.5 + _uniform(gen, (n,), -CENTRE_JITTER, CENTRE_JITTER, device)
-    cy = 0.5 + _uniform(gen, (n,), -CENTRE_JITTER, CENTRE_JITTER, device)
+    radius, cx, cy = _placements(gen, n, device)
     u, v = _local_frame(x, y, cx, cy, radius)
 
     mask = _shape_masks(labels, u, v)  # [n, H, W]
