@@ -231,6 +231,37 @@ def test_train_writes_a_loadable_model_and_log(tmp_path):
     assert again["steps"] == 3 and len(again["curve"]) == 3
 
 
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
+    constant = train.TrainSettings(lr=1e-3, warmup_steps=10)
+    assert train.learning_rate(0, constant) == pytest.approx(1e-4)
+    assert train.learning_rate(9, constant) == train.learning_rate(5000, constant) == pytest.approx(1e-3)
+    wsd = train.TrainSettings(lr=1e-3, warmup_steps=10, cooldown_from=100, cooldown_steps=50)
+    assert [train.learning_rate(s, wsd) for s in (0, 99)] == [train.learning_rate(s, constant) for s in (0, 99)]
+    assert train.learning_rate(100, wsd) == pytest.approx(1e-3)
+    assert train.learning_rate(125, wsd) == pytest.approx(5e-4)
+    assert train.learning_rate(149, wsd) == pytest.approx(2e-5) and train.learning_rate(150, wsd) == 0.0
+    assert wsd.last_step == 150 and constant.last_step is None
+
+
+def test_a_cooldown_ends_the_run_where_the_rate_reaches_zero(tmp_path):
+    settings = train.TrainSettings(batch_size=2, cooldown_from=1, cooldown_steps=2)
+    log = train.train(tmp_path, steps=10, settings=settings, log_every=1, model_overrides=TINY)
+    assert log["steps"] == 3 and log["settings"]["cooldown_from"] == 1
+    assert train.train(tmp_path / "b", settings=settings, log_every=1, model_overrides=TINY)["steps"] == 3
+
+
+@pytest.mark.parametrize("kwargs", [dict(cooldown_from=5), dict(cooldown_steps=5), dict(cooldown_from=-1,
+                                                                                        cooldown_steps=5)])
+def test_settings_refuse_half_or_negative_cooldowns(kwargs):
+    with pytest.raises(ValueError, match="cooldown"):
+        train.TrainSettings(**kwargs)
+
+
+def test_train_cli_refuses_a_half_cooldown_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--cooldown-from STEP --cooldown-steps N"):
+        train.main(["--out", str(tmp_path), "--steps", "1", "--cooldown-from", "5"])
+
+
 def test_ema_update_moves_towards_the_model():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = (a.weight - b.weight).abs().sum()

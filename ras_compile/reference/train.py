@@ -113,6 +113,21 @@ class TrainSettings:
     time_sampling: str = "logit_normal"  # or "uniform"
     image_size: int = 32  # pixels per side; patch 2 -> (image_size / 2) ** 2 tokens
     class_embedding_std: float = 1.0  # initial std of the class embeddings (the DiT paper's is 0.02; see above)
+    cooldown_from: int | None = None  # step at which the learning rate starts its linear decay (None: constant)
+    cooldown_steps: int = 0  # the decay's length: the rate reaches 0 at cooldown_from + cooldown_steps
+
+    def __post_init__(self) -> None:
+        if self.cooldown_steps < 0 or (self.cooldown_from is not None and self.cooldown_from < 0):
+            raise ValueError(f"cooldown_from and cooldown_steps must be >= 0, got {self.cooldown_from!r} and "
+                             f"{self.cooldown_steps!r}")
+        if (self.cooldown_from is None) != (self.cooldown_steps == 0):
+            raise ValueError("give both cooldown_from and cooldown_steps (> 0), or neither; got "
+                             f"cooldown_from={self.cooldown_from!r}, cooldown_steps={self.cooldown_steps!r}")
+
+    @property
+    def last_step(self) -> int | None:
+        """The step count at which the cooldown has brought the rate to 0 (None without one)."""
+        return None if self.cooldown_from is None else self.cooldown_from + self.cooldown_steps
 
 
 def sample_sigmas(n: int, gen: torch.Generator, kind: str = "logit_normal") -> torch.Tensor:
@@ -167,8 +182,13 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.T
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant."""
-    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    """Linear warm-up over ``warmup_steps``, then constant; with a cooldown, a linear decay
+    from ``cooldown_from`` that reaches 0 at ``cooldown_from + cooldown_steps``
+    (warm-up / stable / decay)."""
+    rate = settings.lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    if settings.cooldown_from is not None and step >= settings.cooldown_from:
+        rate *= max(0.0, 1.0 - (step - settings.cooldown_from) / settings.cooldown_steps)
+    return rate
 
 
 @torch.no_grad()
@@ -313,8 +333,10 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
     size); ``compile_backend`` (e.g. ``"inductor"``) runs the training forward and backward
     through ``torch.compile`` with that backend (the EMA and the saved weights are the plain
     module's)."""
-    if minutes is None and steps is None:
-        raise ValueError("give --minutes or --steps (or both)")
+    if minutes is None and steps is None and settings.last_step is None:
+        raise ValueError("give --minutes or --steps (or both), or a cooldown")
+    if settings.last_step is not None:  # nothing is learnt once the cooldown has reached a zero rate
+        steps = settings.last_step if steps is None else min(steps, settings.last_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "training_state.pt"
@@ -403,6 +425,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-sampling", choices=["logit_normal", "uniform"], default=d.time_sampling)
     p.add_argument("--class-embedding-std", type=float, default=d.class_embedding_std,
                    help="initial std of the class embeddings (larger: the label starts as loud as the time)")
+    p.add_argument("--cooldown-from", type=int, default=None, metavar="STEP",
+                   help="decay the learning rate linearly to 0 from this step (with --cooldown-steps); "
+                        "the run then stops when the rate reaches 0")
+    p.add_argument("--cooldown-steps", type=int, default=0, help="length of that decay, in steps")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--image-size", type=int, default=d.image_size,
@@ -435,9 +461,13 @@ def main(argv: list[str] | None = None) -> dict:
     if str(a.device).startswith("cuda"):  # TF32 tensor cores for the fp32 matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    settings = TrainSettings(batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, ema_decay=a.ema_decay,
-                             label_dropout=a.label_dropout, time_sampling=a.time_sampling, image_size=a.image_size,
-                             class_embedding_std=a.class_embedding_std)
+    try:
+        settings = TrainSettings(batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
+                                 ema_decay=a.ema_decay, label_dropout=a.label_dropout, time_sampling=a.time_sampling,
+                                 image_size=a.image_size, class_embedding_std=a.class_embedding_std,
+                                 cooldown_from=a.cooldown_from, cooldown_steps=a.cooldown_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (use --cooldown-from STEP --cooldown-steps N)") from None
     overrides = {key: value for key, value in (("num_attention_heads", a.heads), ("num_layers", a.layers),
                                                ("patch_size", a.patch_size)) if value is not None}
     for name, value in (("--heads", a.heads), ("--layers", a.layers), ("--patch-size", a.patch_size)):
