@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import the check
 import torch  # noqa: E402
 
 from ras_compile.machine import cores_available, cpu_model, cpu_seconds, other_cpu_cores  # noqa: E402
+from ras_compile.reference import DEFAULT_GUIDANCE_SCALE  # noqa: E402
 
 NOISE_SEED = 60_2026          # starting noise of every configuration's samples
 REAL_SEED_OFFSET = 6_000      # real images: make_batch(EVAL_SEED_BASE + offset): held out from training
@@ -659,7 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"{DEFAULTS['samples']}, --quick {QUICK['samples']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"samples per sampling loop (default "
                    f"{DEFAULTS['batch_size']}; the guidance batch is twice this)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                   help="classifier-free guidance (1: none; default: the reference DiT's DEFAULT_GUIDANCE_SCALE)")
     p.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager", "none"),
                    help="torch.compile backend for ras_compile and for the dense baseline ('none': the rewritten "
                         "graphs and the dense model run without Dynamo)")

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .machine import contended, cpu_model, cpu_seconds, other_cpu_cores
+from .reference import DEFAULT_GUIDANCE_SCALE
 
 PROG = "ras-compile"
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classes to draw, by name (circle square triangle star ring cross crescent heart) or "
                            "index, one image each (default: all 8; circle and star with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of a stand-in's weights)")
-    demo.add_argument("--guidance", type=float, default=1.0,
+    demo.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE,
                       help="classifier-free guidance scale (1: none; otherwise the conditional and null-class "
                            "halves run as one batch)")
     demo.add_argument("--warmup-steps", type=_non_negative_int, default=None,

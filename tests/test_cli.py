@@ -43,8 +43,19 @@ def test_demo_writes_a_png_grid_and_a_table(tmp_path, capsys):
         # a dense row, then an image row and a heat-map row for the one ratio; three columns
         assert image.size == demo_grid_size(num_samples=3, num_ras=1, image_size=32)
     assert "dense" in printed and "RAS r=0.5" in printed and "PSNR" in printed and "speed-up" in printed
-    if "STAND-IN" in printed:  # no trained weights shipped: the output must say so
-        assert "not the trained reference model" in printed
+    assert "trained weights from" in printed and "STAND-IN" not in printed  # the shipped reference weights
+
+
+@pytest.mark.slow
+def test_demo_without_weights_says_it_uses_a_random_weight_stand_in(tmp_path, capsys, monkeypatch):
+    from ras_compile.reference import model as reference_model
+
+    monkeypatch.setattr(reference_model, "WEIGHTS_DIR", tmp_path / "no_weights")
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--quick", "--steps", "3", "--backend", "eager", "--ratios", "0.5", "--no-progress",
+                 "--classes", "circle", "--guidance", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM-WEIGHT STAND-IN" in printed and "not the trained reference model" in printed and out.exists()
 
 
 def test_demo_grid_size_grows_with_samples_and_ratios():

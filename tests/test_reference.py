@@ -140,12 +140,30 @@ def test_save_pretrained_round_trip(tmp_path):
     assert not loaded.training
 
 
-def test_loader_explains_how_to_train_missing_weights(tmp_path):
+def test_loader_explains_how_to_train_missing_weights(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="python -m ras_compile.reference.train"):
         model.load_reference_model(tmp_path / "nothing")
-    if not (model.WEIGHTS_DIR / "config.json").exists():
-        with pytest.raises(FileNotFoundError, match="ras_compile.reference.train"):
-            model.load_reference_model()
+    monkeypatch.setattr(model, "WEIGHTS_DIR", tmp_path / "no_weights")
+    with pytest.raises(FileNotFoundError, match="ras_compile.reference.train"):
+        model.load_reference_model()
+
+
+#: Class accuracy the shipped reference DiT must keep on the fixed seeds below. The issue's bar
+#: is 0.90; the weights shipped now (4,983 CPU steps, docs/quality.md) score 0.78 there (0.75 on
+#: 64 samples), so this floor guards them against breaking (a random model scores ~0.125) until
+#: weights that meet the bar replace them and this becomes 0.90.
+SHIPPED_ACCURACY_FLOOR = 0.70
+
+
+def test_shipped_weights_load_and_their_dense_samples_draw_their_classes():
+    """32 dense 28-step samples of the shipped reference DiT (4 per class, the check's seeds,
+    the default guidance scale), judged by the shipped classifier, are mostly the class they
+    were asked for."""
+    m = model.load_reference_model()
+    assert m.config.sample_size == 32 and sum(f.stat().st_size for f in model.WEIGHTS_DIR.iterdir()) <= 25e6
+    torch.set_num_threads(2)  # the one test here that samples the full model (the fixture restores the count)
+    images, labels = check.dense_samples(m, 32, steps=28, guidance_scale=sampling.DEFAULT_GUIDANCE_SCALE)
+    assert evaluator.accuracy(evaluator.load_classifier(), images, labels) >= SHIPPED_ACCURACY_FLOOR
 
 
 # --- sampling ---------------------------------------------------------------------------
@@ -310,6 +328,9 @@ def test_shipped_classifier_recognises_the_generators_classes():
     clf = evaluator.load_classifier()
     images, labels = data.make_batch(data.EVAL_SEED_BASE + 777, 512)
     assert evaluator.accuracy(clf, images, labels) >= 0.95
+    overshoot = images[:64] * 3  # a sampler's raw output may leave [-1, 1]: judged as it is shown, clamped
+    assert torch.equal(evaluator.classify(clf, overshoot), evaluator.classify(clf, overshoot.clamp(-1, 1)))
+    assert torch.equal(evaluator.features(clf, overshoot), evaluator.features(clf, overshoot.clamp(-1, 1)))
 
 
 def test_batch_stream_gives_the_same_batches_with_and_without_loader_workers():

@@ -26,7 +26,7 @@ from .data import EVAL_SEED_BASE, NUM_CLASSES, make_batch
 from .evaluator import classify, evaluation_set, features, load_classifier
 from .metrics import frechet_distance
 from .model import load_reference_model
-from .sampling import sample
+from .sampling import DEFAULT_GUIDANCE_SCALE, sample
 
 __all__ = ["CHECK_SEED", "GAP_SIGMAS", "balanced_labels", "dense_samples", "label_gap", "check_model", "main"]
 
@@ -42,7 +42,7 @@ def balanced_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % NUM_CLASSES
 
 
-def dense_samples(model: torch.nn.Module, n: int, steps: int = 28, guidance_scale: float = 1.0,
+def dense_samples(model: torch.nn.Module, n: int, steps: int = 28, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                   seed: int = CHECK_SEED, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` dense samples (float32, CPU) and their labels, in batches of ``batch_size``."""
     labels = balanced_labels(n)
@@ -89,7 +89,7 @@ def label_gap(model: torch.nn.Module, n: int = 128, sigmas: tuple[float, ...] = 
 
 
 def check_model(model: torch.nn.Module, classifier: torch.nn.Module, n: int = 64, steps: int = 28,
-                guidance_scale: float = 1.0, frechet: bool = True) -> dict:
+                guidance_scale: float = DEFAULT_GUIDANCE_SCALE, frechet: bool = True) -> dict:
     """Accuracy (and Frechet distance to real images) of ``n`` dense samples of ``model``."""
     t0 = time.perf_counter()
     images, labels = dense_samples(model, n, steps, guidance_scale)
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--classifier", default=None, help="classifier file (default: the shipped one)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="guidance scales to check")
+    p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE_SCALE],
+                   help=f"guidance scales to check (default {DEFAULT_GUIDANCE_SCALE:g})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args(argv)

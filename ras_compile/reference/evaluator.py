@@ -98,15 +98,17 @@ def _batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def classify(classifier: ShapeClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted class ``[n]`` (int64) of images in ``[-1, 1]``."""
+    """Predicted class ``[n]`` (int64) of images in ``[-1, 1]`` (values outside are clamped, as
+    they are when an image is shown or saved: a sampler's raw output may overshoot)."""
     classifier.eval()
-    return _batched(lambda x: classifier(x.float()).argmax(dim=1), images, batch_size)
+    return _batched(lambda x: classifier(x.float().clamp(-1, 1)).argmax(dim=1), images, batch_size)
 
 
 def features(classifier: ShapeClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Classifier features ``[n, 4 * width]`` of images in ``[-1, 1]`` (for :func:`frechet_distance`)."""
+    """Classifier features ``[n, 4 * width]`` of images in ``[-1, 1]`` (clamped, as in :func:`classify`;
+    for :func:`frechet_distance`)."""
     classifier.eval()
-    return _batched(lambda x: classifier.features(x.float()), images, batch_size)
+    return _batched(lambda x: classifier.features(x.float().clamp(-1, 1)), images, batch_size)
 
 
 def accuracy(classifier: ShapeClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:

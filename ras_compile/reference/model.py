@@ -8,9 +8,9 @@ embedding row, index ``NUM_CLASSES``, which is the "null" class used for classif
 guidance) and on the flow-matching time ``1000 * sigma``.
 
 Being a stock diffusers class, it loads with ``from_pretrained`` and goes through
-``ras_compile`` like any other DiT. Trained weights are produced by
-``python -m ras_compile.reference.train`` and, once shipped, live in
-:data:`WEIGHTS_DIR`.
+``ras_compile`` like any other DiT. Its trained weights ship in :data:`WEIGHTS_DIR`
+(reproduced by ``python -m ras_compile.reference.train``; docs/quality.md gives the
+command and what they score).
 """
 from __future__ import annotations
 
@@ -126,5 +126,7 @@ def load_reference_model(path: str | Path | None = None, dtype: torch.dtype = to
     folder = Path(path) if path is not None else WEIGHTS_DIR
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(_missing_weights_message(folder))
-    model = DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+    # low_cpu_mem_usage=False: a 2 M-parameter model gains nothing from it, and without accelerate
+    # diffusers would warn on every load.
+    model = DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.eval()
