@@ -164,3 +164,10 @@ def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
 def test_missing_weights_say_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="ras_compile.reference.train"):
         bq.main(["--quick", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+
+
+def test_default_guidance_scale_is_the_reference_dits_named_one():
+    from ras_compile.reference import DEFAULT_GUIDANCE_SCALE
+
+    assert bq.parse_args([]).guidance_scale == DEFAULT_GUIDANCE_SCALE
+    assert bq.parse_args(["--guidance-scale", "1"]).guidance_scale == 1.0

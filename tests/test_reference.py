@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ras_compile.reference import check, data, evaluator, metrics, model, sampling, train
+from ras_compile.reference import DEFAULT_GUIDANCE_SCALE, check, data, evaluator, metrics, model, sampling, train
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8)
 
@@ -162,7 +162,7 @@ def test_shipped_weights_load_and_their_dense_samples_draw_their_classes():
     m = model.load_reference_model()
     assert m.config.sample_size == 32 and sum(f.stat().st_size for f in model.WEIGHTS_DIR.iterdir()) <= 25e6
     torch.set_num_threads(2)  # the one test here that samples the full model (the fixture restores the count)
-    images, labels = check.dense_samples(m, 32, steps=28, guidance_scale=sampling.DEFAULT_GUIDANCE_SCALE)
+    images, labels = check.dense_samples(m, 32, steps=28, guidance_scale=DEFAULT_GUIDANCE_SCALE)
     assert evaluator.accuracy(evaluator.load_classifier(), images, labels) >= SHIPPED_ACCURACY_FLOOR
 
 
@@ -408,3 +408,16 @@ def test_check_reports_accuracy_and_frechet_distance_of_dense_samples(tmp_path):
     assert images.shape == (8, 3, 8, 8) and torch.equal(labels, torch.arange(8) % data.NUM_CLASSES)
     again, _ = check.dense_samples(m, 8, steps=2)
     assert torch.equal(images, again)
+
+
+def test_demo_and_check_sample_at_the_named_default_guidance_scale():
+    """One named default (ras_compile.reference.DEFAULT_GUIDANCE_SCALE) for every command that
+    samples the reference DiT, so their figures are comparable (bench_quality: its own tests)."""
+    import inspect
+
+    from ras_compile.cli import build_parser
+
+    assert DEFAULT_GUIDANCE_SCALE != 1.0  # the shipped model draws its classes with guidance, not without
+    assert build_parser().parse_args(["demo"]).guidance == DEFAULT_GUIDANCE_SCALE
+    for fn in (check.dense_samples, check.check_model):
+        assert inspect.signature(fn).parameters["guidance_scale"].default == DEFAULT_GUIDANCE_SCALE

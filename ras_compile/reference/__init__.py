@@ -17,7 +17,7 @@ load_reference_model``.
 __all__ = ["DEFAULT_GUIDANCE_SCALE"]
 
 #: The classifier-free guidance scale that the demo, the quality benchmark and the check use by
-#: default (also :data:`ras_compile.reference.sampling.DEFAULT_GUIDANCE_SCALE`). The shipped
+#: default. The shipped
 #: reference DiT draws its classes reliably with guidance, not without: docs/quality.md gives its
 #: class accuracy at several scales. Defined here, free of imports, so the command line can show it.
 DEFAULT_GUIDANCE_SCALE: float = 4.0

@@ -26,7 +26,8 @@ from .data import EVAL_SEED_BASE, NUM_CLASSES, make_batch
 from .evaluator import classify, evaluation_set, features, load_classifier
 from .metrics import frechet_distance
 from .model import load_reference_model
-from .sampling import DEFAULT_GUIDANCE_SCALE, sample
+from . import DEFAULT_GUIDANCE_SCALE
+from .sampling import sample
 
 __all__ = ["CHECK_SEED", "GAP_SIGMAS", "balanced_labels", "dense_samples", "label_gap", "check_model", "main"]
 

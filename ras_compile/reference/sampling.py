@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from . import DEFAULT_GUIDANCE_SCALE
-
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "make_scheduler", "initial_noise", "velocity", "guided_velocity", "sample"]
+__all__ = ["make_scheduler", "initial_noise", "velocity", "guided_velocity", "sample"]
 
 
 def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
