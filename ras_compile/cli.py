@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder of trained reference weights (default: the package's "
                            "ras_compile/reference/weights)")
     demo.add_argument("--quick", action="store_true",
-                      help="tiny run: 8 steps, 2 classes (and a 2-layer stand-in when no weights are shipped)")
+                      help="tiny run: 8 steps, 2 classes (and a 2-layer stand-in when no trained weights are found)")
     demo.add_argument("--out", type=Path, default=Path("ras_demo.png"), help="the PNG grid to write")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -636,7 +636,7 @@ def run_demo(args) -> int:
         print(f"NOTE: {why}. Using a RANDOM-WEIGHT STAND-IN ({layers} layers, diffusers' default init): the images "
               "are not trained samples; only the timings, the differences from dense and the heat maps mean "
               "something.")
-        warning = "RANDOM-WEIGHT STAND-IN: no trained reference weights yet, these are not real samples"
+        warning = "RANDOM-WEIGHT STAND-IN: no trained reference weights found, these are not real samples"
     print(f"{n} images ({', '.join(class_name(int(c)) for c in labels)}), {image_size}x{image_size} pixels, "
           f"patch {patch}: {num_tokens} tokens per image; {steps} steps, guidance {args.guidance:g}; "
           f"RAS dense steps: warm-up {warmup}, resets {', '.join(map(str, resets)) or 'none'}; backend "
