@@ -372,6 +372,43 @@ def test_train_with_model_options_compiled_and_refuses_to_resume_another_model(t
                     resume=True)
 
 
+def test_init_from_starts_from_saved_weights_and_records_where_they_came_from(tmp_path):
+    """--init-from continues an earlier run (or the shipped weights) with a fresh optimiser:
+    zero steps reproduce the saved weights exactly; the log names their hash and keeps their
+    own training log; a resume keeps that record and adds up the wall time."""
+    settings = train.TrainSettings(batch_size=2)
+    first = train.train(tmp_path / "a", steps=2, settings=settings, log_every=1, model_overrides=TINY)
+    same = train.train(tmp_path / "b", steps=0, settings=settings, model_overrides=TINY, seed=5,
+                       init_from=tmp_path / "a")
+    a, b = model.load_reference_model(tmp_path / "a"), model.load_reference_model(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same["init_from"]["log"]["steps"] == first["steps"] == 2
+    assert len(same["init_from"]["weights_sha256"]) == 64
+    fresh = model.build_reference_model(5, class_embedding_std=settings.class_embedding_std, **TINY)
+    assert not torch.equal(fresh.proj_out_2.weight, b.proj_out_2.weight)  # not the seed's own initialisation
+
+    go = train.train(tmp_path / "c", steps=2, settings=settings, log_every=1, model_overrides=TINY,
+                     init_from=tmp_path / "a")
+    assert go["steps"] == 2 and go["init_from"] == same["init_from"]
+    more = train.train(tmp_path / "c", steps=3, settings=settings, log_every=1, model_overrides=TINY,
+                       init_from=tmp_path / "a", resume=True)
+    assert more["steps"] == 3 and more["init_from"] == go["init_from"]
+    elapsed = [c["elapsed_s"] for c in more["curve"]]
+    assert elapsed == sorted(elapsed) and more["wall_s"] >= go["wall_s"]
+
+
+def test_init_from_refuses_another_model_and_a_folder_without_weights(tmp_path):
+    settings = train.TrainSettings(batch_size=2)
+    train.train(tmp_path / "a", steps=1, settings=settings, model_overrides=TINY)
+    with pytest.raises(ValueError, match="num_layers: saved 1, now 2"):
+        train.train(tmp_path / "b", steps=1, settings=settings, model_overrides=dict(TINY, num_layers=2),
+                    init_from=tmp_path / "a")
+    with pytest.raises(SystemExit, match="^error: no reference DiT weights in"):
+        train.main(["--out", str(tmp_path / "c"), "--steps", "1", "--init-from", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="^error: .*holds another model"):
+        train.main(["--out", str(tmp_path / "d"), "--steps", "1", "--init-from", str(tmp_path / "a")])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--heads", "0"], "--heads must be a positive integer"),
     (["--patch-size", "3"], "not a multiple of --patch-size 3"),

@@ -84,6 +84,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -96,7 +97,7 @@ from .data import NUM_CLASSES, make_batch, training_seed
 from .model import NULL_CLASS, build_reference_model, parameter_count
 
 __all__ = ["TrainSettings", "sample_sigmas", "noisy_pair", "drop_labels", "flow_matching_loss",
-           "disable_builtin_label_dropout", "learning_rate", "ema_update", "make_optimizer", "step_generator",
+           "disable_builtin_label_dropout", "load_initial_weights", "learning_rate", "ema_update", "make_optimizer", "step_generator",
            "train_step", "train", "main"]
 
 _NOISE_STREAM = 2 ** 62  # offset between a step's data seed and its noise seed
@@ -272,12 +273,14 @@ def _save_model(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def _save_state(path: Path, model, ema, optimizer, step: int, curve: list, gaps: list) -> None:
+def _save_state(path: Path, model, ema, optimizer, step: int, curve: list, gaps: list, wall_s: float,
+                init_from: dict | None) -> None:
     """Write the resumable training state (atomically), with the model's config so a resume
-    with other model options is refused clearly."""
+    with other model options is refused clearly, and the run's wall time so far."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "curve": curve, "label_gaps": gaps, "model_config": _config_dict(model)}, tmp)
+                "step": step, "curve": curve, "label_gaps": gaps, "model_config": _config_dict(model),
+                "wall_s": wall_s, "init_from": init_from}, tmp)
     tmp.replace(path)
 
 
@@ -286,16 +289,45 @@ def _config_dict(model: torch.nn.Module) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
 
 
+def _config_differences(saved: dict, model: torch.nn.Module) -> str:
+    """``"key: saved A, now B, ..."`` for each config entry where ``saved`` and ``model`` differ ("" if none)."""
+    now = _config_dict(model)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+
+
 def _check_resumed_config(saved: dict | None, model: torch.nn.Module, state_path: Path) -> None:
     """Refuse to resume a run whose saved model config differs from the one built now."""
     if saved is None:  # a state written before configs were saved
         return
-    now = _config_dict(model)
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if differ:
-        detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+    detail = _config_differences(saved, model)
+    if detail:
         raise ValueError(f"{state_path} was trained with another model ({detail}); resume with the run's model "
                          f"options or train into a new --out folder")
+
+
+def load_initial_weights(model: torch.nn.Module, folder: str | Path) -> dict:
+    """Copy the weights of the saved model in ``folder`` (``from_pretrained`` layout, e.g. an
+    earlier run's ``--out`` or the shipped weights) into ``model``; returns the provenance
+    recorded in the new run's log: the folder, the weights' SHA-256 and that run's own
+    ``training_log.json`` if the folder has one.
+
+    Refuses a folder without weights, or whose model config differs from ``model``'s
+    (train with the saved model's options: ``--heads``, ``--layers``, ``--patch-size``,
+    ``--image-size``)."""
+    from .model import load_reference_model
+
+    folder = Path(folder)
+    saved = load_reference_model(folder)  # FileNotFoundError with what to do if there are no weights
+    detail = _config_differences(_config_dict(saved), model)
+    if detail:
+        raise ValueError(f"--init-from {folder} holds another model ({detail}); train with that model's options")
+    model.load_state_dict(saved.state_dict())
+    weights = sorted(folder.glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
+    log_path = folder / "training_log.json"
+    return {"folder": str(folder), "weights_sha256": digest,
+            "log": json.loads(log_path.read_text()) if log_path.is_file() else None}
 
 
 def _record_gap(ema: torch.nn.Module, step: int) -> dict:
@@ -322,7 +354,8 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
           settings: TrainSettings = TrainSettings(), log_every: int = 25, checkpoint_minutes: float = 10.0,
           save_dtype: torch.dtype = torch.float32, resume: bool = False, preview: bool = False,
           model_overrides: dict | None = None, device: str | torch.device = "cpu", workers: int = 0,
-          autocast: torch.dtype | None = None, gap_every: int = 0, compile_backend: str | None = None) -> dict:
+          autocast: torch.dtype | None = None, gap_every: int = 0, compile_backend: str | None = None,
+          init_from: str | Path | None = None) -> dict:
     """Train a reference DiT into ``out`` until ``steps`` steps or ``minutes`` minutes; returns the log.
 
     ``device`` is where the model trains (all random draws come from CPU generators
@@ -335,7 +368,11 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
     entries of :func:`~ras_compile.reference.model.reference_config` (width, depth, patch
     size); ``compile_backend`` (e.g. ``"inductor"``) runs the training forward and backward
     through ``torch.compile`` with that backend (the EMA and the saved weights are the plain
-    module's)."""
+    module's). ``init_from`` starts the model (and its EMA) from the weights saved in that
+    folder instead of a fresh initialisation, with a fresh optimiser and step count (the
+    warm-up re-warms the rate): a continuation of an earlier run whose resumable state is
+    gone, or a fine-tune of the shipped weights. A ``resume`` that finds a state ignores it.
+    The log records the starting weights' hash and their own training log."""
     if minutes is None and steps is None and settings.last_step is None:
         raise ValueError("give --minutes or --steps (or both), or a cooldown")
     if settings.last_step is not None:  # nothing is learnt once the cooldown has reached a zero rate
@@ -348,16 +385,22 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
     model = build_reference_model(seed, class_embedding_std=settings.class_embedding_std, **overrides)
     model = model.to(device).train()
     disable_builtin_label_dropout(model)
+    initial = None
+    resuming = resume and state_path.exists()
+    if init_from is not None and not resuming:
+        initial = load_initial_weights(model, init_from)
+        print(f"initial weights from {init_from} (sha256 {initial['weights_sha256'][:12]})", flush=True)
     ema = copy.deepcopy(model).eval()
     optimizer = make_optimizer(model, settings)
-    start_step, curve, gaps = 0, [], []
-    if resume and state_path.exists():
+    start_step, curve, gaps, prior_wall = 0, [], [], 0.0
+    if resuming:
         state = torch.load(state_path, weights_only=True, map_location=device)
         _check_resumed_config(state.get("model_config"), model, state_path)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, curve, gaps = state["step"], state["curve"], state.get("label_gaps", [])
+        prior_wall, initial = state.get("wall_s", 0.0), state.get("init_from")
         print(f"resumed at step {start_step}", flush=True)
     print(f"reference DiT: {parameter_count(model) / 1e6:.2f} M parameters, batch {settings.batch_size}, "
           f"{(model.config.sample_size // model.config.patch_size) ** 2} tokens, device {device}, {torch.get_num_threads()} threads, "
@@ -382,7 +425,7 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
         if step % log_every == 0:
             elapsed = time.perf_counter() - t0
             mean = float(torch.stack(window).mean())
-            curve.append({"step": step, "loss": mean, "elapsed_s": round(elapsed, 1)})
+            curve.append({"step": step, "loss": mean, "elapsed_s": round(prior_wall + elapsed, 1)})
             rate = (step - start_step) * settings.batch_size / elapsed
             print(f"step {step:6d}  loss {mean:.4f}  {rate:6.1f} samples/s  {elapsed / 60:6.1f} min", flush=True)
             window = []
@@ -391,18 +434,20 @@ def train(out: str | Path, minutes: float | None = None, steps: int | None = Non
         if gap_every > 0 and step % gap_every == 0:
             gaps.append(_record_gap(ema, step))
         if time.perf_counter() - last_ckpt > checkpoint_minutes * 60:
-            _save_state(state_path, model, ema, optimizer, step, curve, gaps)
+            _save_state(state_path, model, ema, optimizer, step, curve, gaps,
+                        prior_wall + time.perf_counter() - t0, initial)
             last_ckpt = time.perf_counter()
 
     if gap_every > 0 and (not gaps or gaps[-1]["step"] != step):
         gaps.append(_record_gap(ema, step))
-    _save_state(state_path, model, ema, optimizer, step, curve, gaps)
+    wall_s = prior_wall + time.perf_counter() - t0
+    _save_state(state_path, model, ema, optimizer, step, curve, gaps, wall_s, initial)
     _save_model(ema.cpu(), out, save_dtype)
     log = {"seed": seed, "steps": step, "minutes": minutes, "threads": torch.get_num_threads(),
            "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
            "workers": workers, "autocast": str(autocast) if autocast else None, "compile_backend": compile_backend,
            "model_overrides": model_overrides or {},
-           "wall_s": round(time.perf_counter() - t0, 1), "settings": dataclasses.asdict(settings),
+           "wall_s": round(wall_s, 1), "init_from": initial, "settings": dataclasses.asdict(settings),
            "parameters": parameter_count(model), "save_dtype": str(save_dtype), "torch": torch.__version__,
            "curve": curve, "label_gaps": gaps}
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
@@ -450,6 +495,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none",
                    help="forward-pass autocast dtype (bfloat16 on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/training_state.pt")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from the weights saved in this folder (an earlier run's --out, or "
+                        "ras_compile/reference/weights) with a fresh optimiser and step count")
     p.add_argument("--preview", action="store_true", help="write DIR/preview.png (2 samples per class)")
     p.add_argument("--gap-every", type=int, default=0,
                    help="log the EMA model's label gap (reference.check.label_gap) every this many steps (0: off)")
@@ -478,11 +526,14 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {name} must be a positive integer, got {value}")
     if a.patch_size is not None and a.image_size % a.patch_size:
         raise SystemExit(f"error: --image-size {a.image_size} is not a multiple of --patch-size {a.patch_size}")
-    return train(a.out, a.minutes, a.steps, a.seed, settings, log_every=a.log_every,
-                 save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview,
-                 model_overrides=overrides, device=a.device,
-                 workers=a.workers, autocast=None if a.autocast == "none" else getattr(torch, a.autocast),
-                 gap_every=a.gap_every, compile_backend=a.compile)
+    try:
+        return train(a.out, a.minutes, a.steps, a.seed, settings, log_every=a.log_every,
+                     save_dtype=getattr(torch, a.save_dtype), resume=a.resume, preview=a.preview,
+                     model_overrides=overrides, device=a.device,
+                     workers=a.workers, autocast=None if a.autocast == "none" else getattr(torch, a.autocast),
+                     gap_every=a.gap_every, compile_backend=a.compile, init_from=a.init_from)
+    except (FileNotFoundError, ValueError) as e:  # --init-from / --resume with the wrong folder or model
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
