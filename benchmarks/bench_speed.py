@@ -674,9 +674,10 @@ def run_config(spec: dict) -> dict:
                                        compile_mode=spec.get("compile_mode"))
             reset = ras.ras_controller.reset
 
-            def on_step(i, t, run):
+            def ras_step(i, t, run):  # reports whether the controller ran this step dense or sparse
                 out = run()
                 return ras.ras_controller.stats[-1].mode, out
+            on_step = ras_step
         elif kind in CACHE_KINDS:
             on_step, reset, result["cache_config"] = apply_cache(kind, model, spec)
             runner = model

@@ -16,7 +16,7 @@ from conformance_models import FAMILIES
 from families import Case, flow_sigmas, prediction_of, timestep_for
 from ras_compile import RASPolicy, ras_compile
 from ras_compile.passes import token_ops
-from test_conformance import REFUSED, SUPPORTED, _euler_step, _timestep
+from test_conformance import SUPPORTED, _euler_step, _timestep
 
 BATCH = 2
 _modules: dict = {}
