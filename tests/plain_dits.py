@@ -21,6 +21,7 @@ HAND_WRITTEN_ATTENTION = (
     "einsum_masked",  # einsum scores / sqrt(d), masked_fill(-inf) of every 5th key, fp32 softmax, einsum
     "folded_heads",   # heads folded into the batch axis ([B * H, N, d], diffusers' classic processor), bmm
     "rel_bias",       # q @ k^T * scale + a learned [H, N, N] bias (a mask with query and key axes)
+    "multi_query",    # one K/V head ([b, 1, n, d]) that matmul broadcasts over every query head
 )
 
 
@@ -43,6 +44,9 @@ def _hand_written_attention(form: str, q, k, v, bias=None):
     if form == "rel_bias":
         scores = q @ k.transpose(-2, -1) * scale + bias[:, :n, :n]
         return scores.softmax(dim=-1) @ v
+    if form == "multi_query":
+        scores = (q * scale) @ k[:, :1].transpose(-2, -1)
+        return scores.softmax(dim=-1) @ v[:, :1]
     raise ValueError(f"unknown attention form {form!r}")
 
 

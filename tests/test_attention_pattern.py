@@ -1,8 +1,8 @@
 """Hand-written attention (passes/attention_pattern.py) goes through the pass like SDPA.
 
 Models that write ``softmax(q k^T) v`` out by hand (timm's non-fused path, einsum with a
-mask, heads folded into the batch axis, a learned bias over query and key axes,
-diffusers' classic ``AttnProcessor``) are rewritten to one SDPA node whose K/V are
+mask, heads folded into the batch axis, a learned bias over query and key axes, one
+K/V head broadcast over the query heads, diffusers' classic ``AttnProcessor``) are rewritten to one SDPA node whose K/V are
 cached; the properties are the ones SDPA models keep: the dense graph equals the model,
 a sparse step right after a dense step equals it for any active set.
 """
@@ -171,3 +171,25 @@ def test_a_token_mixer_that_is_no_attention_is_still_refused_with_its_node():
         ras(torch.randn(1, 4, 8, 8), torch.full((1,), 999.0))
     assert info.value.op == "aten.matmul.default" and "two token axes" in str(info.value)
     assert "scaled_dot_product_attention" in str(info.value)
+
+
+def test_one_kv_head_broadcast_over_the_query_heads_is_expanded_into_the_sdpa():
+    """Multi-query attention written with matmul's broadcasting (K/V ``[b, 1, n, d]``): the
+    SDPA reads K and V expanded to every query head, and computes the same function."""
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 1, 7, 4), torch.randn(2, 1, 7, 6)
+    body = lambda q, k, v, m: ((q @ k.transpose(-2, -1)) * 0.5 + m).softmax(-1) @ v  # noqa: E731
+    m = torch.randn(1, 1, 5, 7)
+    gm, found = _rewrite(body, q, k, v, m)
+    assert len(found) == 1 and found[0].mask == "additive"
+    sdpa = next(n for n in gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default)
+    for operand in sdpa.args[1:3]:
+        assert operand.target == aten.expand.default and tuple(operand.meta["val"].shape[:2]) == (2, 3)
+    torch.testing.assert_close(gm(q, k, v, m)[0], body(q, k, v, m), rtol=1e-5, atol=1e-6)
+
+
+def test_queries_that_broadcast_against_the_keys_are_left_alone():
+    """The output's batch axes must be the queries': one query head against three K/V heads
+    is no attention of those queries."""
+    q, k, v = torch.randn(2, 1, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    gm, found = _rewrite(lambda q, k, v, m: (q @ k.transpose(-2, -1)).softmax(-1) @ v, q, k, v, torch.zeros(1))
+    assert found == [] and aten.scaled_dot_product_attention.default not in _targets(gm)

@@ -21,8 +21,11 @@ mask is passed as is, ``masked_fill(s, m, v)`` with ``v = -inf`` (or a finite ``
 -1e4``) becomes the boolean mask ``~m``, and adding a constant to every score is dropped
 (softmax ignores it). The match is strict: every intermediate value must be read only
 inside the chain (a model that returns its attention maps is left alone and refused as
-before), the softmax is over the last axis, q, k and v have rank >= 3 with equal batch
-axes and one dtype, and the output has that dtype. Anything else is left as it was.
+before), the softmax is over the last axis, q, k and v have rank >= 3 and one dtype, and
+the output has that dtype. K's and V's batch axes equal the queries' or broadcast to them
+through size-1 axes (multi-query attention: one K/V head for every query head, which
+``matmul`` broadcasts); such K / V are expanded to the queries' batch axes before the SDPA,
+so their cache holds every head. Anything else is left as it was.
 
 What differs from the hand-written form: the float rounding of the fused kernel, and a
 query row whose keys are *all* masked by a finite fill (the hand-written softmax spreads
@@ -74,6 +77,8 @@ class _Chain:
     k: fx.Node               # [..., S, E]; or, when k_is_transposed, the [..., E, S] product operand
     k_is_transposed: bool    # True: ``k`` above is the [..., E, S] operand and needs a transpose
     v: fx.Node | None = None
+    expand_k: tuple | None = None  # K's / V's full [..., S, E] shape when their batch axes broadcast
+    expand_v: tuple | None = None  # against the queries' (size-1 head axis: multi-query attention)
     scale: float = 1.0
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "additive" or "fill"
@@ -235,9 +240,11 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
         return False
     k_shape = tuple(k.shape[:-2]) + ((k.shape[-1], k.shape[-2]) if chain.k_is_transposed else tuple(k.shape[-2:]))
     batch = tuple(q.shape[:-2])
-    if tuple(k_shape[:-2]) != batch or tuple(v.shape[:-2]) != batch:
+    if k_shape[-1] != q.shape[-1] or v.shape[-2] != k_shape[-2] or tuple(out.shape[:-2]) != batch:
         return False
-    if k_shape[-1] != q.shape[-1] or v.shape[-2] != k_shape[-2]:
+    chain.expand_k = _broadcast_to(tuple(k_shape[:-2]), batch, k_shape[-2:])
+    chain.expand_v = _broadcast_to(tuple(v.shape[:-2]), batch, tuple(v.shape[-2:]))
+    if chain.expand_k is None or chain.expand_v is None:
         return False
     if not (q.dtype == k.dtype == v.dtype == out.dtype) or not q.is_floating_point():
         return False
@@ -254,6 +261,25 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
         if chain.mask_kind == "additive" and not m.is_floating_point():
             return False  # SDPA would read a boolean as a keep-mask, not as +0 / +1
     return True
+
+
+def _broadcast_to(axes: tuple, batch: tuple, tail: tuple) -> tuple | None:
+    """The sizes for ``expand`` that take K's or V's batch ``axes`` to the queries' ``batch``
+    (-1 keeps an axis; ``()`` if they already equal it), or None if they do not broadcast to
+    exactly ``batch`` or a broadcast axis has a symbolic size."""
+    if axes == batch:
+        return ()
+    if len(axes) != len(batch):
+        return None
+    sizes = []
+    for have, want in zip(axes, batch):
+        if have == want:
+            sizes.append(-1)
+        elif have == 1 and isinstance(want, int):
+            sizes.append(want)
+        else:
+            return None
+    return (*sizes, -1, -1)
 
 
 def _match(softmax: fx.Node) -> tuple[_Chain, fx.Node] | None:
@@ -285,12 +311,24 @@ def _fake(node: fx.Node, fn, *args, **kwargs) -> None:
         node.meta["val"] = fn(*vals, **kw)
 
 
+def _expanded(graph: fx.Graph, node: fx.Node, sizes: tuple) -> fx.Node:
+    """``aten.expand(node, sizes)`` with its fake value (inserted at the graph's insert point)."""
+    expand = graph.call_function(aten.expand.default, (node, list(sizes)))
+    _fake(expand, aten.expand.default, node, list(sizes))
+    return expand
+
+
 def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
     with graph.inserting_before(output):
         k = chain.k
         if chain.k_is_transposed:
             k = graph.call_function(aten.transpose.int, (chain.k, -2, -1))
             _fake(k, aten.transpose.int, chain.k, -2, -1)
+        v = chain.v
+        if chain.expand_k:  # multi-query: one K/V head read by every query head, made explicit
+            k = _expanded(graph, k, chain.expand_k)
+        if chain.expand_v:
+            v = _expanded(graph, v, chain.expand_v)
         mask = chain.mask
         if mask is not None and chain.mask_kind == "fill":
             mask = graph.call_function(aten.logical_not.default, (chain.mask,))
@@ -300,8 +338,8 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
             mask = graph.call_function(aten.to.dtype, (chain.mask, dtype))
             _fake(mask, aten.to.dtype, chain.mask, dtype)
         kwargs = {"attn_mask": mask, "scale": chain.scale}
-        sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (chain.q, k, chain.v), kwargs)
-        _fake(sdpa, aten.scaled_dot_product_attention.default, chain.q, k, chain.v, **kwargs)
+        sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (chain.q, k, v), kwargs)
+        _fake(sdpa, aten.scaled_dot_product_attention.default, chain.q, k, v, **kwargs)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in output.meta:
             sdpa.meta[key] = output.meta[key]
