@@ -77,8 +77,8 @@ class _Chain:
     k: fx.Node               # [..., S, E]; or, when k_is_transposed, the [..., E, S] product operand
     k_is_transposed: bool    # True: ``k`` above is the [..., E, S] operand and needs a transpose
     v: fx.Node | None = None
-    expand_k: tuple | None = None  # K's / V's full [..., S, E] shape when their batch axes broadcast
-    expand_v: tuple | None = None  # against the queries' (size-1 head axis: multi-query attention)
+    expand_k: tuple | None = None  # ``expand`` sizes taking K / V to the queries' batch axes (size-1
+    expand_v: tuple | None = None  # head axis: multi-query attention); () when they already match
     scale: float = 1.0
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "additive" or "fill"
@@ -242,8 +242,8 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
     batch = tuple(q.shape[:-2])
     if k_shape[-1] != q.shape[-1] or v.shape[-2] != k_shape[-2] or tuple(out.shape[:-2]) != batch:
         return False
-    chain.expand_k = _broadcast_to(tuple(k_shape[:-2]), batch, k_shape[-2:])
-    chain.expand_v = _broadcast_to(tuple(v.shape[:-2]), batch, tuple(v.shape[-2:]))
+    chain.expand_k = _broadcast_to(tuple(k_shape[:-2]), batch)
+    chain.expand_v = _broadcast_to(tuple(v.shape[:-2]), batch)
     if chain.expand_k is None or chain.expand_v is None:
         return False
     if not (q.dtype == k.dtype == v.dtype == out.dtype) or not q.is_floating_point():
@@ -263,7 +263,7 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
     return True
 
 
-def _broadcast_to(axes: tuple, batch: tuple, tail: tuple) -> tuple | None:
+def _broadcast_to(axes: tuple, batch: tuple) -> tuple | None:
     """The sizes for ``expand`` that take K's or V's batch ``axes`` to the queries' ``batch``
     (-1 keeps an axis; ``()`` if they already equal it), or None if they do not broadcast to
     exactly ``batch`` or a broadcast axis has a symbolic size."""

@@ -62,8 +62,8 @@ decayed the learning rate linearly to 0 over 1,000 steps (``--cooldown-from 3983
 those weights (``--init-from`` that run's ``--out``, ``--seed 1`` for fresh data, 8,000 steps
 with a cooldown from 6,000 over 2,000 steps: 256 k samples, 105 min at 41 samples/s) reached
 50 % at guidance 1, 91 % at 4 and 94 % at 6 (64 samples): those are the shipped weights
-(docs/quality.md gives the commands and larger checks). ``--resume`` continues a run from ``training_state.pt`` (about 34 MB at
-the default size), so the budget can be split over several sessions or device calls.
+(docs/quality.md gives the commands and larger checks). ``--resume`` continues a run from
+``training_state.pt`` (about 34 MB at the default size), so the budget can be split over several sessions or device calls.
 
 The GPU recipe after the first GPU run (``benchmarks/gpu_checks/train_reference.sh``, not run yet:
 no session since has had a GPU) changes what limited it and what the issue asks of a GPU
@@ -100,8 +100,8 @@ from .data import NUM_CLASSES, make_batch, training_seed
 from .model import NULL_CLASS, build_reference_model, parameter_count
 
 __all__ = ["TrainSettings", "sample_sigmas", "noisy_pair", "drop_labels", "flow_matching_loss",
-           "disable_builtin_label_dropout", "load_initial_weights", "learning_rate", "ema_update", "make_optimizer", "step_generator",
-           "train_step", "train", "main"]
+           "disable_builtin_label_dropout", "load_initial_weights", "learning_rate", "ema_update", "make_optimizer",
+           "step_generator", "train_step", "train", "main"]
 
 _NOISE_STREAM = 2 ** 62  # offset between a step's data seed and its noise seed
 
