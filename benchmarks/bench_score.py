@@ -38,7 +38,8 @@ SCORES = ("std", "l2norm", "random", "previous change", "oracle")
 
 
 def patch_tokens(v: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, N, p * p, C]``: each token's patch, row-major tokens."""
+    """``[B, C, H, W]`` -> ``[B, N, p * p, C]``: each token's patch, row-major tokens (for the
+    reference DiT, the same cut as ``ras_compile.runtime.prediction_patches``; tested)."""
     b, c, h, w = v.shape
     return (v.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
             .reshape(b, (h // patch) * (w // patch), patch * patch, c))

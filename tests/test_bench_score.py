@@ -29,6 +29,21 @@ def test_patch_tokens_keeps_each_patch_together():
     torch.testing.assert_close(tokens[1, 4, :, 2], v[1, 2, 2:4, 2:4].reshape(4))
 
 
+def test_patch_tokens_cuts_the_reference_prediction_as_ras_does():
+    """The benchmark scores what RAS would rank: its patches equal the runtime's own cut of
+    the reference DiT's prediction (``prediction_patches`` with the pass's analysis)."""
+    from ras_compile import RASPolicy, ras_compile
+    from ras_compile.runtime import prediction_patches
+
+    m = reference_model.build_reference_model(0, init="diffusers", num_attention_heads=2, attention_head_dim=8,
+                                              num_layers=1, sample_size=8).eval()
+    x = torch.randn(2, 3, 8, 8)
+    analysis = ras_compile(m, RASPolicy(), backend=None).ras_analysis(
+        hidden_states=x, timestep=torch.full((2,), 500.0), class_labels=torch.tensor([0, 1]))
+    v = torch.randn(2, 3, 8, 8)
+    assert torch.equal(bs.patch_tokens(v, m.config.patch_size), prediction_patches(v, analysis))
+
+
 def test_captured_share_and_spearman_hand_cases():
     error = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     assert float(bs.captured_share(error, error, 2)) == pytest.approx(0.7)
