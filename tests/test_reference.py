@@ -441,6 +441,9 @@ def test_check_reports_accuracy_and_frechet_distance_of_dense_samples(tmp_path):
     result = check.check_model(m, clf, n=8, steps=2)
     assert result["samples"] == 8 and result["steps"] == 2
     assert 0.0 <= result["accuracy"] <= 1.0 and math.isfinite(result["frechet_distance"])
+    per_class = [tuple(map(int, v.split("/"))) for v in result["right_per_class"].values()]
+    assert list(result["right_per_class"]) == list(data.CLASS_NAMES) and all(n == 1 for _, n in per_class)
+    assert sum(r for r, _ in per_class) / 8 == pytest.approx(result["accuracy"])
     images, labels = check.dense_samples(m, 8, steps=2)
     assert images.shape == (8, 3, 8, 8) and torch.equal(labels, torch.arange(8) % data.NUM_CLASSES)
     again, _ = check.dense_samples(m, 8, steps=2)

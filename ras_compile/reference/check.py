@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .data import EVAL_SEED_BASE, NUM_CLASSES, make_batch
+from .data import CLASS_NAMES, EVAL_SEED_BASE, NUM_CLASSES, make_batch
 from .evaluator import classify, evaluation_set, features, load_classifier
 from .metrics import frechet_distance
 from .model import load_reference_model
@@ -94,8 +94,11 @@ def check_model(model: torch.nn.Module, classifier: torch.nn.Module, n: int = 64
     """Accuracy (and Frechet distance to real images) of ``n`` dense samples of ``model``."""
     t0 = time.perf_counter()
     images, labels = dense_samples(model, n, steps, guidance_scale)
+    right = classify(classifier, images) == labels
     result = {"samples": n, "steps": steps, "guidance_scale": guidance_scale,
-              "accuracy": float((classify(classifier, images) == labels).float().mean()),
+              "accuracy": float(right.float().mean()),
+              "right_per_class": {CLASS_NAMES[k]: f"{int(right[labels == k].sum())}/{int((labels == k).sum())}"
+                                  for k in range(NUM_CLASSES)},
               "sampling_s": round(time.perf_counter() - t0, 2)}
     if frechet:
         real, _ = evaluation_set(n, size=model.config.sample_size)
