@@ -21,7 +21,11 @@ shaped like the paper's:
   ``starvation_rule="official"`` and ``starvation_scale=0`` (no starvation prevention),
   ``schedule="dynamic"`` (the official linear schedule around the same mean ratio).
 
-Plus one check: RAS at ratio 1.0, whose output must match dense (PSNR very high).
+Plus one check: RAS at ratio 1.0, whose output must match dense (PSNR very high); and one reference
+outside the tables: dense sampling at ``--converged-steps`` (100; more than any other step count),
+the limit the Euler sampler approaches. Every configuration's PSNR against it (*PSNR vs converged*)
+is the sampling error that fewer steps and stale tokens add; it is Table 2's third front, because on
+a small rectified-flow model class accuracy and the Frechet distance saturate after a few steps.
 
 Baseline RAS policy at ``S`` steps: ``warmup_steps=4``, ``reset_steps`` the paper's
 (12, 20) of 28 scaled to ``S`` (``round(12 S / 28)``, ``round(20 S / 28)``, kept if
@@ -34,7 +38,9 @@ Metrics per configuration (images clamped to [-1, 1]): class accuracy (the evalu
 classifier's prediction vs the conditioning class), Frechet distance of the classifier's
 features to as many real images (:func:`ras_compile.reference.data.make_batch`, fixed
 seed; its bootstrap standard deviation tells the noise of a difference), PSNR and SSIM
-against dense sampling at the **same** seeds and number of steps. Throughput: samples/s
+against dense sampling at the **same** seeds and number of steps, PSNR against the converged
+reference. Table 6's claims are judged on the Frechet distance (paired bootstrap) and on PSNR
+against dense (paired per-sample differences). Throughput: samples/s
 of the timed sampling loops (every model call and scheduler step, on CUDA synchronised
 per batch), after an untimed warm-up that compiles every graph; all in one process on
 one device. Every configuration gets its own ``ras_compile`` module (the policy is fixed
@@ -76,10 +82,10 @@ PAPER_RESET_STEPS = (12, 20)  # the paper's / official error-reset steps of a 28
 PAPER_STEPS = 28
 BOOTSTRAP = 50                # resamples for the Frechet distance's standard deviation
 
-DEFAULTS = dict(ratios=(0.75, 0.5, 0.25, 0.125), ras_steps=(20, 28, 40), dense_steps=(10, 14, 20, 28),
-                ablation_ratio=0.5, ablation_steps=28, samples=256, batch_size=64)
-QUICK = dict(ratios=(0.5, 0.25), ras_steps=(8,), dense_steps=(4,), ablation_ratio=0.5, ablation_steps=8,
-             samples=16, batch_size=16, ablations=("metric_random", "kv_cache_off"))
+DEFAULTS = dict(ratios=(0.75, 0.5, 0.25, 0.125), ras_steps=(14, 20, 28, 40), dense_steps=(6, 8, 10, 14, 20, 28),
+                converged_steps=100, ablation_ratio=0.5, ablation_steps=28, samples=256, batch_size=64)
+QUICK = dict(ratios=(0.5, 0.25), ras_steps=(8,), dense_steps=(4,), converged_steps=16, ablation_ratio=0.5,
+             ablation_steps=8, samples=16, batch_size=16, ablations=("metric_random", "kv_cache_off"))
 
 # Table 6: name -> (what it ablates, RASPolicy fields changed from the baseline). "dynamic" is filled
 # in by ablation_overrides (its parameters depend on the token count and the loop length).
@@ -112,7 +118,7 @@ class Config:
     """One row of a table: how to sample and what came out."""
 
     name: str
-    table: str                     # "table2", "table6" or "check"
+    table: str                     # "converged", "table2", "table6" or "check"
     kind: str                      # "dense" or "ras"
     steps: int
     label: str
@@ -156,9 +162,16 @@ def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> 
 
 def plan_configs(ratios: Sequence[float], ras_steps: Sequence[int], dense_steps: Sequence[int],
                  ablation_ratio: float, ablation_steps: int, ablations: Sequence[str], guided: bool,
-                 num_tokens: int) -> list[Config]:
-    """Every configuration of the run, in run order (dense first: they are the references)."""
+                 num_tokens: int, converged_steps: int | None = None) -> list[Config]:
+    """Every configuration of the run, in run order (the references first: the converged sampler, then dense).
+
+    ``converged_steps`` (None or 0: none) adds dense sampling at that many steps, outside the tables: the
+    reference of ``psnr_converged_db``, how close each configuration comes to the sampler's limit. It must
+    exceed every other step count (:func:`parse_args` checks)."""
     configs: list[Config] = []
+    if converged_steps:
+        configs.append(Config(f"converged_s{converged_steps}", "converged", "dense", converged_steps,
+                              f"dense {converged_steps} steps (converged reference)"))
     needed = sorted(set(dense_steps) | set(ras_steps) | {ablation_steps})
     for s in needed:
         configs.append(Config(f"dense_s{s}", "table2", "dense", s, f"dense {s} steps",
@@ -312,10 +325,26 @@ def paired_fd_difference_sd(feats_a: torch.Tensor, feats_b: torch.Tensor, real_f
     return float(torch.tensor(diffs, dtype=torch.float64).std()) if len(diffs) > 1 else float("nan")
 
 
+def paired_mean_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, int]:
+    """``mean(a - b)`` over the samples where both are finite, its standard error (sample ``i`` of both
+    starts from the same noise and class, so the difference is taken per sample), and how many samples
+    were dropped as non-finite (a PSNR of ``inf``: bit-identical images)."""
+    a, b = a.double(), b.double()
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    d = (a - b)[keep]
+    n = int(d.numel())
+    if n == 0:
+        return float("nan"), float("nan"), int(a.numel())
+    se = float(d.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(d.mean()), se, int(a.numel()) - n
+
+
 def image_metrics(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, classifier,
-                  real_feats: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Accuracy, Frechet distance (and its spread), PSNR and SSIM against ``reference`` (dense, same steps);
-    and the samples' classifier features."""
+                  real_feats: torch.Tensor, converged: torch.Tensor | None = None
+                  ) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Accuracy, Frechet distance (and its spread), PSNR and SSIM against ``reference`` (dense, same steps),
+    PSNR against ``converged`` (dense at many steps); the samples' classifier features; and the per-sample
+    PSNRs (``psnr_db``, ``psnr_converged_db``; None without their reference) for paired comparisons."""
     from ras_compile.reference.evaluator import accuracy, features
     from ras_compile.reference.metrics import psnr, ssim
 
@@ -323,11 +352,16 @@ def image_metrics(images: torch.Tensor, labels: torch.Tensor, reference: torch.T
     feats = features(classifier, images)
     fd, fd_std = frechet_with_spread(feats, real_feats)
     out = {"accuracy": accuracy(classifier, images, labels), "fd": fd, "fd_std": fd_std,
-           "psnr_db": None, "ssim": None}
+           "psnr_db": None, "ssim": None, "psnr_converged_db": None}
+    per_sample: dict[str, torch.Tensor | None] = {"psnr_db": None, "psnr_converged_db": None}
     if reference is not None:
-        out["psnr_db"] = float(psnr(images, reference).double().mean())
+        per_sample["psnr_db"] = psnr(images, reference)
+        out["psnr_db"] = float(per_sample["psnr_db"].double().mean())
         out["ssim"] = float(ssim(images, reference).double().mean())
-    return out, feats
+    if converged is not None:
+        per_sample["psnr_converged_db"] = psnr(images, converged)
+        out["psnr_converged_db"] = float(per_sample["psnr_converged_db"].double().mean())
+    return out, feats, per_sample
 
 
 # -- claims -----------------------------------------------------------------------------------------
@@ -335,24 +369,36 @@ def _by_name(configs: list[Config]) -> dict[str, Config]:
     return {c.name: c for c in configs}
 
 
+# Table 2's fronts: (key in result["pareto"], metric, better high, what it measures)
+FRONTS = (("fd", "fd", False, "Frechet distance"), ("accuracy", "accuracy", True, "accuracy"),
+          ("psnr_converged", "psnr_converged_db", True, "PSNR against the converged sampler"))
+
+
+def _metric(c: Config, metric: str) -> float:
+    v = c.result["metrics"].get(metric)
+    return float("nan") if v is None else float(v)
+
+
 def compute_pareto(configs: list[Config]) -> None:
-    """Mark Table 2's configurations on the two fronts (throughput up; FD down / accuracy up)."""
+    """Mark Table 2's configurations on each front of ``FRONTS`` (throughput up; FD down, accuracy up, PSNR
+    against the converged sampler up). Without a converged reference that front is all ``None``."""
     rows = [c for c in configs if c.table == "table2"]
     thr = [c.result["timing"]["samples_per_s"] for c in rows]
-    for key, metric, better_high in (("fd", "fd", False), ("accuracy", "accuracy", True)):
-        flags = pareto_front([(t, c.result["metrics"][metric]) for t, c in zip(thr, rows)], (True, better_high))
-        for c, f in zip(rows, flags):
-            c.result.setdefault("pareto", {})[key] = f
+    for key, metric, better_high, _ in FRONTS:
+        values = [_metric(c, metric) for c in rows]
+        flags = pareto_front(list(zip(thr, values)), (True, better_high))
+        for c, f, v in zip(rows, flags, values):
+            c.result.setdefault("pareto", {})[key] = None if math.isnan(v) else f
 
 
 def ras_dominates_dense(ras: list[Config], dense: list[Config], key: str, better_high: bool) -> list[tuple[str, str]]:
     """(RAS label, dense label) pairs where the RAS configuration is at least as fast as the dense one and
-    at least as good in ``key``, and strictly better in one of the two."""
+    at least as good in metric ``key``, and strictly better in one of the two."""
     pairs = []
     for r in ras:
         for d in dense:
-            front = pareto_front([(r.result["timing"]["samples_per_s"], r.result["metrics"][key]),
-                                  (d.result["timing"]["samples_per_s"], d.result["metrics"][key])], (True, better_high))
+            front = pareto_front([(r.result["timing"]["samples_per_s"], _metric(r, key)),
+                                  (d.result["timing"]["samples_per_s"], _metric(d, key))], (True, better_high))
             if front == [True, False]:
                 pairs.append((r.label, d.label))
     return pairs
@@ -363,33 +409,40 @@ def _noise_of_difference(a: dict, b: dict) -> float:
 
 
 def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps: int,
-                   feats: dict[str, torch.Tensor] | None = None, real_feats: torch.Tensor | None = None) -> list[dict]:
+                   feats: dict[str, torch.Tensor] | None = None, real_feats: torch.Tensor | None = None,
+                   per_sample: dict[str, dict[str, torch.Tensor | None]] | None = None) -> list[dict]:
     """The paper's claims, checked against this run's numbers (``holds``: True / False / None if not
-    measurable here). With every configuration's features (``feats``) a Table 6 difference is "beyond
-    noise" when it exceeds twice its paired bootstrap standard deviation; without, twice the unpaired one."""
+    measurable here; ``measure``: the metric it was judged on).
+
+    Table 2's claims are judged on each front of ``FRONTS`` that this run measured. Each Table 6 claim is
+    judged twice: on the Frechet distance (with every configuration's features, ``feats``, a difference is
+    "beyond noise" when it exceeds twice its paired bootstrap standard deviation; without, twice the unpaired
+    one) and, with the per-sample PSNRs (``per_sample``), on PSNR against dense at the same steps (beyond
+    noise: more than twice the standard error of the paired per-sample difference)."""
     claims: list[dict] = []
     by = _by_name(configs)
     t2 = [c for c in configs if c.table == "table2"]
     ras = [c for c in t2 if c.kind == "ras"]
     dense = [c for c in t2 if c.kind == "dense"]
+    fronts = [f for f in FRONTS if any(c.result["pareto"].get(f[0]) is not None for c in t2)]
     # Table 2: the headline point (the ablation ratio / steps, 0.5 at 28 by default)
     focus = f"ras_r{ablation_ratio:g}_s{ablation_steps}"
     focus = focus if focus in by else (ras[len(ras) // 2].name if ras else None)
     if focus:
         c = by[focus]
-        for key, what in (("fd", "throughput vs Frechet distance"), ("accuracy", "throughput vs accuracy")):
+        for key, metric, _, what in fronts:
             on = c.result["pareto"][key]
-            claims.append({"claim": f"{c.label} is on the Pareto front ({what})", "paper": True, "holds": on,
+            claims.append({"claim": f"{c.label} is on the Pareto front (throughput vs {what})", "paper": True,
+                           "holds": on, "measure": metric,
                            "measured": f"{c.label}: {c.result['timing']['samples_per_s']:.3g} samples/s, "
-                                       f"{key} {c.result['metrics'][key]:.4g}; "
-                                       f"{'on' if on else 'not on'} the front"})
-    for key, name, better_high in (("fd", "Frechet distance", False), ("accuracy", "accuracy", True)):
-        wins = ras_dominates_dense(ras, dense, key, better_high)
-        n_ras = sum(c.result["pareto"][key] for c in ras)
-        n_dense = sum(c.result["pareto"][key] for c in dense)
-        claims.append({"claim": f"RAS with more steps beats dense with fewer steps at equal throughput ({name}): "
+                                       f"{metric} {_metric(c, metric):.4g}; {'on' if on else 'not on'} the front"})
+    for key, metric, better_high, what in fronts:
+        wins = ras_dominates_dense(ras, dense, metric, better_high)
+        n_ras = sum(bool(c.result["pareto"][key]) for c in ras)
+        n_dense = sum(bool(c.result["pareto"][key]) for c in dense)
+        claims.append({"claim": f"RAS with more steps beats dense with fewer steps at equal throughput ({what}): "
                                 "some RAS configuration is at least as fast as a dense one and better (paper Table 2)",
-                       "paper": True, "holds": bool(wins),
+                       "paper": True, "holds": bool(wins), "measure": metric,
                        "measured": (f"{len(wins)} pairs, e.g. " + "; ".join(f"{r} over {d}" for r, d in wins[:3])
                                     if wins else "no RAS configuration dominates a dense one")
                                    + f"; on the front: {n_ras} of {len(ras)} RAS, {n_dense} of {len(dense)} dense"})
@@ -401,11 +454,12 @@ def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps:
     speedups = [c.result["speedup_vs_dense_same_steps"] for c in ras if "speedup_vs_dense_same_steps" in c.result]
     if speedups:
         claims.append({"claim": "RAS is faster than dense at the same number of steps (paper Table 3: 1.62x at 0.5, "
-                                "2.44x at 0.125 on SD3, A100)", "paper": True,
+                                "2.44x at 0.125 on SD3, A100)", "paper": True, "measure": "samples_per_s",
                        "holds": all(s > 1 for s in speedups),
                        "measured": "speed-ups " + ", ".join(f"{c.label}: {c.result['speedup_vs_dense_same_steps']:.2f}x"
                                                             for c in ras if "speedup_vs_dense_same_steps" in c.result)})
     # Table 6
+    where = f" at ratio {ablation_ratio:g}, {ablation_steps} steps"
     for ablation, baseline, text, paper in ABLATION_CLAIMS:
         a, b = by.get(f"abl_{ablation}"), by.get(f"abl_{baseline}")
         if a is None or b is None:
@@ -420,16 +474,31 @@ def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps:
         psnr_better = None if ma["psnr_db"] is None or mb["psnr_db"] is None else mb["psnr_db"] > ma["psnr_db"]
         measured = (f"FD {mb['fd']:.4g} (baseline) vs {ma['fd']:.4g} ({ablation}); difference "
                     f"{'beyond' if margin > noise else 'within'} the {kind} noise (2 sd = {noise:.3g}); "
-                    f"PSNR vs dense {_fmt(mb['psnr_db'], '.2f')} vs {_fmt(ma['psnr_db'], '.2f')} dB; "
                     f"accuracy {mb['accuracy']:.3f} vs {ma['accuracy']:.3f}")
-        claims.append({"claim": text + f" at ratio {ablation_ratio:g}, {ablation_steps} steps: baseline has the "
-                                       "lower FD", "paper": paper, "holds": better, "beyond_noise": margin > noise,
+        claims.append({"claim": text + where + ": baseline has the lower FD", "paper": paper, "holds": better,
+                       "measure": "fd", "ablation": ablation, "beyond_noise": margin > noise,
                        "fd_difference_2sd": noise, "baseline_higher_psnr": psnr_better, "measured": measured})
+        pa = (per_sample or {}).get(a.name, {}).get("psnr_db")
+        pb = (per_sample or {}).get(b.name, {}).get("psnr_db")
+        if pa is None or pb is None:
+            continue
+        diff, se, dropped = paired_mean_difference(pb, pa)
+        resolved = math.isfinite(diff) and math.isfinite(se) and abs(diff) > 2 * se
+        claims.append({"claim": text + where + ": baseline has the higher PSNR against dense at the same steps",
+                       "paper": paper, "holds": bool(diff > 0) if math.isfinite(diff) else None, "measure": "psnr_db",
+                       "ablation": ablation, "beyond_noise": resolved, "psnr_difference_db": diff,
+                       "psnr_difference_2se": 2 * se,
+                       "measured": f"PSNR vs dense {_fmt(mb['psnr_db'], '.2f')} (baseline) vs "
+                                   f"{_fmt(ma['psnr_db'], '.2f')} dB ({ablation}); paired per-sample difference "
+                                   f"{diff:+.2f} dB, {'beyond' if resolved else 'within'} its noise (2 se = "
+                                   f"{2 * se:.2g} dB)" + (f"; {dropped} bit-identical samples left out" if dropped
+                                                          else "")})
     check = next((c for c in configs if c.table == "check"), None)
     if check is not None:
         p = check.result["metrics"]["psnr_db"]
         claims.append({"claim": "RAS at ratio 1.0 reproduces dense sampling (PSNR >= 40 dB)", "paper": None,
-                       "holds": p is not None and p >= 40, "measured": f"PSNR {_fmt(p, '.1f')} dB"})
+                       "measure": "psnr_db", "holds": p is not None and p >= 40,
+                       "measured": f"PSNR {_fmt(p, '.1f')} dB"})
     return claims
 
 
@@ -535,14 +604,24 @@ def render_markdown(report: dict) -> str:
         lines += [f"> Other processes used more than 0.25 cores during the timed loops of: {', '.join(contended)}. "
                   "Their throughput is understated; rerun on a quiet machine.", ""]
 
+    converged = [r for r in report["configs"] if r["table"] == "converged"]
+    if converged:
+        r = converged[0]
+        lines += ["## The converged reference", "",
+                  f"{r['label']}: {_fmt(r['timing']['samples_per_s'], '.3g')} samples/s, FD "
+                  f"{_fmt(r['metrics']['fd'])} ± {_fmt(r['metrics']['fd_std'], '.2g')}, accuracy "
+                  f"{_fmt(r['metrics']['accuracy'], '.3f')}. *PSNR conv* below is each configuration's PSNR against "
+                  "it (same noise and class): how far a configuration's samples are from the Euler sampler's "
+                  "limit, the error that fewer steps and stale tokens add.", ""]
     lines += ["## Table 2: quality vs throughput", "",
-              "Ordered by measured throughput (samples/s, this run, this device). *front FD* / *front acc*: on "
-              "the Pareto front of throughput vs Frechet distance (lower is better) / vs class accuracy. PSNR and "
-              "SSIM are against dense sampling at the same seeds and the same number of steps (dense rows: "
-              "themselves). Dense rows marked *(ref)* were added only because RAS uses that step count.", "",
+              "Ordered by measured throughput (samples/s, this run, this device). *front FD* / *front acc* / "
+              "*front conv*: on the Pareto front of throughput vs Frechet distance (lower is better) / vs class "
+              "accuracy / vs PSNR against the converged reference. PSNR and SSIM are against dense sampling at the "
+              "same seeds and the same number of steps (dense rows: themselves). Dense rows marked *(ref)* were "
+              "added only because RAS uses that step count.", "",
               "| configuration | steps | samples/s | speed-up vs dense, same steps | FD | acc | PSNR dB | SSIM "
-              "| front FD | front acc |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|"]
+              "| PSNR conv dB | front FD | front acc | front conv |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|:-:|"]
     for name in report["table2_order"]:
         r = rows[name]
         mt = r["metrics"]
@@ -551,7 +630,8 @@ def render_markdown(report: dict) -> str:
                      f"{_fmt(r.get('speedup_vs_dense_same_steps'), '.2f')} | "
                      f"{_fmt(mt['fd'])} ± {_fmt(mt['fd_std'], '.2g')} | "
                      f"{_fmt(mt['accuracy'], '.3f')} | {_fmt(mt['psnr_db'], '.2f')} | {_fmt(mt['ssim'], '.4f')} | "
-                     f"{_mark(r['pareto']['fd'])} | {_mark(r['pareto']['accuracy'])} |")
+                     f"{_fmt(mt.get('psnr_converged_db'), '.2f')} | {_mark(r['pareto']['fd'])} | "
+                     f"{_mark(r['pareto']['accuracy'])} | {_mark(r['pareto'].get('psnr_converged'))} |")
     lines += ["", "FD ± is the bootstrap standard deviation of the generated set's Frechet distance "
                   f"({BOOTSTRAP} resamples).", ""]
 
@@ -559,15 +639,16 @@ def render_markdown(report: dict) -> str:
     if t6:
         lines += [f"## Table 6: ablations at ratio {s['ablation_ratio']:g}, {s['ablation_steps']} steps", "",
                   "Each row changes the named RASPolicy fields of the baseline (first row).", "",
-                  "| ablation | RASPolicy change | samples/s | FD | acc | PSNR dB | SSIM |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| ablation | RASPolicy change | samples/s | FD | acc | PSNR dB | SSIM | PSNR conv dB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in t6:
             change = ", ".join(f"{k}={v!r}" for k, v in ablation_change(r).items()) or "(baseline)"
             mt = r["metrics"]
             same = f" (= {rows[r['same_run_as']]['label']})" if r["same_run_as"] else ""
             lines.append(f"| {r['label']}{same} | `{change}` | {_fmt(r['timing']['samples_per_s'], '.3g')} | "
                          f"{_fmt(mt['fd'])} ± {_fmt(mt['fd_std'], '.2g')} | {_fmt(mt['accuracy'], '.3f')} | "
-                         f"{_fmt(mt['psnr_db'], '.2f')} | {_fmt(mt['ssim'], '.4f')} |")
+                         f"{_fmt(mt['psnr_db'], '.2f')} | {_fmt(mt['ssim'], '.4f')} | "
+                         f"{_fmt(mt.get('psnr_converged_db'), '.2f')} |")
         lines.append("")
     checks = [r for r in report["configs"] if r["table"] == "check"]
     if checks:
@@ -577,15 +658,17 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt(r['metrics']['ssim'], '.5f')} against dense.")
         lines.append("")
     lines += ["## Paper claims against this run", "",
-              "*holds* is computed from the numbers above. For Table 6 the comparison is the Frechet distance; "
-              "*beyond noise* says whether the difference exceeds twice its paired bootstrap standard deviation "
-              "(samples of both configurations start from the same noise, so they are resampled together; a "
-              "difference within the noise is not evidence either way).", "",
-              "| claim | paper | holds here | beyond noise | measured |", "|---|:-:|:-:|:-:|---|"]
+              "*holds* is computed from the numbers above. Each Table 6 claim is judged twice: on the Frechet "
+              "distance, where *beyond noise* says whether the difference exceeds twice its paired bootstrap "
+              "standard deviation (samples of both configurations start from the same noise, so they are "
+              "resampled together), and on PSNR against dense at the same steps, where it says whether the mean "
+              "per-sample difference exceeds twice its standard error. A difference within the noise is not "
+              "evidence either way.", "",
+              "| claim | judged on | paper | holds here | beyond noise | measured |", "|---|---|:-:|:-:|:-:|---|"]
     for c in report["claims"]:
         paper = {True: "yes", False: "no", None: "-"}[c["paper"]]
-        lines.append(f"| {c['claim']} | {paper} | {_holds(c['holds'])} | {_mark(c.get('beyond_noise'))} | "
-                     f"{c['measured']} |")
+        lines.append(f"| {c['claim']} | {c.get('measure', '-')} | {paper} | {_holds(c['holds'])} | "
+                     f"{_mark(c.get('beyond_noise'))} | {c['measured']} |")
     contradicted = [c["claim"] for c in report["claims"] if c["paper"] and c["holds"] is False
                     and c.get("beyond_noise", True)]
     unresolved = [c["claim"] for c in report["claims"] if c["paper"] and c.get("beyond_noise") is False]
@@ -609,7 +692,7 @@ def ablation_change(row: dict) -> dict:
 
 
 def save_plot(report: dict, path: Path) -> tuple[bool, str | None]:
-    """The two Pareto plots; (written, why not)."""
+    """The Pareto plots (one per front this run measured); (written, why not)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -617,9 +700,12 @@ def save_plot(report: dict, path: Path) -> tuple[bool, str | None]:
     except ImportError:
         return False, "matplotlib is not installed (pip install matplotlib)"
     rows = [r for r in report["configs"] if r["table"] == "table2"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, ylabel in ((axes[0], "fd", "Frechet distance (lower is better)"),
-                            (axes[1], "accuracy", "class accuracy (higher is better)")):
+    panels = [("fd", "fd", "Frechet distance (lower is better)"),
+              ("accuracy", "accuracy", "class accuracy (higher is better)")]
+    if any(r["pareto"].get("psnr_converged") is not None for r in rows):
+        panels.append(("psnr_converged", "psnr_converged_db", "PSNR vs converged reference, dB (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+    for ax, (front_key, key, ylabel) in zip(axes, panels):
         dense = sorted((r for r in rows if r["kind"] == "dense"), key=lambda r: r["steps"])
         ax.plot([r["timing"]["samples_per_s"] for r in dense], [r["metrics"][key] for r in dense], "o-", color="k",
                 label="dense")
@@ -634,7 +720,7 @@ def save_plot(report: dict, path: Path) -> tuple[bool, str | None]:
             for r in pts:
                 ax.annotate(str(r["steps"]), (r["timing"]["samples_per_s"], r["metrics"][key]), fontsize=7,
                             xytext=(3, -9), textcoords="offset points", color=f"C{i}")
-        front = sorted((r for r in rows if r["pareto"][key]), key=lambda r: r["timing"]["samples_per_s"])
+        front = sorted((r for r in rows if r["pareto"][front_key]), key=lambda r: r["timing"]["samples_per_s"])
         ax.plot([r["timing"]["samples_per_s"] for r in front], [r["metrics"][key] for r in front], "o", ms=12,
                 mfc="none", mec="red", label="Pareto front")
         ax.set_xlabel("throughput (samples/s, this run)")
@@ -673,6 +759,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=None)
     p.add_argument("--ras-steps", type=int, nargs="+", default=None)
     p.add_argument("--dense-steps", type=int, nargs="+", default=None)
+    p.add_argument("--converged-steps", type=int, default=None,
+                   help=f"dense steps of the converged reference (PSNR vs converged; default "
+                        f"{DEFAULTS['converged_steps']}, --quick {QUICK['converged_steps']}; 0: none); more than "
+                        "every other step count")
     p.add_argument("--ablation-ratio", type=float, default=None)
     p.add_argument("--ablation-steps", type=int, default=None)
     p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS),
@@ -682,7 +772,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="output file stem (default <device>_reference_quality[_quick])")
     a = p.parse_args(argv)
     preset = QUICK if a.quick else DEFAULTS
-    for key in ("ratios", "ras_steps", "dense_steps", "ablation_ratio", "ablation_steps", "samples", "batch_size"):
+    for key in ("ratios", "ras_steps", "dense_steps", "converged_steps", "ablation_ratio", "ablation_steps",
+                "samples", "batch_size"):
         if getattr(a, key) is None:
             setattr(a, key, preset[key])
     if a.ablations is None:
@@ -694,6 +785,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("ratios must lie in (0, 1]")
     if min([*a.ras_steps, *a.dense_steps, a.ablation_steps]) < 1:
         p.error("step counts must be >= 1")
+    longest = max([*a.ras_steps, *a.dense_steps, a.ablation_steps])
+    if a.converged_steps < 0 or 0 < a.converged_steps <= longest:
+        p.error(f"--converged-steps {a.converged_steps} must exceed every other step count ({longest}), or be 0 "
+                "for no converged reference")
     if a.name is None:
         a.name = f"{torch.device(a.device).type}_reference_quality{'_quick' if a.quick else ''}"
     return a
@@ -718,7 +813,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = (cfg.sample_size // cfg.patch_size) ** 2
     guided = a.guidance_scale != 1.0
     configs = plan_configs(a.ratios, a.ras_steps, a.dense_steps, a.ablation_ratio, a.ablation_steps, a.ablations,
-                           guided, tokens)
+                           guided, tokens, a.converged_steps)
 
     n = a.samples
     labels = torch.arange(n) % NUM_CLASSES
@@ -731,19 +826,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     images: dict[str, torch.Tensor] = {}
     feats: dict[str, torch.Tensor] = {}
+    per_sample: dict[str, dict[str, torch.Tensor | None]] = {}
     dense_cache: dict = {}
+    converged_name = f"converged_s{a.converged_steps}" if a.converged_steps else None
     for i, c in enumerate(configs):
         if c.same_run_as is not None:
             src = _by_name(configs)[c.same_run_as]
             c.result = {k: v for k, v in src.result.items() if k != "pareto"}
             images[c.name], feats[c.name] = images[src.name], feats[src.name]
+            per_sample[c.name] = per_sample[src.name]
             print(f"[{i + 1}/{len(configs)}] {c.label}: same policy as {src.label}, reused", flush=True)
             continue
         sampler = make_sampler(model, c, a.backend, dense_cache)
         imgs, run = run_config(sampler, c, noise, labels, a.batch_size, a.guidance_scale, device)
         images[c.name] = imgs.float().clamp(-1, 1)
         reference = images.get(f"dense_s{c.steps}")
-        metrics, feats[c.name] = image_metrics(images[c.name], labels, reference, classifier, real_feats)
+        converged = images.get(converged_name) if converged_name and c.name != converged_name else None
+        metrics, feats[c.name], per_sample[c.name] = image_metrics(images[c.name], labels, reference, classifier,
+                                                                   real_feats, converged)
         c.result = {**run, "metrics": metrics}
         if c.kind == "ras":
             from ras_compile.schedule import flop_bound_speedup
@@ -752,10 +852,11 @@ def main(argv: list[str] | None = None) -> dict:
         mt, tm = c.result["metrics"], c.result["timing"]
         print(f"[{i + 1}/{len(configs)}] {c.label}: {tm['samples_per_s']:.3g} samples/s "
               f"(warm-up {tm['warmup_compile_s']:.1f} s), FD {mt['fd']:.4g}, acc {mt['accuracy']:.3f}, "
-              f"PSNR {_fmt(mt['psnr_db'], '.2f')}", flush=True)
+              f"PSNR {_fmt(mt['psnr_db'], '.2f')}, PSNR vs converged {_fmt(mt['psnr_converged_db'], '.2f')}",
+              flush=True)
 
     compute_pareto(configs)
-    claims = compute_claims(configs, a.ablation_ratio, a.ablation_steps, feats, real_feats)
+    claims = compute_claims(configs, a.ablation_ratio, a.ablation_steps, feats, real_feats, per_sample)
     t2 = [c for c in configs if c.table == "table2"]
     table2_order = [c.name for c in sorted(t2, key=lambda c: -c.result["timing"]["samples_per_s"])]
 
@@ -765,6 +866,10 @@ def main(argv: list[str] | None = None) -> dict:
     notes = [
         "Dense sampling runs at every step count RAS uses, as the PSNR / SSIM reference "
         f"(steps {sorted({c.steps for c in t2 if c.reference_only}) or 'none'} beyond --dense-steps).",
+        (f"PSNR vs converged: against dense sampling at {a.converged_steps} steps from the same noise and class, "
+         "the limit the Euler sampler approaches as steps grow; it measures the sampling error (fewer steps, "
+         "stale tokens) that class accuracy and the Frechet distance cannot see once the samples are recognisable."
+         if a.converged_steps else "No converged reference (--converged-steps 0)."),
         f"RAS baseline: warmup_steps={WARMUP_STEPS}, reset steps = the paper's (12, 20) of 28 scaled to the loop "
         f"({', '.join(f'{s}: {scaled_reset_steps(s)}' for s in ras_step_counts)}),"
         " paper starvation rule, scale 0.1, static schedule.",
@@ -782,6 +887,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"device": str(device), "dtype": a.dtype, "samples": n, "batch_size": a.batch_size,
                      "guidance_scale": a.guidance_scale, "backend": a.backend or "none", "ratios": list(a.ratios),
                      "ras_steps": list(a.ras_steps), "dense_steps": list(a.dense_steps),
+                     "converged_steps": a.converged_steps or None,
                      "ablation_ratio": a.ablation_ratio, "ablation_steps": a.ablation_steps,
                      "ablations": list(a.ablations), "noise_seed": NOISE_SEED, "threads": torch.get_num_threads()},
         "machine": machine_info(device),

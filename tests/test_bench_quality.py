@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -94,6 +95,32 @@ def test_plan_maps_every_ablation_to_policy_fields():
     assert all(c.same_run_as is None for c in configs if c.table != "table6")
 
 
+def test_converged_reference_is_planned_first_and_outside_the_tables():
+    configs = bq.plan_configs((0.5,), (8,), (4,), 0.5, 8, ["metric_random"], guided=False, num_tokens=64,
+                              converged_steps=32)
+    assert configs[0].name == "converged_s32" and configs[0].table == "converged" and configs[0].kind == "dense"
+    assert all(c.same_run_as != "converged_s32" for c in configs)
+    assert [c.name for c in bq.plan_configs((0.5,), (8,), (4,), 0.5, 8, [], False, 64)][0] == "dense_s4"  # none
+
+
+def test_converged_steps_must_exceed_every_step_count():
+    assert bq.parse_args([]).converged_steps == bq.DEFAULTS["converged_steps"]
+    assert bq.parse_args(["--quick"]).converged_steps == bq.QUICK["converged_steps"]
+    assert bq.parse_args(["--converged-steps", "0"]).converged_steps == 0
+    for bad in ("40", "12", "-1"):  # 40: the default RAS steps reach 40
+        with pytest.raises(SystemExit):
+            bq.parse_args(["--converged-steps", bad])
+
+
+def test_paired_mean_difference():
+    a, b = torch.tensor([30.0, 32.0, 34.0, math.inf]), torch.tensor([29.0, 30.0, 31.0, 20.0])
+    diff, se, dropped = bq.paired_mean_difference(a, b)
+    assert diff == pytest.approx(2.0) and dropped == 1  # the inf pair is left out
+    assert se == pytest.approx(1.0 / math.sqrt(3))  # std of (1, 2, 3) over sqrt(3)
+    assert bq.paired_mean_difference(a[:1], b[:1])[1] != bq.paired_mean_difference(a[:1], b[:1])[1]  # one: nan
+    assert math.isnan(bq.paired_mean_difference(a[3:], b[3:])[0])
+
+
 # -- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -116,14 +143,19 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
     assert (out / "q.md").is_file() and (out / "q.png").stat().st_size > 1000
     assert report["plot"] is True
     names = {c["name"] for c in report["configs"]}
-    assert names == {"dense_s4", "dense_s8", "ras_r0.5_s8", "ras_r0.25_s8", "abl_metric_std", "abl_metric_random",
-                     "abl_kv_cache_off", "check_ras_r1_s8"}
+    assert names == {"converged_s16", "dense_s4", "dense_s8", "ras_r0.5_s8", "ras_r0.25_s8", "abl_metric_std",
+                     "abl_metric_random", "abl_kv_cache_off", "check_ras_r1_s8"}
+    assert report["configs"][0]["name"] == "converged_s16"  # the references run first
     assert set(report["table2_order"]) == {c["name"] for c in report["configs"] if c["table"] == "table2"}
     for c in report["configs"]:
-        assert set(c["metrics"]) == {"accuracy", "fd", "fd_std", "psnr_db", "ssim"}, c["name"]
+        assert set(c["metrics"]) == {"accuracy", "fd", "fd_std", "psnr_db", "ssim", "psnr_converged_db"}, c["name"]
         assert 0 <= c["metrics"]["accuracy"] <= 1 and math.isfinite(c["metrics"]["fd"])
         assert c["timing"]["samples_per_s"] > 0
+        if c["table"] == "converged":  # no reference of its own
+            assert c["metrics"]["psnr_db"] is None and c["metrics"]["psnr_converged_db"] is None
+            continue
         assert c["metrics"]["psnr_db"] is not None  # a dense reference exists at every step count
+        assert math.isfinite(c["metrics"]["psnr_converged_db"])  # and nothing equals the 16-step samples
         if c["kind"] == "ras":
             stats = c["ras_stats"]
             assert stats["sparse_steps_per_loop"] > 0 and stats["fallback_steps_per_loop"] == 0
@@ -137,7 +169,7 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
     thr = [by[n]["timing"]["samples_per_s"] for n in report["table2_order"]]
     assert thr == sorted(thr, reverse=True)
     md = (out / "q.md").read_text()
-    for text in ("Table 2", "Table 6", "Stand-in model", "AMD" if "AMD" in report["machine"]["cpu_model"] else "CPU",
+    for text in ("Table 2", "Table 6", "Stand-in model", "converged reference", "PSNR conv", "AMD" if "AMD" in report["machine"]["cpu_model"] else "CPU",
                  report["machine"]["torch"], "Does not reproduce here", "Pareto"):
         assert text in md
 
@@ -150,15 +182,21 @@ def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
         assert float(by[name]["metrics"]["psnr_db"]) == math.inf and by[name]["metrics"]["ssim"] == pytest.approx(1)
     assert float(by["check_ras_r1_s8"]["metrics"]["psnr_db"]) > 60  # ratio 1.0 reproduces dense
     assert float(by["ras_r0.25_s8"]["metrics"]["psnr_db"]) < 200  # a real sparse run differs
+    # Euler converges: more dense steps come closer to the 16-step reference
+    assert by["dense_s8"]["metrics"]["psnr_converged_db"] > by["dense_s4"]["metrics"]["psnr_converged_db"]
     rows = [c for c in report["configs"] if c["table"] == "table2"]
-    for key, high in (("fd", False), ("accuracy", True)):
-        expected = bq.pareto_front([(c["timing"]["samples_per_s"], c["metrics"][key]) for c in rows], (True, high))
-        assert [c["pareto"][key] for c in rows] == expected
-    claims = {c["claim"]: c for c in report["claims"]}
-    assert any("std selection beats random" in k for k in claims)
+    for key, metric, high, _ in bq.FRONTS:
+        expected = bq.pareto_front([(c["timing"]["samples_per_s"], c["metrics"][metric]) for c in rows], (True, high))
+        assert [c["pareto"][key] for c in rows] == expected, key
+    claims = [c for c in report["claims"] if "std selection beats random" in c["claim"]]
     std, rnd = by["abl_metric_std"]["metrics"], by["abl_metric_random"]["metrics"]
-    claim = next(c for k, c in claims.items() if "std selection beats random" in k)
-    assert claim["holds"] == (std["fd"] < rnd["fd"])
+    by_measure = {c["measure"]: c for c in claims}
+    assert set(by_measure) == {"fd", "psnr_db"}  # judged on both
+    assert by_measure["fd"]["holds"] == (std["fd"] < rnd["fd"])
+    assert by_measure["psnr_db"]["holds"] == (std["psnr_db"] > rnd["psnr_db"])
+    assert by_measure["psnr_db"]["psnr_difference_db"] == pytest.approx(std["psnr_db"] - rnd["psnr_db"], abs=1e-4)
+    assert {"measure", "holds", "measured"} <= set(next(c for c in report["claims"] if "Pareto" in c["claim"]))
+    assert any(c["measure"] == "psnr_converged_db" for c in report["claims"])  # Table 2 on the third front
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path):
