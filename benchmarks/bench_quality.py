@@ -98,6 +98,13 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "starvation_official": ("starvation prevention: official rule exp(+sD)", {"starvation_rule": "official"}),
     "starvation_none": ("starvation prevention: none (starvation_scale=0)", {"starvation_scale": 0.0}),
     "schedule_dynamic": ("ratio schedule: dynamic (official linear)", {"schedule": "dynamic"}),
+    # the fields the paper does not ablate, so that every RASPolicy knob has a measured effect
+    "warmup_2": ("warm-up: 2 dense steps (baseline 4)", {"warmup_steps": 2}),
+    "warmup_8": ("warm-up: 8 dense steps (baseline 4)", {"warmup_steps": 8}),
+    "end_step": ("dense tail: the last 4 steps dense (end_step)", {}),
+    "high_ratio_half": ("dropped tokens: half from each end of the ranking (high_ratio=0.5)", {"high_ratio": 0.5}),
+    "share_per_sample": ("active set per sample, not shared by a guidance pair (share_active_set)",
+                         {"share_active_set": "per_sample"}),
 }
 
 # (ablation, baseline, what the paper says, True when the paper says the baseline is better)
@@ -109,6 +116,11 @@ ABLATION_CLAIMS = (
     ("starvation_none", "metric_std", "starvation prevention beats none (paper Table 6)", True),
     ("starvation_official", "metric_std", "paper rule exp(-sD) vs official rule exp(+sD) (no paper claim)", None),
     ("schedule_dynamic", "metric_std", "static vs dynamic ratio schedule (no paper claim)", None),
+    ("warmup_2", "metric_std", "4 warm-up steps vs 2 (no paper claim)", None),
+    ("warmup_8", "metric_std", "4 warm-up steps vs 8 (no paper claim)", None),
+    ("end_step", "metric_std", "no dense tail vs the last 4 steps dense (no paper claim)", None),
+    ("high_ratio_half", "metric_std", "dropping the lowest-scored tokens vs half from each end (no paper claim)", None),
+    ("share_per_sample", "metric_std", "one active set per guidance pair vs one per sample (no paper claim)", None),
 )
 
 
@@ -148,10 +160,13 @@ def base_policy(ratio: float, steps: int, guided: bool, **overrides: Any):
 
 
 def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> dict[str, Any]:
-    """The RASPolicy fields ablation ``name`` changes. The dynamic schedule drops
+    """The RASPolicy fields ablation ``name`` changes. ``end_step`` makes the last 4 steps dense. The dynamic
+    schedule drops
     ``(1 - ratio) N`` tokens on average, growing linearly over the sparse steps from about 0.75x to
     1.25x of that, in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
     overrides = dict(ABLATIONS[name][1])
+    if name == "end_step":
+        overrides["end_step"] = steps - 4
     if overrides.get("schedule") == "dynamic":
         average_dropped = int((1 - ratio) * num_tokens)
         sparse_steps = max(1, steps - WARMUP_STEPS)

@@ -87,7 +87,11 @@ def test_plan_maps_every_ablation_to_policy_fields():
     assert changed == {"metric_l2norm": {"metric"}, "metric_random": {"metric"}, "kv_cache_off": {"kv_cache"},
                        "reset_off": {"reset_steps"}, "starvation_official": {"starvation_rule"},
                        "starvation_none": {"starvation_scale"},
-                       "schedule_dynamic": {"schedule", "skip_num_step", "dynamic_drop_multiple"}}
+                       "schedule_dynamic": {"schedule", "skip_num_step", "dynamic_drop_multiple"},
+                       "warmup_2": {"warmup_steps"}, "warmup_8": {"warmup_steps"}, "end_step": {"end_step"},
+                       "high_ratio_half": {"high_ratio"}, "share_per_sample": {"share_active_set"}}
+    assert by["abl_end_step"].policy.end_step == 24 and by["abl_warmup_8"].policy.warmup_steps == 8
+    assert [by["abl_end_step"].policy.is_dense_step(t) for t in range(22, 28)] == [False, False] + [True] * 4
     dyn = by["abl_schedule_dynamic"].policy
     ks = [dyn.active_tokens(t, 256) for t in range(4, 28) if not dyn.is_dense_step(t)]
     assert ks[0] > ks[-1] and abs(sum(ks) / len(ks) - 128) < 16  # linear around the static count
