@@ -116,6 +116,31 @@ def test_converged_steps_must_exceed_every_step_count():
             bq.parse_args(["--converged-steps", bad])
 
 
+def _config(name, kind, steps, samples_per_s, **metrics):
+    c = bq.Config(name, "table2", kind, steps, name)
+    c.result = {"timing": {"samples_per_s": samples_per_s}, "metrics": metrics}
+    return c
+
+
+def test_ras_beats_dense_only_with_more_steps_at_least_as_fast_and_better():
+    dense = [_config("d8", "dense", 8, 8.0, psnr_converged_db=20.0), _config("d14", "dense", 14, 5.0,
+                                                                            psnr_converged_db=25.0)]
+    ras = [_config("r14", "ras", 14, 8.5, psnr_converged_db=23.0),   # beats d8: more steps, faster, better
+           _config("r8", "ras", 8, 9.0, psnr_converged_db=21.0),     # faster and better than d8, same steps: no
+           _config("r28", "ras", 28, 4.0, psnr_converged_db=30.0)]   # better than d14 but slower: no
+    assert bq.ras_dominates_dense(ras, dense, "psnr_converged_db", True) == [("r14", "d8")]
+    assert bq.ras_dominates_dense(ras, dense, "fd", False) == []  # no such metric here: NaN dominates nothing
+
+
+def test_paired_noise_uses_per_sample_differences():
+    per_sample = {"a": {"accuracy": torch.tensor([1.0, 1.0, 0.0, 1.0])},
+                  "b": {"accuracy": torch.tensor([1.0, 0.0, 0.0, 0.0])}}
+    d = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert bq.paired_noise("accuracy", "a", "b", None, None, per_sample) == pytest.approx(2 * float(d.std()) / 2)
+    assert math.isnan(bq.paired_noise("fd", "a", "b", None, None, per_sample))  # no features
+    assert math.isnan(bq.paired_noise("psnr_db", "a", "b", None, None, per_sample))  # no such values
+
+
 def test_paired_mean_difference():
     a, b = torch.tensor([30.0, 32.0, 34.0, math.inf]), torch.tensor([29.0, 30.0, 31.0, 20.0])
     diff, se, dropped = bq.paired_mean_difference(a, b)
@@ -200,7 +225,13 @@ def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
     assert by_measure["psnr_db"]["holds"] == (std["psnr_db"] > rnd["psnr_db"])
     assert by_measure["psnr_db"]["psnr_difference_db"] == pytest.approx(std["psnr_db"] - rnd["psnr_db"], abs=1e-4)
     assert {"measure", "holds", "measured"} <= set(next(c for c in report["claims"] if "Pareto" in c["claim"]))
-    assert any(c["measure"] == "psnr_converged_db" for c in report["claims"])  # Table 2 on the third front
+    table2 = [c for c in report["claims"] if c["claim"].startswith("RAS with more steps")]
+    assert {c["measure"] for c in table2} == {"fd", "accuracy", "psnr_converged_db"}  # every front
+    for c in table2:  # each listed pair: RAS with more steps, at least as fast
+        for w in c["pairs"]:
+            assert by[w["ras"]]["steps"] > by[w["dense"]]["steps"]
+            assert by[w["ras"]]["timing"]["samples_per_s"] >= by[w["dense"]]["timing"]["samples_per_s"]
+        assert c["holds"] == bool(c["pairs"])
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path):
