@@ -27,9 +27,10 @@ the limit the Euler sampler approaches. Every configuration's PSNR against it (*
 is the sampling error that fewer steps and stale tokens add; it is Table 2's third front, because on
 a small rectified-flow model class accuracy and the Frechet distance saturate after a few steps.
 
-Baseline RAS policy at ``S`` steps: ``warmup_steps=4``, ``reset_steps`` the paper's
-(12, 20) of 28 scaled to ``S`` (``round(12 S / 28)``, ``round(20 S / 28)``, kept if
-after the warm-up), ``num_steps=S``, paper starvation rule with scale 0.1, static ratio,
+Baseline RAS policy at ``S`` steps: the paper's dense steps (warm-up 4, resets at 12 and 20
+of 28) scaled to ``S`` by :func:`ras_compile.schedule.scaled_plan` (warm-up
+``max(1, round(4 S / 28))``, resets ``round(12 S / 28)``, ``round(20 S / 28)`` kept if after the
+warm-up), so the dense steps cover the same part of every loop, ``num_steps=S``, paper starvation rule with scale 0.1, static ratio,
 ``share_active_set="cfg"`` when guidance batches ``[cond; uncond]`` (the official code
 shares the set), else ``"per_sample"``. Configurations with equal policies (e.g. Table 6's
 ``std`` baseline and Table 2's RAS at the same ratio and steps) are run once.
@@ -74,15 +75,14 @@ import torch  # noqa: E402
 
 from ras_compile.machine import cores_available, cpu_model, cpu_seconds, other_cpu_cores  # noqa: E402
 from ras_compile.reference import DEFAULT_GUIDANCE_SCALE  # noqa: E402
+from ras_compile.schedule import scaled_plan  # noqa: E402
 
 NOISE_SEED = 60_2026          # starting noise of every configuration's samples
 REAL_SEED_OFFSET = 6_000      # real images: make_batch(EVAL_SEED_BASE + offset): held out from training
-WARMUP_STEPS = 4              # the paper's and the official code's warm-up
-PAPER_RESET_STEPS = (12, 20)  # the paper's / official error-reset steps of a 28-step loop
-PAPER_STEPS = 28
 BOOTSTRAP = 50                # resamples for the Frechet distance's standard deviation
 
-DEFAULTS = dict(ratios=(0.75, 0.5, 0.25, 0.125), ras_steps=(14, 20, 28, 40), dense_steps=(6, 8, 10, 14, 20, 28),
+DEFAULTS = dict(ratios=(0.75, 0.5, 0.25, 0.125), ras_steps=(6, 8, 10, 14, 20, 28, 40),
+                dense_steps=(4, 5, 6, 8, 10, 14, 20, 28),
                 converged_steps=100, ablation_ratio=0.5, ablation_steps=28, samples=256, batch_size=64)
 QUICK = dict(ratios=(0.5, 0.25), ras_steps=(8,), dense_steps=(4,), converged_steps=16, ablation_ratio=0.5,
              ablation_steps=8, samples=16, batch_size=16, ablations=("metric_random", "kv_cache_off"))
@@ -99,8 +99,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "starvation_none": ("starvation prevention: none (starvation_scale=0)", {"starvation_scale": 0.0}),
     "schedule_dynamic": ("ratio schedule: dynamic (official linear)", {"schedule": "dynamic"}),
     # the fields the paper does not ablate, so that every RASPolicy knob has a measured effect
-    "warmup_2": ("warm-up: 2 dense steps (baseline 4)", {"warmup_steps": 2}),
-    "warmup_8": ("warm-up: 8 dense steps (baseline 4)", {"warmup_steps": 8}),
+    "warmup_2": ("warm-up: 2 dense steps", {"warmup_steps": 2}),
+    "warmup_8": ("warm-up: 8 dense steps", {"warmup_steps": 8}),
     "end_step": ("dense tail: the last 4 steps dense (end_step)", {}),
     "high_ratio_half": ("dropped tokens: half from each end of the ranking (high_ratio=0.5)", {"high_ratio": 0.5}),
     "share_per_sample": ("active set per sample, not shared by a guidance pair (share_active_set)",
@@ -116,8 +116,8 @@ ABLATION_CLAIMS = (
     ("starvation_none", "metric_std", "starvation prevention beats none (paper Table 6)", True),
     ("starvation_official", "metric_std", "paper rule exp(-sD) vs official rule exp(+sD) (no paper claim)", None),
     ("schedule_dynamic", "metric_std", "static vs dynamic ratio schedule (no paper claim)", None),
-    ("warmup_2", "metric_std", "4 warm-up steps vs 2 (no paper claim)", None),
-    ("warmup_8", "metric_std", "4 warm-up steps vs 8 (no paper claim)", None),
+    ("warmup_2", "metric_std", "the scaled warm-up (4 steps of 28) vs 2 warm-up steps (no paper claim)", None),
+    ("warmup_8", "metric_std", "the scaled warm-up (4 steps of 28) vs 8 warm-up steps (no paper claim)", None),
     ("end_step", "metric_std", "no dense tail vs the last 4 steps dense (no paper claim)", None),
     ("high_ratio_half", "metric_std", "dropping the lowest-scored tokens vs half from each end (no paper claim)", None),
     ("share_per_sample", "metric_std", "one active set per guidance pair vs one per sample (no paper claim)", None),
@@ -142,18 +142,12 @@ class Config:
     result: dict = field(default_factory=dict)
 
 
-def scaled_reset_steps(steps: int, warmup_steps: int = WARMUP_STEPS) -> tuple[int, ...]:
-    """The paper's reset steps (12, 20 of 28) scaled to a ``steps``-step loop, dropping any that fall in
-    the warm-up or past the end."""
-    scaled = {round(s * steps / PAPER_STEPS) for s in PAPER_RESET_STEPS}
-    return tuple(sorted(s for s in scaled if warmup_steps <= s < steps))
-
-
 def base_policy(ratio: float, steps: int, guided: bool, **overrides: Any):
     """The baseline RAS policy at ``ratio`` and ``steps`` (see the module docstring), with ``overrides``."""
     from ras_compile import RASPolicy
 
-    fields = dict(sample_ratio=ratio, warmup_steps=WARMUP_STEPS, reset_steps=scaled_reset_steps(steps),
+    warmup, resets = scaled_plan(steps)
+    fields = dict(sample_ratio=ratio, warmup_steps=warmup, reset_steps=resets,
                   num_steps=steps, share_active_set="cfg" if guided else "per_sample")
     fields.update(overrides)
     return RASPolicy(**fields)
@@ -161,15 +155,14 @@ def base_policy(ratio: float, steps: int, guided: bool, **overrides: Any):
 
 def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> dict[str, Any]:
     """The RASPolicy fields ablation ``name`` changes. ``end_step`` makes the last 4 steps dense. The dynamic
-    schedule drops
-    ``(1 - ratio) N`` tokens on average, growing linearly over the sparse steps from about 0.75x to
-    1.25x of that, in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
+    schedule drops ``(1 - ratio) N`` tokens on average, growing linearly over the sparse steps from about
+    0.75x to 1.25x of that, in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
     overrides = dict(ABLATIONS[name][1])
     if name == "end_step":
         overrides["end_step"] = steps - 4
     if overrides.get("schedule") == "dynamic":
         average_dropped = int((1 - ratio) * num_tokens)
-        sparse_steps = max(1, steps - WARMUP_STEPS)
+        sparse_steps = max(1, steps - scaled_plan(steps)[0])
         overrides.update(skip_num_step=max(1, round(0.5 * average_dropped / sparse_steps)), skip_num_step_length=1,
                          dynamic_drop_multiple=max(1, num_tokens // 64))
     return overrides
@@ -927,8 +920,9 @@ def main(argv: list[str] | None = None) -> dict:
          "the limit the Euler sampler approaches as steps grow; it measures the sampling error (fewer steps, "
          "stale tokens) that class accuracy and the Frechet distance cannot see once the samples are recognisable."
          if a.converged_steps else "No converged reference (--converged-steps 0)."),
-        f"RAS baseline: warmup_steps={WARMUP_STEPS}, reset steps = the paper's (12, 20) of 28 scaled to the loop "
-        f"({', '.join(f'{s}: {scaled_reset_steps(s)}' for s in ras_step_counts)}),"
+        "RAS baseline: the paper's dense steps (warm-up 4, resets at 12 and 20 of 28) scaled to the loop "
+        f"(ras_compile.schedule.scaled_plan; steps: (warm-up, resets) "
+        f"{', '.join(f'{s}: {scaled_plan(s)}' for s in ras_step_counts)}),"
         " paper starvation rule, scale 0.1, static schedule.",
         "Throughput is measured in this one process on one device, after an untimed warm-up that compiles every "
         "graph; the dense baseline is the model compiled with the same backend. On a CPU, timings move with "

@@ -31,6 +31,7 @@ import torch
 
 from .machine import contended, cpu_model, cpu_seconds, other_cpu_cores
 from .reference import DEFAULT_GUIDANCE_SCALE
+from .schedule import scaled_plan
 
 PROG = "ras-compile"
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -509,13 +510,6 @@ class _Progress:
 # ------------------------------------------------------------------------------------------- demo
 
 
-def _scaled_plan(steps: int) -> tuple[int, tuple[int, ...]]:
-    """RASPolicy's default plan (warm-up 4, resets 12 and 20 of 28 steps) scaled to ``steps``."""
-    warmup = max(1, round(4 * steps / 28))
-    resets = tuple(sorted({r for r in (round(12 * steps / 28), round(20 * steps / 28)) if warmup < r < steps}))
-    return warmup, resets
-
-
 def _demo_labels(classes: Sequence[str] | None, quick: bool) -> torch.Tensor:
     from .reference.data import CLASS_NAMES
 
@@ -612,7 +606,7 @@ def run_demo(args) -> int:
     from .reference.metrics import psnr, ssim
 
     steps = args.steps or (8 if args.quick else 28)
-    warmup, resets = _scaled_plan(steps)
+    warmup, resets = scaled_plan(steps)
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
     if args.reset_steps is not None:
@@ -855,7 +849,7 @@ def run_bench_model(args) -> int:
     steps = args.steps or (6 if args.quick else 28)
     repeats = args.repeats or (1 if args.quick else 3)
     ratios = args.ratios or ([0.5] if args.quick else [0.5, 0.25])
-    warmup, resets = _scaled_plan(steps)
+    warmup, resets = scaled_plan(steps)
     inputs = model_inputs(model, batch=batch, latent=latent, text_tokens=text_tokens, seed=args.seed,
                           where=description)
     inputs = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -38,6 +38,31 @@ def is_dense_step(step: int, *, warmup_steps: int, reset_steps: Iterable[int], e
     return step < warmup_steps or step in reset_steps or (end_step is not None and step >= end_step)
 
 
+PAPER_PLAN_STEPS = 28
+"""The loop length RASPolicy's default dense steps (warm-up 4, resets at 12 and 20) are made for."""
+
+
+def scaled_plan(num_steps: int, warmup_steps: int = 4, reset_steps: Iterable[int] = (12, 20),
+                plan_steps: int = PAPER_PLAN_STEPS) -> tuple[int, tuple[int, ...]]:
+    """A dense-step plan made for ``plan_steps`` steps (by default RASPolicy's: warm-up 4, resets at 12
+    and 20 of 28) scaled to a ``num_steps``-step loop, so the dense steps cover the same part of it.
+
+    Returns ``(warmup_steps, reset_steps)`` for :class:`~ras_compile.RASPolicy`: the warm-up is
+    ``max(1, round(warmup_steps * num_steps / plan_steps))``; a reset ``r`` becomes
+    ``round(r * num_steps / plan_steps)``, kept only if it falls after the warm-up (a reset right at its
+    end would refresh caches that are already fresh: it is dropped too) and before the end.
+    ``scaled_plan(28)`` is ``(4, (12, 20))``; ``scaled_plan(14)`` is ``(2, (6, 10))``.
+    """
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} is invalid: must be an integer >= 1")
+    if int(plan_steps) != plan_steps or plan_steps < 1:
+        raise ValueError(f"plan_steps={plan_steps!r} is invalid: must be an integer >= 1")
+    scale = num_steps / plan_steps
+    warmup = max(1, round(warmup_steps * scale))
+    resets = {round(r * scale) for r in reset_steps}
+    return warmup, tuple(sorted(r for r in resets if warmup < r < num_steps))
+
+
 def static_active_tokens(sample_ratio: float, num_tokens: int) -> int:
     """``round(sample_ratio * N)`` clamped to ``1..N``.
 

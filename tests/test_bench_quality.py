@@ -63,12 +63,12 @@ def test_pareto_front_properties(points, maximize):
 
 
 # -- the plan -------------------------------------------------------------------------------------
-def test_scaled_reset_steps():
-    assert bq.scaled_reset_steps(28) == (12, 20)
-    assert bq.scaled_reset_steps(20) == (9, 14)
-    assert bq.scaled_reset_steps(40) == (17, 29)
-    assert bq.scaled_reset_steps(8) == (6,)  # 3 falls in the warm-up
-    assert bq.scaled_reset_steps(4) == ()
+def test_base_policy_scales_the_papers_dense_steps_to_the_loop():
+    assert bq.base_policy(0.5, 28, guided=True) == RASPolicy(sample_ratio=0.5, warmup_steps=4, reset_steps=(12, 20),
+                                                             num_steps=28, share_active_set="cfg")
+    p14 = bq.base_policy(0.25, 14, guided=False)
+    assert (p14.warmup_steps, p14.reset_steps, p14.share_active_set) == (2, (6, 10), "per_sample")
+    assert [t for t in range(40) if bq.base_policy(0.5, 40, True).is_dense_step(t)] == [0, 1, 2, 3, 4, 5, 17, 29]
 
 
 def test_plan_maps_every_ablation_to_policy_fields():

@@ -15,7 +15,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 from ras_compile.policy import RASPolicy
 from ras_compile.schedule import (active_tokens_per_step, dense_flop_fraction, flop_bound_speedup,
-                                  official_dynamic_dropped_tokens, round_active_tokens, static_active_tokens)
+                                  official_dynamic_dropped_tokens, round_active_tokens, scaled_plan,
+                                  static_active_tokens)
 
 SETTINGS = dict(deadline=None, max_examples=60)
 
@@ -230,3 +231,28 @@ def test_flop_fraction_reproduces_the_spec_formula():
     assert flop_bound_speedup(RASPolicy(sample_ratio=0.125), 28, n, 0) == pytest.approx(28 / (6 + 22 / 8))
     with pytest.raises(ValueError):
         dense_flop_fraction(policy, 0, n, text)
+
+
+def test_scaled_plan_hand_cases():
+    assert scaled_plan(28) == (4, (12, 20))  # RASPolicy's defaults at their own length
+    assert scaled_plan(28) == (RASPolicy().warmup_steps, RASPolicy().reset_steps)
+    assert scaled_plan(14) == (2, (6, 10))
+    assert scaled_plan(20) == (3, (9, 14))
+    assert scaled_plan(40) == (6, (17, 29))
+    assert scaled_plan(8) == (1, (3, 6))
+    assert scaled_plan(1) == (1, ())  # resets at 0 fall in the warm-up
+    assert scaled_plan(30, 4, (12, 20), plan_steps=30) == (4, (12, 20))
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="num_steps"):
+            scaled_plan(bad)
+
+
+@settings(**SETTINGS)
+@given(st.integers(1, 400))
+def test_scaled_plan_keeps_the_dense_share_and_makes_a_valid_policy(num_steps):
+    warmup, resets = scaled_plan(num_steps)
+    assert warmup >= 1 and all(warmup < r < num_steps for r in resets) and list(resets) == sorted(set(resets))
+    assert abs(warmup - 4 * num_steps / 28) <= 0.5 or warmup == 1  # the warm-up covers 1/7 of the loop
+    policy = RASPolicy(warmup_steps=warmup, reset_steps=resets, num_steps=num_steps)
+    dense = sum(policy.is_dense_step(t) for t in range(num_steps))
+    assert dense <= warmup + 2 and dense >= min(num_steps, warmup)
