@@ -116,8 +116,8 @@ ABLATION_CLAIMS = (
     ("starvation_none", "metric_std", "starvation prevention beats none (paper Table 6)", True),
     ("starvation_official", "metric_std", "paper rule exp(-sD) vs official rule exp(+sD) (no paper claim)", None),
     ("schedule_dynamic", "metric_std", "static vs dynamic ratio schedule (no paper claim)", None),
-    ("warmup_2", "metric_std", "the scaled warm-up (4 steps of 28) vs 2 warm-up steps (no paper claim)", None),
-    ("warmup_8", "metric_std", "the scaled warm-up (4 steps of 28) vs 8 warm-up steps (no paper claim)", None),
+    ("warmup_2", "metric_std", "the baseline warm-up vs 2 warm-up steps (no paper claim)", None),
+    ("warmup_8", "metric_std", "the baseline warm-up vs 8 warm-up steps (no paper claim)", None),
     ("end_step", "metric_std", "no dense tail vs the last 4 steps dense (no paper claim)", None),
     ("high_ratio_half", "metric_std", "dropping the lowest-scored tokens vs half from each end (no paper claim)", None),
     ("share_per_sample", "metric_std", "one active set per guidance pair vs one per sample (no paper claim)", None),
@@ -142,18 +142,29 @@ class Config:
     result: dict = field(default_factory=dict)
 
 
-def base_policy(ratio: float, steps: int, guided: bool, **overrides: Any):
-    """The baseline RAS policy at ``ratio`` and ``steps`` (see the module docstring), with ``overrides``."""
+def dense_plan(steps: int, warmup_steps: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """``(warm-up, resets)`` of the baseline at ``steps``: :func:`scaled_plan`, or with ``warmup_steps``
+    that many warm-up steps and the scaled resets that fall after them."""
+    warmup, resets = scaled_plan(steps)
+    if warmup_steps is None:
+        return warmup, resets
+    return warmup_steps, tuple(r for r in resets if r > warmup_steps)
+
+
+def base_policy(ratio: float, steps: int, guided: bool, warmup: int | None = None, **overrides: Any):
+    """The baseline RAS policy at ``ratio`` and ``steps`` (see the module docstring; ``warmup`` replaces
+    the scaled warm-up), with ``overrides`` (RASPolicy fields; a ``warmup_steps`` among them wins)."""
     from ras_compile import RASPolicy
 
-    warmup, resets = scaled_plan(steps)
+    warmup, resets = dense_plan(steps, warmup)
     fields = dict(sample_ratio=ratio, warmup_steps=warmup, reset_steps=resets,
                   num_steps=steps, share_active_set="cfg" if guided else "per_sample")
     fields.update(overrides)
     return RASPolicy(**fields)
 
 
-def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> dict[str, Any]:
+def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int,
+                       warmup_steps: int | None = None) -> dict[str, Any]:
     """The RASPolicy fields ablation ``name`` changes. ``end_step`` makes the last 4 steps dense. The dynamic
     schedule drops ``(1 - ratio) N`` tokens on average, growing linearly over the sparse steps from about
     0.75x to 1.25x of that, in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
@@ -162,7 +173,7 @@ def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> 
         overrides["end_step"] = steps - 4
     if overrides.get("schedule") == "dynamic":
         average_dropped = int((1 - ratio) * num_tokens)
-        sparse_steps = max(1, steps - scaled_plan(steps)[0])
+        sparse_steps = max(1, steps - dense_plan(steps, warmup_steps)[0])
         overrides.update(skip_num_step=max(1, round(0.5 * average_dropped / sparse_steps)), skip_num_step_length=1,
                          dynamic_drop_multiple=max(1, num_tokens // 64))
     return overrides
@@ -170,12 +181,14 @@ def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int) -> 
 
 def plan_configs(ratios: Sequence[float], ras_steps: Sequence[int], dense_steps: Sequence[int],
                  ablation_ratio: float, ablation_steps: int, ablations: Sequence[str], guided: bool,
-                 num_tokens: int, converged_steps: int | None = None) -> list[Config]:
+                 num_tokens: int, converged_steps: int | None = None,
+                 warmup_steps: int | None = None) -> list[Config]:
     """Every configuration of the run, in run order (the references first: the converged sampler, then dense).
 
     ``converged_steps`` (None or 0: none) adds dense sampling at that many steps, outside the tables: the
     reference of ``psnr_converged_db``, how close each configuration comes to the sampler's limit. It must
-    exceed every other step count (:func:`parse_args` checks)."""
+    exceed every other step count (:func:`parse_args` checks). ``warmup_steps`` (None: scaled to each loop)
+    fixes the baseline's warm-up."""
     configs: list[Config] = []
     if converged_steps:
         configs.append(Config(f"converged_s{converged_steps}", "converged", "dense", converged_steps,
@@ -187,15 +200,15 @@ def plan_configs(ratios: Sequence[float], ras_steps: Sequence[int], dense_steps:
     for s in ras_steps:
         for r in ratios:
             configs.append(Config(f"ras_r{r:g}_s{s}", "table2", "ras", s, f"RAS {r:g} @ {s} steps", ratio=r,
-                                  policy=base_policy(r, s, guided)))
+                                  policy=base_policy(r, s, guided, warmup_steps)))
     for name in ("metric_std", *[a for a in ablations if a != "metric_std"]):
-        policy = base_policy(ablation_ratio, ablation_steps, guided,
-                             **ablation_overrides(name, ablation_ratio, ablation_steps, num_tokens))
+        policy = base_policy(ablation_ratio, ablation_steps, guided, warmup_steps,
+                             **ablation_overrides(name, ablation_ratio, ablation_steps, num_tokens, warmup_steps))
         configs.append(Config(f"abl_{name}", "table6", "ras", ablation_steps, ABLATIONS[name][0],
                               ratio=ablation_ratio, policy=policy, ablation=name))
     configs.append(Config(f"check_ras_r1_s{ablation_steps}", "check", "ras", ablation_steps,
                           f"RAS 1.0 @ {ablation_steps} steps (must equal dense)", ratio=1.0,
-                          policy=base_policy(1.0, ablation_steps, guided)))
+                          policy=base_policy(1.0, ablation_steps, guided, warmup_steps)))
     seen: dict[tuple, str] = {}
     for c in configs:
         key = (c.kind, c.steps, c.policy)
@@ -813,6 +826,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"dense steps of the converged reference (PSNR vs converged; default "
                         f"{DEFAULTS['converged_steps']}, --quick {QUICK['converged_steps']}; 0: none); more than "
                         "every other step count")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="warm-up steps of every RAS configuration (default: RASPolicy's 4 of 28 scaled to each "
+                        "loop, ras_compile.schedule.scaled_plan); the warm-up ablations still set their own")
     p.add_argument("--ablation-ratio", type=float, default=None)
     p.add_argument("--ablation-steps", type=int, default=None)
     p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS),
@@ -835,6 +851,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("ratios must lie in (0, 1]")
     if min([*a.ras_steps, *a.dense_steps, a.ablation_steps]) < 1:
         p.error("step counts must be >= 1")
+    if a.warmup_steps is not None and a.warmup_steps < 1:
+        p.error(f"--warmup-steps {a.warmup_steps} must be >= 1 (step 0 is always dense)")
     longest = max([*a.ras_steps, *a.dense_steps, a.ablation_steps])
     if a.converged_steps < 0 or 0 < a.converged_steps <= longest:
         p.error(f"--converged-steps {a.converged_steps} must exceed every other step count ({longest}), or be 0 "
@@ -863,7 +881,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = (cfg.sample_size // cfg.patch_size) ** 2
     guided = a.guidance_scale != 1.0
     configs = plan_configs(a.ratios, a.ras_steps, a.dense_steps, a.ablation_ratio, a.ablation_steps, a.ablations,
-                           guided, tokens, a.converged_steps)
+                           guided, tokens, a.converged_steps, a.warmup_steps)
 
     n = a.samples
     labels = torch.arange(n) % NUM_CLASSES
@@ -921,8 +939,8 @@ def main(argv: list[str] | None = None) -> dict:
          "stale tokens) that class accuracy and the Frechet distance cannot see once the samples are recognisable."
          if a.converged_steps else "No converged reference (--converged-steps 0)."),
         "RAS baseline: the paper's dense steps (warm-up 4, resets at 12 and 20 of 28) scaled to the loop "
-        f"(ras_compile.schedule.scaled_plan; steps: (warm-up, resets) "
-        f"{', '.join(f'{s}: {scaled_plan(s)}' for s in ras_step_counts)}),"
+        f"(ras_compile.schedule.scaled_plan{'' if a.warmup_steps is None else f', warm-up fixed at {a.warmup_steps}'};"
+        f" steps: (warm-up, resets) {', '.join(f'{s}: {dense_plan(s, a.warmup_steps)}' for s in ras_step_counts)}),"
         " paper starvation rule, scale 0.1, static schedule.",
         "Throughput is measured in this one process on one device, after an untimed warm-up that compiles every "
         "graph; the dense baseline is the model compiled with the same backend. On a CPU, timings move with "
@@ -938,7 +956,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"device": str(device), "dtype": a.dtype, "samples": n, "batch_size": a.batch_size,
                      "guidance_scale": a.guidance_scale, "backend": a.backend or "none", "ratios": list(a.ratios),
                      "ras_steps": list(a.ras_steps), "dense_steps": list(a.dense_steps),
-                     "converged_steps": a.converged_steps or None,
+                     "converged_steps": a.converged_steps or None, "warmup_steps": a.warmup_steps,
                      "ablation_ratio": a.ablation_ratio, "ablation_steps": a.ablation_steps,
                      "ablations": list(a.ablations), "noise_seed": NOISE_SEED, "threads": torch.get_num_threads()},
         "machine": machine_info(device),

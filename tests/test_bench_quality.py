@@ -99,6 +99,20 @@ def test_plan_maps_every_ablation_to_policy_fields():
     assert all(c.same_run_as is None for c in configs if c.table != "table6")
 
 
+def test_a_fixed_warmup_replaces_the_scaled_one_and_keeps_the_resets_after_it():
+    assert bq.dense_plan(14) == (2, (6, 10)) and bq.dense_plan(14, 3) == (3, (6, 10))
+    assert bq.dense_plan(14, 8) == (8, (10,))  # reset 6 would fall in the warm-up
+    configs = bq.plan_configs((0.5,), (8, 14), (4,), 0.5, 14, ["warmup_8", "metric_random"], guided=True,
+                              num_tokens=64, warmup_steps=3)
+    by = {c.name: c for c in configs}
+    assert by["ras_r0.5_s8"].policy.warmup_steps == 3 and by["ras_r0.5_s8"].policy.reset_steps == (6,)
+    assert by["abl_metric_random"].policy.warmup_steps == 3 and by["abl_warmup_8"].policy.warmup_steps == 8
+    assert by["check_ras_r1_s14"].policy.warmup_steps == 3
+    assert bq.parse_args(["--warmup-steps", "2"]).warmup_steps == 2 and bq.parse_args([]).warmup_steps is None
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--warmup-steps", "0"])
+
+
 def test_converged_reference_is_planned_first_and_outside_the_tables():
     configs = bq.plan_configs((0.5,), (8,), (4,), 0.5, 8, ["metric_random"], guided=False, num_tokens=64,
                               converged_steps=32)
