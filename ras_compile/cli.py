@@ -31,7 +31,7 @@ import torch
 
 from .machine import contended, cpu_model, cpu_seconds, other_cpu_cores
 from .reference import DEFAULT_GUIDANCE_SCALE
-from .schedule import scaled_plan
+from .schedule import flop_bound_speedup, scaled_plan
 
 PROG = "ras-compile"
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=BACKENDS, default="inductor",
                       help="torch.compile backend of the dense baseline and of RAS (aot_eager / eager compile fast "
                            "but run slowly: use them to check, inductor to time)")
-    demo.add_argument("--repeats", type=_positive_int, default=1,
+    demo.add_argument("--repeats", type=_positive_int, default=None,
                       help="timed generations per configuration after one untimed one (it compiles); the best "
-                           "is reported")
+                           "is reported (default 3, --quick 1: the first timed run after a compile is often slow)")
     demo.add_argument("--weights", type=Path, default=None,
                       help="folder of trained reference weights (default: the package's "
                            "ras_compile/reference/weights)")
@@ -606,6 +606,7 @@ def run_demo(args) -> int:
     from .reference.metrics import psnr, ssim
 
     steps = args.steps or (8 if args.quick else 28)
+    repeats = args.repeats or (1 if args.quick else 3)
     warmup, resets = scaled_plan(steps)
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
@@ -637,7 +638,7 @@ def run_demo(args) -> int:
           f"{args.backend}; {torch.get_num_threads()} CPU threads", flush=True)
 
     configs: list[tuple[str, float | None]] = [("dense", None)] + [(f"RAS r={r:g}", r) for r in args.ratios]
-    progress = _Progress(len(configs) * (1 + args.repeats) * steps, enabled=not args.no_progress)
+    progress = _Progress(len(configs) * (1 + repeats) * steps, enabled=not args.no_progress)
     results = []
     try:
         for name, ratio in configs:
@@ -660,7 +661,8 @@ def run_demo(args) -> int:
                     counts.scatter_add_(1, index, torch.ones(index.shape))
 
             best, first, other = math.inf, None, None
-            for g in range(1 + args.repeats):
+            bound = 1.0 if ratio is None else flop_bound_speedup(policy, steps, num_tokens)
+            for g in range(1 + repeats):
                 progress.describe(f"{name} ({'compiling' if g == 0 else 'timed'})")
                 counts.zero_()
                 cpu_before, start = cpu_seconds(), time.perf_counter()
@@ -674,7 +676,7 @@ def run_demo(args) -> int:
             if controller is not None:
                 modes = [s.mode for s in controller.stats]
                 plan = f"{modes.count('dense')}D {modes.count('sparse')}S"
-            results.append(dict(name=name, ratio=ratio, images=images, seconds=best, first=first,
+            results.append(dict(name=name, ratio=ratio, images=images, seconds=best, first=first, bound=bound,
                                 counts=counts.clone(), plan=plan or f"{steps}D", contended=contended(other, torch.get_num_threads())))
     finally:
         progress.close()
@@ -697,19 +699,20 @@ def run_demo(args) -> int:
     canvas.save(args.out)
 
     print()
-    header = f"{'configuration':<14} {'steps':>8} {'time (s)':>9} {'speed-up':>9} {'PSNR vs dense (dB)':>19} " \
-             f"{'SSIM':>6}   first generation (compiles)"
+    header = f"{'configuration':<14} {'steps':>8} {'time (s)':>9} {'speed-up':>9} {'FLOP bound':>11} " \
+             f"{'PSNR vs dense (dB)':>19} {'SSIM':>6}   first generation (compiles)"
     print(header)
     print("-" * len(header))
     for r in results:
         speed = dense["seconds"] / r["seconds"]
         p = _psnr_text(r["psnr"]) if "psnr" in r else "-"
         s = f"{r['ssim'].mean().item():.3f}" if "ssim" in r else "-"
-        print(f"{r['name']:<14} {r['plan']:>8} {r['seconds']:>9.2f} {speed:>8.2f}x {p:>19} {s:>6}   "
+        print(f"{r['name']:<14} {r['plan']:>8} {r['seconds']:>9.2f} {speed:>8.2f}x {r['bound']:>10.2f}x {p:>19} {s:>6}   "
               f"{r['first']:.1f} s" + ("   (!) contended" if r["contended"] else ""))
     print(f"\nspeed-up: dense time / time, both through torch.compile backend={args.backend} in this run "
-          f"(best of {args.repeats} after one untimed generation); PSNR and SSIM: RAS images vs the dense images "
-          "from the same noise.")
+          f"(best of {repeats} after one untimed generation); FLOP bound: the speed-up if time followed the "
+          "transformer's FLOPs (a measured speed-up far above it means the timings are noise: raise --repeats); "
+          "PSNR and SSIM: RAS images vs the dense images from the same noise.")
     if any(r["contended"] for r in results):
         print("(!) other processes kept the CPU busy while these were timed: their times are not trustworthy; "
               "rerun on a quiet machine, or with fewer torch threads (OMP_NUM_THREADS) to leave a core free.")

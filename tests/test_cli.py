@@ -44,6 +44,16 @@ def test_demo_writes_a_png_grid_and_a_table(tmp_path, capsys):
         assert image.size == demo_grid_size(num_samples=3, num_ras=1, image_size=32)
     assert "dense" in printed and "RAS r=0.5" in printed and "PSNR" in printed and "speed-up" in printed
     assert "trained weights from" in printed and "STAND-IN" not in printed  # the shipped reference weights
+    # each row names its FLOP bound: 5 steps scale to warm-up 1 and resets 2 and 4 (3 dense, 2 sparse at 0.5)
+    from ras_compile import RASPolicy
+    from ras_compile.schedule import flop_bound_speedup, scaled_plan
+
+    warmup, resets = scaled_plan(5)
+    bound = flop_bound_speedup(RASPolicy(sample_ratio=0.5, warmup_steps=warmup, reset_steps=resets, num_steps=5),
+                               5, 256)
+    row = next(line for line in printed.splitlines() if line.startswith("RAS r=0.5"))
+    assert "FLOP bound" in printed and f"{bound:.2f}x" in row.split()
+    assert "best of 1 after" in printed  # --quick times once
 
 
 @pytest.mark.slow
