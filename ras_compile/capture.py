@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import RASCallError, UnsupportedModelError
+from .hooks import check_capturable_hooks
 
 
 def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -74,6 +75,7 @@ class Captured:
 
 
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
+    check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     printed = io.StringIO()  # torch.export prints the partial graph of a failed capture to stderr
     try:
         with torch.no_grad(), contextlib.redirect_stderr(printed):
