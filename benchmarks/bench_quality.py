@@ -30,9 +30,9 @@ a small rectified-flow model class accuracy and the Frechet distance saturate af
 Baseline RAS policy at ``S`` steps: the paper's dense steps (warm-up 4, resets at 12 and 20
 of 28) scaled to ``S`` by :func:`ras_compile.schedule.scaled_plan` (warm-up
 ``max(1, round(4 S / 28))``, resets ``round(12 S / 28)``, ``round(20 S / 28)`` kept if after the
-warm-up), so the dense steps cover the same part of every loop, ``num_steps=S``, paper starvation rule with scale 0.1, static ratio,
-``share_active_set="cfg"`` when guidance batches ``[cond; uncond]`` (the official code
-shares the set), else ``"per_sample"``. Configurations with equal policies (e.g. Table 6's
+warm-up), so the dense steps cover the same part of every loop; ``num_steps=S``, paper starvation
+rule with scale 0.1, static ratio, ``share_active_set="cfg"`` when guidance batches
+``[cond; uncond]`` (the official code shares the set), else ``"per_sample"``. Configurations with equal policies (e.g. Table 6's
 ``std`` baseline and Table 2's RAS at the same ratio and steps) are run once.
 
 Metrics per configuration (images clamped to [-1, 1]): class accuracy (the evaluator
@@ -75,7 +75,7 @@ import torch  # noqa: E402
 
 from ras_compile.machine import cores_available, cpu_model, cpu_seconds, other_cpu_cores  # noqa: E402
 from ras_compile.reference import DEFAULT_GUIDANCE_SCALE  # noqa: E402
-from ras_compile.schedule import scaled_plan  # noqa: E402
+from ras_compile.schedule import flop_bound_speedup, scaled_plan  # noqa: E402
 
 NOISE_SEED = 60_2026          # starting noise of every configuration's samples
 REAL_SEED_OFFSET = 6_000      # real images: make_batch(EVAL_SEED_BASE + offset): held out from training
@@ -914,7 +914,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                                    real_feats, converged)
         c.result = {**run, "metrics": metrics}
         if c.kind == "ras":
-            from ras_compile.schedule import flop_bound_speedup
             c.result["flop_bound_speedup"] = flop_bound_speedup(c.policy, c.steps, tokens)
             del sampler  # free its caches and compiled graphs
         mt, tm = c.result["metrics"], c.result["timing"]

@@ -707,8 +707,8 @@ def run_demo(args) -> int:
         speed = dense["seconds"] / r["seconds"]
         p = _psnr_text(r["psnr"]) if "psnr" in r else "-"
         s = f"{r['ssim'].mean().item():.3f}" if "ssim" in r else "-"
-        print(f"{r['name']:<14} {r['plan']:>8} {r['seconds']:>9.2f} {speed:>8.2f}x {r['bound']:>10.2f}x {p:>19} {s:>6}   "
-              f"{r['first']:.1f} s" + ("   (!) contended" if r["contended"] else ""))
+        print(f"{r['name']:<14} {r['plan']:>8} {r['seconds']:>9.2f} {speed:>8.2f}x {r['bound']:>10.2f}x {p:>19} "
+              f"{s:>6}   {r['first']:.1f} s" + ("   (!) contended" if r["contended"] else ""))
     print(f"\nspeed-up: dense time / time, both through torch.compile backend={args.backend} in this run "
           f"(best of {repeats} after one untimed generation); FLOP bound: the speed-up if time followed the "
           "transformer's FLOPs (a measured speed-up far above it means the timings are noise: raise --repeats); "

@@ -146,6 +146,20 @@ def test_ras_beats_dense_only_with_more_steps_at_least_as_fast_and_better():
     assert bq.ras_dominates_dense(ras, dense, "fd", False) == []  # no such metric here: NaN dominates nothing
 
 
+def test_table6_rows_list_the_dense_rows_with_fewer_steps_they_beat_on_the_converged_front():
+    dense = [_config("dense_s8", "dense", 8, 8.0, psnr_converged_db=20.0),
+             _config("dense_s14", "dense", 14, 5.0, psnr_converged_db=25.0)]
+    fast = bq.Config("abl_fast", "table6", "ras", 14, "fast")
+    fast.result = {"timing": {"samples_per_s": 9.0}, "metrics": {"psnr_converged_db": 21.0}}
+    slow = bq.Config("abl_slow", "table6", "ras", 14, "slow")
+    slow.result = {"timing": {"samples_per_s": 4.0}, "metrics": {"psnr_converged_db": 30.0}}
+    bq.compute_pareto([*dense, fast, slow])
+    assert fast.result["beats_dense_converged"] == ["dense_s8"]  # faster and closer than dense 8
+    assert slow.result["beats_dense_converged"] == []  # closer than dense 14, but slower; same steps anyway
+    assert [d.result["pareto"]["psnr_converged"] for d in dense] == [True, True]
+    assert dense[0].result["pareto"]["fd"] is None  # no FD in this run: that front is not marked
+
+
 def test_paired_noise_uses_per_sample_differences():
     per_sample = {"a": {"accuracy": torch.tensor([1.0, 1.0, 0.0, 1.0])},
                   "b": {"accuracy": torch.tensor([1.0, 0.0, 0.0, 0.0])}}
@@ -212,7 +226,8 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
     thr = [by[n]["timing"]["samples_per_s"] for n in report["table2_order"]]
     assert thr == sorted(thr, reverse=True)
     md = (out / "q.md").read_text()
-    for text in ("Table 2", "Table 6", "Stand-in model", "converged reference", "PSNR conv", "AMD" if "AMD" in report["machine"]["cpu_model"] else "CPU",
+    for text in ("Table 2", "Table 6", "Stand-in model", "converged reference", "PSNR conv",
+                 "AMD" if "AMD" in report["machine"]["cpu_model"] else "CPU",
                  report["machine"]["torch"], "Does not reproduce here", "Pareto"):
         assert text in md
 
