@@ -25,6 +25,12 @@ The norm variant (a K projection with a per-head q/k RMSNorm, for every head dim
 * `fused_norm`:    `ras_compile.kernels.linear_norm_scatter_` (the norm in the Triton
                    GeMM's epilogue, autotuned over `norm_configs(head_dim)`).
 
+`--variants tma tma_persistent` (default: every variant) also times the TMA kernels
+(`ras_compile/kernels/linear_scatter_tma.py`, each autotuned) through the direct launcher
+(`linear_scatter_triton_(..., variant=...)`) as `fused_<variant>`, in both the plain and
+the norm rows; `pointer` is the shipped kernel, the op's `fused`. `--variants pointer`
+times the shipped kernel only.
+
 Writes `benchmarks/results/linear_scatter_<gpu>.json` and `.md`. Times are medians of
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in microseconds.
 Every fused result is checked against the ATen result before it is timed.
@@ -32,6 +38,7 @@ Every fused result is checked against the ATen result before it is timed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import re
@@ -57,6 +64,9 @@ def main(argv=None) -> int:
                         help="head dims of the per-head norm variant")
     parser.add_argument("--no-norm", action="store_true", help="skip the per-head norm variant")
     parser.add_argument("--norm-only", action="store_true", help="run only the per-head norm variant")
+    parser.add_argument("--variants", nargs="+", default=["pointer", "tma", "tma_persistent"],
+                        choices=["pointer", "tma", "tma_persistent"],
+                        help="kernel variants to time besides the op (the op runs the shipped default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.no_norm and args.norm_only:
@@ -74,8 +84,17 @@ def main(argv=None) -> int:
         print("bench_linear_scatter: Triton is not installed.", file=sys.stderr)
         return 2
 
-    from ras_compile.kernels import linear_scatter_
+    from ras_compile.kernels import linear_scatter_, linear_scatter_triton_
     from ras_compile.kernels.linear_scatter import _linear_scatter_autotuned
+    from ras_compile.kernels.linear_scatter_tma import tma_ineligible_reason
+
+    extra = [v for v in args.variants if v != "pointer"]
+    probe = torch.empty(1, 8, 64, device="cuda", dtype=getattr(torch, args.dtype))
+    why = tma_ineligible_reason(probe, probe[0], None) if extra else None
+    if why is not None:
+        print(f"bench_linear_scatter: skipping {', '.join(extra)}: {why}", file=sys.stderr)
+        extra = []
+    args.extra_variants = extra
 
     if args.quick:
         args.dims, args.ks, args.head_dims = [1536], [512, 2048], [128]
@@ -116,6 +135,9 @@ def main(argv=None) -> int:
             want_g = aten_gather(x_full, w, b, index, cache.clone())
             got_g = linear_scatter_(x_full, w, b, index, cache.clone(), rows=index)
             err = max(err, (got_g.float() - want_g.float()).abs().max().item())
+            for v in extra:  # also runs each variant's autotuner
+                got_v = linear_scatter_triton_(x, w, b, index, cache.clone(), variant=v)
+                err = max(err, (got_v.float() - want.float()).abs().max().item())
             if err > 0.1:
                 print(f"bench_linear_scatter: fused result differs from ATen by {err} at D={D} k={k}",
                       file=sys.stderr)
@@ -129,6 +151,8 @@ def main(argv=None) -> int:
                 "aten_gather": lambda: aten_gather(x_full, w, b, index, cache),
                 "fused_gather": lambda: linear_scatter_(x_full, w, b, index, cache, rows=index),
             }
+            for v in extra:
+                fns[f"fused_{v}"] = functools.partial(linear_scatter_triton_, x, w, b, index, cache, variant=v)
             if inductor is not None:
                 inductor(x, w, b, index, cache)
                 fns["inductor"] = lambda: inductor(x, w, b, index, cache)
@@ -146,7 +170,9 @@ def main(argv=None) -> int:
                        speedup_vs_aten=us["aten"] / us["fused"],
                        speedup_vs_inductor=(us["inductor"] / us["fused"]) if "inductor" in us else None,
                        speedup_gather_vs_aten=us["aten_gather"] / us["fused_gather"],
-                       speedup_vs_aten_eager=us_eager["aten"] / us_eager["fused"])
+                       speedup_vs_aten_eager=us_eager["aten"] / us_eager["fused"],
+                       variant_speedup_vs_aten={v: us["aten"] / us[f"fused_{v}"] for v in extra},
+                       variant_tflops={v: flops / (us[f"fused_{v}"] * 1e-6) / 1e12 for v in extra})
             rows_out.append(row)
             print(f"D={D} k={k}: GPU time " + ", ".join(f"{n} {v:.1f}us" for n, v in us.items())
                   + f" | fused x{row['speedup_vs_aten']:.2f} vs aten (eager calls: x{row['speedup_vs_aten_eager']:.2f})"
@@ -181,7 +207,7 @@ def _bench_norm(args, dtype, dev, _aten) -> list | None:
     """Rows of the per-head norm variant, or None when the fused result is wrong."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from ras_compile.kernels import linear_norm_scatter_
+    from ras_compile.kernels import linear_norm_scatter_, linear_norm_scatter_triton_
 
     B, N = args.batch, args.tokens
     inductor = None if args.no_compile else torch.compile(aten_norm, fullgraph=True, dynamic=False)
@@ -206,6 +232,10 @@ def _bench_norm(args, dtype, dev, _aten) -> list | None:
                 got = linear_norm_scatter_(x, w, b, index, cache.clone(), norm="rms", norm_weight=nw, eps=1e-6,
                                            head_dim=head_dim)  # also runs the autotuner
                 err = (got.float() - want.float()).abs().max().item()
+                for v in args.extra_variants:
+                    got_v = linear_norm_scatter_triton_(x, w, b, index, cache.clone(), norm="rms", norm_weight=nw,
+                                                        eps=1e-6, head_dim=head_dim, variant=v)
+                    err = max(err, (got_v.float() - want.float()).abs().max().item())
                 if err > 0.1:
                     print(f"bench_linear_scatter: fused norm result differs from ATen by {err} at D={D} "
                           f"head_dim={head_dim} k={k}", file=sys.stderr)
@@ -213,6 +243,10 @@ def _bench_norm(args, dtype, dev, _aten) -> list | None:
                 fns = {"gemm": lambda: F.linear(x, w, b),
                        "aten_norm": lambda: aten_norm(x, w, b, index, cache, nw, head_dim),
                        "fused_norm": fused}
+                for v in args.extra_variants:
+                    fns[f"fused_norm_{v}"] = functools.partial(
+                        linear_norm_scatter_triton_, x, w, b, index, cache, norm="rms", norm_weight=nw, eps=1e-6,
+                        head_dim=head_dim, variant=v)
                 if inductor is not None:
                     inductor(x, w, b, index, cache, nw, head_dim)
                     fns["inductor_norm"] = lambda: inductor(x, w, b, index, cache, nw, head_dim)
@@ -220,6 +254,8 @@ def _bench_norm(args, dtype, dev, _aten) -> list | None:
                 us_eager = {name: do_bench(fn) * 1e3 for name, fn in fns.items()}
                 row = dict(D=D, head_dim=head_dim, k=k, N=N, B=B, dtype=args.dtype, max_abs_err=err, us=us,
                            us_eager=us_eager, speedup_vs_aten=us["aten_norm"] / us["fused_norm"],
+                           variant_speedup_vs_aten={v: us["aten_norm"] / us[f"fused_norm_{v}"]
+                                                    for v in args.extra_variants},
                            speedup_vs_inductor=(us["inductor_norm"] / us["fused_norm"]) if "inductor_norm" in us
                            else None)
                 rows.append(row)
@@ -234,8 +270,10 @@ def _norm_markdown(meta, rows) -> str:
     if not rows:
         return ""
     has_ind = any(r["us"].get("inductor_norm") is not None for r in rows)
+    variants = list(rows[0].get("variant_speedup_vs_aten", {}))
     head = ["D", "head_dim", "k", "gemm", "aten + norm", *(["inductor + norm"] if has_ind else []), "fused norm",
-            "x vs aten", *(["x vs inductor"] if has_ind else [])]
+            "x vs aten", *(["x vs inductor"] if has_ind else []),
+            *[c for v in variants for c in (f"fused norm {v}", f"x {v}")]]
     lines = [
         "# linear_norm_scatter_ benchmark (K projection + per-head RMSNorm + cache write)",
         "",
@@ -249,16 +287,20 @@ def _norm_markdown(meta, rows) -> str:
         u = r["us"]
         cells = [r["D"], r["head_dim"], r["k"], f"{u['gemm']:.1f}", f"{u['aten_norm']:.1f}",
                  *([f"{u['inductor_norm']:.1f}"] if has_ind else []), f"{u['fused_norm']:.1f}",
-                 f"{r['speedup_vs_aten']:.2f}", *([f"{r['speedup_vs_inductor']:.2f}"] if has_ind else [])]
+                 f"{r['speedup_vs_aten']:.2f}", *([f"{r['speedup_vs_inductor']:.2f}"] if has_ind else []),
+                 *[c for v in variants for c in (f"{u[f'fused_norm_{v}']:.1f}",
+                                                 f"{r['variant_speedup_vs_aten'][v]:.2f}")]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _markdown(meta, rows) -> str:
     has_ind = any(r["us"].get("inductor") is not None for r in rows)
+    variants = list(rows[0].get("variant_speedup_vs_aten", {})) if rows else []
     head = ["D", "k", "gemm", "aten", *(["inductor"] if has_ind else []), "fused", "x vs aten",
             *(["x vs inductor"] if has_ind else []), "aten gather", "fused gather", "x gather", "gemm TFLOP/s",
-            "fused TFLOP/s", "x eager"]
+            "fused TFLOP/s", "x eager",
+            *[c for v in variants for c in (f"fused {v}", f"x {v}", f"{v} TFLOP/s")]]
     lines = [
         "# linear_scatter_ benchmark",
         "",
@@ -267,7 +309,9 @@ def _markdown(meta, rows) -> str:
         f"{rows[0]['dtype'] if rows else '?'}, D_in = D_out = D. GPU time in microseconds: each "
         "variant replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`), so the host's "
         "launch cost is excluded, as in a GPU-bound model step. `x`: speed-up of the fused op. "
-        "`x eager`: the same ratio for plain eager calls (`do_bench`), launch overhead included.",
+        "`x eager`: the same ratio for plain eager calls (`do_bench`), launch overhead included. "
+        "`fused <variant>`: the same kernel family through the direct launcher with that variant "
+        "(`tma`: TMA operand loads, one program per tile; `tma_persistent`: one program per SM).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -279,7 +323,9 @@ def _markdown(meta, rows) -> str:
                  f"{r['speedup_vs_aten']:.2f}",
                  *([f"{r['speedup_vs_inductor']:.2f}"] if has_ind else []),
                  f"{u['aten_gather']:.1f}", f"{u['fused_gather']:.1f}", f"{r['speedup_gather_vs_aten']:.2f}",
-                 f"{r['gemm_tflops']:.0f}", f"{r['fused_tflops']:.0f}", f"{r['speedup_vs_aten_eager']:.2f}"]
+                 f"{r['gemm_tflops']:.0f}", f"{r['fused_tflops']:.0f}", f"{r['speedup_vs_aten_eager']:.2f}",
+                 *[c for v in variants for c in (f"{u[f'fused_{v}']:.1f}", f"{r['variant_speedup_vs_aten'][v]:.2f}",
+                                                 f"{r['variant_tflops'][v]:.0f}")]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -110,6 +110,10 @@ class RASModule(torch.nn.Module):
             raise ValueError(f"dense_graph={dense_graph!r} is not allowed: use False (dense steps run the sparse "
                              "graph with every token active: one compile) or True (compile a separate dense graph)")
         check_compile_mode(compile_mode, backend)
+        if fuse_kv_projection is not False:
+            from .kernels.linear_scatter_tma import variant
+
+            variant()  # a bad $RAS_COMPILE_KV_KERNEL fails here, not inside the first compile
         self.ras_fuse_kv_projection = fuse_kv_projection
         self.ras_dense_graph = dense_graph
         self.ras_compile_mode = compile_mode

@@ -76,3 +76,36 @@ def traced_targets(fn: Callable, *args) -> list[str]:
     with pytest.raises(_GraphSeen):
         aot_function(fn, fw_compiler=compiler)(*args)
     return [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+
+class _FakeSm90Driver:
+    """What torch's user-kernel tracing asks of Triton's driver: an sm90 CUDA target."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda")
+
+
+def recorded_kernel_calls(fn: Callable, monkeypatch, *args) -> list[dict]:
+    """The kwargs of every Triton kernel call in the graph AOTAutograd records for
+    ``fn(*args)`` (fake CUDA tensors), as compiled for an sm90 GPU that is not there: a
+    fake driver lets torch lower the kernel to Triton IR on this machine, so its analysis
+    of which tensors the kernel writes (``tensors_to_clone``) runs as it would on a GPU."""
+    import triton
+    from functorch.compile import aot_function
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeSm90Driver())
+    graphs = []
+
+    def compiler(gm, _inputs):
+        graphs.append(gm)
+        raise _GraphSeen
+
+    with pytest.raises(_GraphSeen):
+        aot_function(fn, fw_compiler=compiler)(*args)
+    return [dict(n.kwargs) for n in graphs[0].graph.nodes
+            if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]

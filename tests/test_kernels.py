@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import ras_compile.kernels as kernels
 from interpreter import run_checks, run_in_interpreter
 from op_checks import (assert_compiled_matches_eager, assert_dynamic_k_compiles_once,
-                       assert_one_graph_without_breaks, traced_targets)
+                       assert_one_graph_without_breaks, recorded_kernel_calls, traced_targets)
 from ras_compile.kernels import linear_scatter_, linear_scatter_reference_
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -90,17 +90,20 @@ def _index_rows(g: torch.Generator, N: int, k: int, pattern: str, n_valid: int) 
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES, max_n: int = 70, max_d: int = 80) -> Case:
+def cases(draw, dtypes=DTYPES, max_n: int = 70, max_d: int = 80, d_in_multiple: int = 1,
+          gather: bool | None = None) -> Case:
+    """``d_in_multiple`` 8 keeps x's and weight's rows 16-byte aligned at every dtype (what
+    the TMA kernels need); ``gather`` None draws the gather prologue or not."""
     dtype = draw(st.sampled_from(dtypes))
     B = draw(st.integers(1, 3))
     N = draw(st.integers(1, max_n))
     k = draw(st.integers(1, N))
-    D_in = draw(st.integers(1, max_d))
+    D_in = draw(st.integers(1, max_d // d_in_multiple)) * d_in_multiple
     D_out = draw(st.integers(1, max_d))
     pattern = draw(st.sampled_from(["sorted", "unsorted", "padded"]))
     n_valid = draw(st.integers(1, k)) if pattern == "padded" else k
     has_bias = draw(st.booleans())
-    gather = draw(st.booleans())
+    gather = draw(st.booleans()) if gather is None else gather
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
 
     index = torch.stack([_index_rows(g, N, k, pattern, n_valid) for _ in range(B)])
@@ -147,29 +150,76 @@ def interpreted_kernel_matches_reference(case: Case, config):
     check_result(case, got.cache)
 
 
+@settings(max_examples=int(os.environ.get("RAS_KERNEL_EXAMPLES", "100")) // 2, **SETTINGS)
+@given(case=cases(d_in_multiple=8, gather=False), config=st.sampled_from(INTERPRET_CONFIGS),
+       variant=st.sampled_from(["tma", "tma_persistent"]))
+def interpreted_tma_kernels_match_reference(case: Case, config, variant: str):
+    """The TMA kernels (descriptor loads; one program per tile, or a persistent grid of 4
+    programs walking several tiles each) on aligned operands without the gather."""
+    got = _clone(case)
+    out = kernels.linear_scatter_triton_(*got.args, config=config, variant=variant)
+    assert out is got.cache
+    check_result(case, got.cache)
+
+
+def interpreted_tma_refusals_and_fallback():
+    """Asked for by name, the TMA kernel refuses what it cannot load and says why; chosen
+    through $RAS_COMPILE_KV_KERNEL it falls back to the pointer kernel (same result)."""
+    g = torch.Generator().manual_seed(3)
+    B, k, N, D_out = 2, 7, 20, 24
+    index = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
+    bad = {
+        "gather": Case(torch.randn(B, 11, 16, generator=g), torch.randn(D_out, 16, generator=g), None, index,
+                       torch.randn(B, N, D_out, generator=g), torch.randint(0, 11, (B, k), generator=g), "unsorted"),
+        "16 bytes": Case(torch.randn(B, k, 5, generator=g), torch.randn(D_out, 5, generator=g), None, index,
+                         torch.randn(B, N, D_out, generator=g), None, "unsorted"),
+        "contiguous": Case(torch.randn(B, 16, k, generator=g).transpose(1, 2), torch.randn(D_out, 16, generator=g),
+                           None, index, torch.randn(B, N, D_out, generator=g), None, "unsorted"),
+    }
+    for needle, case in bad.items():
+        for variant in ("tma", "tma_persistent"):
+            try:
+                kernels.linear_scatter_triton_(*_clone(case).args, variant=variant)
+            except ValueError as e:
+                assert needle in str(e) and variant in str(e), str(e)
+            else:
+                raise AssertionError(f"{variant} accepted operands it cannot load ({needle})")
+        previous = os.environ.get("RAS_COMPILE_KV_KERNEL")
+        os.environ["RAS_COMPILE_KV_KERNEL"] = "tma_persistent"
+        try:
+            got = _clone(case)
+            kernels.linear_scatter_triton_(*got.args)
+        finally:
+            if previous is None:
+                del os.environ["RAS_COMPILE_KV_KERNEL"]
+            else:
+                os.environ["RAS_COMPILE_KV_KERNEL"] = previous
+        check_result(case, got.cache)
+
+
 def interpreted_duplicates_write_identical_values():
     """Identical source rows give the same output wherever they sit in the tiles, so a
-    padded bucket's duplicate writes all carry the same value. Up to accumulation-order
-    noise here: the interpreter's dot is numpy's BLAS, whose fp32 sgemm takes
-    row-dependent code paths (measured: differences of a few fp32 ulps of the largest
-    output). On a GPU every row goes through the same
+    padded bucket's duplicate writes all carry the same value, in every kernel variant.
+    Up to accumulation-order noise here: the interpreter's dot is numpy's BLAS, whose
+    fp32 sgemm takes row-dependent code paths (measured: differences of a few fp32 ulps
+    of the largest output). On a GPU every row goes through the same
     instruction sequence; `test_duplicates_bitwise_on_cuda` checks it is bitwise."""
     g = torch.Generator().manual_seed(0)
-    for dtype in DTYPES:
+    for dtype, variant in [(d, v) for d in DTYPES for v in ("pointer", "tma", "tma_persistent")]:
         for config in INTERPRET_CONFIGS[:3]:
-            B, k, N, D_in, D_out = 2, 40, 50, 37, 45
+            B, k, N, D_in, D_out = 2, 40, 50, 40, 45
             x = torch.randn(B, k, D_in, generator=g).to(dtype)
             x[:, 1::3] = x[:, :1]  # row 0 repeated at positions in several tiles
             w = torch.randn(D_out, D_in, generator=g).to(dtype)
             bias = torch.randn(D_out, generator=g).to(dtype)
             index = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
             cache = torch.zeros(B, N, D_out, dtype=dtype)
-            kernels.linear_scatter_triton_(x, w, bias, index, cache, config=config)
+            kernels.linear_scatter_triton_(x, w, bias, index, cache, config=config, variant=variant)
             out = cache.gather(1, index.unsqueeze(-1).expand(-1, -1, D_out))
             eps = torch.finfo(dtype).eps  # accumulation-order noise, relative to the largest output
             torch.testing.assert_close(out[:, 1::3], out[:, :1].expand_as(out[:, 1::3]), rtol=eps,
                                        atol=4 * eps * out.abs().max().item(),
-                                       msg=lambda m: f"{dtype} {config}: {m}")
+                                       msg=lambda m: f"{dtype} {variant} {config}: {m}")
 
 
 def interpreted_strided_inputs():
@@ -210,7 +260,8 @@ def interpreted_edge_sizes():
 
 def run_interpreter_checks() -> int:
     return run_checks((interpreted_edge_sizes, interpreted_strided_inputs,
-                       interpreted_duplicates_write_identical_values, interpreted_kernel_matches_reference))
+                       interpreted_duplicates_write_identical_values, interpreted_tma_refusals_and_fallback,
+                       interpreted_kernel_matches_reference, interpreted_tma_kernels_match_reference))
 
 
 def test_triton_kernel_in_interpreter():
@@ -379,6 +430,92 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
     targets = traced_targets(f, x, w, b, index, cache, rows)
     assert any("triton_kernel_wrapper" in t for t in targets), targets
     assert not any("scatter" in t or "addmm" in t or "linear" in t for t in targets), targets
+
+
+def _fake_cuda_operands(d_in: int = 16):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return dict(x=torch.empty(2, 9, d_in, device="cuda", dtype=torch.bfloat16),
+                    w=torch.empty(24, d_in, device="cuda", dtype=torch.bfloat16),
+                    b=torch.empty(24, device="cuda", dtype=torch.bfloat16),
+                    index=torch.empty(2, 9, device="cuda", dtype=torch.long),
+                    cache=torch.empty(2, 12, 24, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("variant", ["pointer", "tma", "tma_persistent"])
+def test_every_kernel_variant_is_recorded_with_its_operands_and_writes_only_the_cache(variant, monkeypatch):
+    """Under torch.compile for an sm90 GPU (faked: no GPU here), each variant's kernel call
+    carries x and weight (a host-side TMA descriptor would be dropped from the recorded call,
+    which is why the TMA kernels make theirs on the device), and torch's analysis of the
+    kernel's Triton IR finds that it writes the cache alone: no defensive copies of x or
+    the weight in the compiled graph."""
+    import ras_compile.kernels.linear_scatter_tma as tma
+
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", variant)
+    monkeypatch.setattr(tma, "device_supports_tma", lambda device: True)
+    monkeypatch.setattr(tma, "num_sms", lambda device: 132)
+    ops = _fake_cuda_operands()
+
+    def f(x, w, b, index, cache):
+        torch.ops.ras_compile.linear_scatter_(x, w, b, index, cache)
+        return cache + 1
+
+    calls = recorded_kernel_calls(f, monkeypatch, *ops.values())
+    assert len(calls) == 1
+    kwargs = calls[0]["kwargs"]
+    assert {"x_ptr", "w_ptr", "bias_ptr", "index_ptr", "cache_ptr"} <= set(kwargs), sorted(kwargs)
+    assert calls[0]["tensors_to_clone"] == ["cache_ptr"]
+    grid = calls[0]["grid"][0]
+    if variant == "tma_persistent":
+        assert grid == (132, 1, 1)  # one program per SM
+    elif variant == "tma":
+        assert "BATCH" in kwargs and grid[1:] == (1, 1)  # one program per tile of every batch element
+
+
+def test_tma_request_falls_back_where_the_operands_do_not_fit(monkeypatch):
+    """$RAS_COMPILE_KV_KERNEL=tma with rows of 20 bytes (D_in 10 at bf16) traces the pointer kernel."""
+    import ras_compile.kernels.linear_scatter_tma as tma
+
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", "tma")
+    monkeypatch.setattr(tma, "device_supports_tma", lambda device: True)
+    ops = _fake_cuda_operands(d_in=10)
+
+    def f(x, w, b, index, cache):
+        torch.ops.ras_compile.linear_scatter_(x, w, b, index, cache)
+        return cache + 1
+
+    (call,) = recorded_kernel_calls(f, monkeypatch, *ops.values())
+    assert "stride_xk" in call["kwargs"]  # the pointer kernel's signature
+
+
+def test_unknown_kernel_variant_is_refused_naming_the_setting(monkeypatch):
+    from ras_compile.kernels import linear_scatter_tma as tma
+    from ras_compile.kernels.linear_scatter import _choose_variant
+
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", "wgmma")
+    with pytest.raises(ValueError, match="RAS_COMPILE_KV_KERNEL='wgmma'.*pointer, tma, tma_persistent"):
+        tma.variant()
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", " TMA ")
+    assert tma.variant() == "tma"
+    monkeypatch.delenv("RAS_COMPILE_KV_KERNEL")
+    assert tma.variant() == "pointer"
+    x = torch.empty(1, 2, 8)
+    with pytest.raises(ValueError, match="unknown kernel variant 'fast'"):
+        _choose_variant(x, torch.empty(4, 8), None, "fast")
+
+
+def test_tma_eligibility_reasons():
+    """Metadata-only reasons, checked in the order a user would fix them."""
+    from ras_compile.kernels.linear_scatter_tma import tma_ineligible_reason
+
+    x, w = torch.empty(2, 5, 16, dtype=torch.bfloat16), torch.empty(8, 16, dtype=torch.bfloat16)
+    assert "gather" in tma_ineligible_reason(x, w, torch.zeros(2, 5, dtype=torch.long))
+    assert "contiguous" in tma_ineligible_reason(x.transpose(1, 2).contiguous().transpose(1, 2), w, None)
+    assert "16 bytes" in tma_ineligible_reason(torch.empty(2, 5, 12, dtype=torch.bfloat16), w[:, :12], None)
+    assert "16 bytes" in tma_ineligible_reason(torch.empty(2 * 5 * 16 + 1, dtype=torch.bfloat16)[1:].view(2, 5, 16),
+                                               w, None)
+    assert "no TMA" in tma_ineligible_reason(x, w, None)  # a CPU tensor outside the interpreter
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import ras_compile.kernels as kernels
 from interpreter import run_checks, run_in_interpreter
 from op_checks import (assert_compiled_matches_eager, assert_dynamic_k_compiles_once,
-                       assert_one_graph_without_breaks, traced_targets)
+                       assert_one_graph_without_breaks, recorded_kernel_calls, traced_targets)
 from ras_compile.kernels import linear_norm_scatter_, linear_norm_scatter_reference_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,20 +81,23 @@ class Case:
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES, max_n: int = 24, max_heads: int = 4) -> Case:
+def cases(draw, dtypes=DTYPES, max_n: int = 24, max_heads: int = 4, d_in_multiple: int = 1,
+          gather: bool | None = None) -> Case:
+    """``d_in_multiple`` 8 keeps the operands' rows 16-byte aligned (the TMA kernels);
+    ``gather`` None draws the gather prologue or not."""
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from([4, 8, 16, 32]))
     heads = draw(st.integers(1, max_heads))
     B = draw(st.integers(1, 2))
     N = draw(st.integers(1, max_n))
     k = draw(st.integers(1, N))
-    D_in = draw(st.integers(1, 40))
+    D_in = draw(st.integers(1, 40 // d_in_multiple)) * d_in_multiple
     D_out = heads * head_dim
     pattern = draw(st.sampled_from(["sorted", "unsorted", "padded"]))
     n_valid = draw(st.integers(1, k)) if pattern == "padded" else k
     norm = draw(st.sampled_from(["rms", "layer"]))
     affine = draw(st.booleans())
-    gather = draw(st.booleans())
+    gather = draw(st.booleans()) if gather is None else gather
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
 
     def index_row():
@@ -147,6 +150,17 @@ def interpreted_kernel_matches_reference(case: Case, wide: bool):
     check_result(case, got.cache)
 
 
+@settings(max_examples=int(os.environ.get("RAS_KERNEL_EXAMPLES", "60")) // 2, **SETTINGS)
+@given(case=cases(d_in_multiple=8, gather=False), wide=st.booleans(),
+       variant=st.sampled_from(["tma", "tma_persistent"]))
+def interpreted_tma_kernels_match_reference(case: Case, wide: bool, variant: str):
+    """The norm epilogue in the TMA kernels (aligned operands, no gather)."""
+    config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, GROUP_M=2) if wide and case.head_dim <= 64 else None
+    got = case.clone()
+    kernels.linear_norm_scatter_triton_(*got.args, **got.kwargs, config=config, variant=variant)
+    check_result(case, got.cache)
+
+
 def interpreted_strided_and_fp32_norm_params():
     """Strided operands and fp32 norm weight / bias with a 16-bit projection."""
     g = torch.Generator().manual_seed(3)
@@ -163,7 +177,8 @@ def interpreted_strided_and_fp32_norm_params():
 
 
 def run_interpreter_checks() -> int:
-    return run_checks((interpreted_strided_and_fp32_norm_params, interpreted_kernel_matches_reference))
+    return run_checks((interpreted_strided_and_fp32_norm_params, interpreted_kernel_matches_reference,
+                       interpreted_tma_kernels_match_reference))
 
 
 def test_triton_kernel_in_interpreter():
@@ -294,6 +309,33 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
     assert not any(s in t for t in targets for s in ("scatter", "addmm", "linear", "rsqrt", "mean")), targets
 
 
+@pytest.mark.parametrize("variant", ["pointer", "tma", "tma_persistent"])
+def test_every_kernel_variant_is_recorded_with_its_operands_and_writes_only_the_cache(variant, monkeypatch):
+    """As for linear_scatter_ (test_kernels.py): compiled for a faked sm90 GPU, the norm
+    kernel's call carries every operand and torch's IR analysis finds it writes only the cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import ras_compile.kernels.linear_scatter_tma as tma
+
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", variant)
+    monkeypatch.setattr(tma, "device_supports_tma", lambda device: True)
+    monkeypatch.setattr(tma, "num_sms", lambda device: 132)
+    with FakeTensorMode():
+        t = dict(device="cuda", dtype=torch.bfloat16)
+        x, w, b = torch.empty(2, 9, 16, **t), torch.empty(128, 16, **t), torch.empty(128, **t)
+        index = torch.empty(2, 9, device="cuda", dtype=torch.long)
+        cache, nw = torch.empty(2, 12, 128, **t), torch.empty(64, **t)
+
+    def f(x, w, b, index, cache, nw):
+        torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
+        return cache + 1
+
+    (call,) = recorded_kernel_calls(f, monkeypatch, x, w, b, index, cache, nw)
+    assert {"x_ptr", "w_ptr", "nw_ptr", "cache_ptr"} <= set(call["kwargs"])
+    assert call["kwargs"]["NORM"] == 1 and call["kwargs"]["HEAD_DIM"] == 64
+    assert call["tensors_to_clone"] == ["cache_ptr"]
+
+
 def test_norm_configs_hold_whole_heads():
     for head_dim in (64, 128):
         configs = kernels.norm_configs(head_dim)
@@ -327,8 +369,26 @@ def test_benchmark_norm_baseline_and_table_on_cpu():
                speedup_vs_inductor=1.25)
     table = bench._norm_markdown(dict(gpu="GPU", torch="t", triton="tr"), [row])
     assert "| 1536 | 128 | 512 | 1.0 | 3.0 | 2.5 | 2.0 | 1.50 | 1.25 |" in table
+    row["us"]["fused_norm_tma"] = 1.5
+    row["variant_speedup_vs_aten"] = {"tma": 2.0}
+    table = bench._norm_markdown(dict(gpu="GPU", torch="t", triton="tr"), [row])
+    assert "| fused norm tma | x tma |" in table and "| 1.50 | 1.25 | 1.5 | 2.00 |" in table
     if not torch.cuda.is_available():
         assert bench.main(["--quick", "--norm-only"]) == 2
+
+
+def test_benchmark_table_has_a_column_pair_per_kernel_variant():
+    """The plain rows' table: the shipped columns, then fused time, speed-up and TFLOP/s per variant timed."""
+    bench = _bench_module()
+    us = dict(gemm=10.0, aten=20.0, fused=16.0, aten_gather=30.0, fused_gather=15.0, fused_tma=12.5,
+              fused_tma_persistent=10.0)
+    row = dict(D=3072, k=2048, N=4096, B=2, dtype="bfloat16", us=us, speedup_vs_aten=1.25,
+               speedup_gather_vs_aten=2.0, gemm_tflops=600.0, fused_tflops=500.0, speedup_vs_aten_eager=0.9,
+               variant_speedup_vs_aten={"tma": 1.6, "tma_persistent": 2.0},
+               variant_tflops={"tma": 550.0, "tma_persistent": 640.0})
+    table = bench._markdown(dict(gpu="GPU", torch="t", triton="tr", cuda="c"), [row])
+    assert "| fused tma | x tma | tma TFLOP/s | fused tma_persistent | x tma_persistent |" in table
+    assert "| 600 | 500 | 0.90 | 12.5 | 1.60 | 550 | 10.0 | 2.00 | 640 |" in table
 
 
 if __name__ == "__main__":

@@ -224,6 +224,11 @@ def test_bad_arguments_get_clear_errors():
         ras_compile(model, RASPolicy(), latent_arg="x")
     with pytest.raises(ValueError, match="dense_graph='yes'"):
         ras_compile(model, RASPolicy(), dense_graph="yes")
+    with pytest.MonkeyPatch.context() as mp:  # a bad kernel variant fails at ras_compile, not at the first compile
+        mp.setenv("RAS_COMPILE_KV_KERNEL", "fastest")
+        with pytest.raises(ValueError, match="RAS_COMPILE_KV_KERNEL='fastest'"):
+            ras_compile(model, RASPolicy(), backend=None)
+        ras_compile(model, RASPolicy(), backend=None, fuse_kv_projection=False)  # the kernels are off: not read
     ras = ras_compile(model, RASPolicy(), backend=None)
     with pytest.raises(RASCallError, match="does not accept"):
         ras(torch.randn(1, 4, 8, 8), torch.ones(1), torch.ones(1))

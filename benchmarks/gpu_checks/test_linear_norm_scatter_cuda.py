@@ -73,3 +73,17 @@ def test_op_under_inductor_on_cuda(dtype):
     want = _cache_update(**eager_in)
     got = torch.compile(_cache_update, backend="inductor", fullgraph=True)(**inputs)
     torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+@settings(max_examples=16, **SETTINGS)
+@given(case=cases(d_in_multiple=8, gather=False), config=st.data(), variant=st.sampled_from(["tma", "tma_persistent"]))
+def test_tma_kernels_on_cuda_match_reference(case: Case, config, variant: str):
+    """The norm epilogue in the TMA kernels, whole-head tilings pinned."""
+    configs = kernels.norm_configs(case.head_dim)
+    pick = configs[config.draw(st.integers(0, len(configs) - 1))]
+    on = _cuda(case)
+    try:
+        kernels.linear_norm_scatter_triton_(*on.args, **on.kwargs, config=pick, variant=variant)
+    except OutOfResources:
+        reject()
+    check_result(case, on.cache.cpu())

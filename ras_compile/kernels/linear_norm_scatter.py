@@ -146,11 +146,12 @@ def linear_norm_scatter_reference_(x, weight, bias, index, cache, *, norm, norm_
 # --------------------------------------------------------------------------- Triton launcher
 
 def linear_norm_scatter_triton_(x, weight, bias, index, cache, *, norm, norm_weight=None, norm_bias=None,
-                                eps=1e-6, head_dim, rows=None, config=None):
+                                eps=1e-6, head_dim, rows=None, config=None, variant=None):
     """Run the Triton kernel with the norm epilogue directly (no torch.library op): CUDA
     tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before import. `config`
     pins one block configuration (its BLOCK_N must be a multiple of `head_dim`).
-    Writes `cache` in place and returns it."""
+    `variant`: the kernel, as for `linear_scatter_triton_`. Writes `cache` in place and
+    returns it."""
     _check_all(x, weight, bias, index, cache, rows, norm, norm_weight, norm_bias, eps, head_dim)
     if x.device.type != "cuda" and not _ls.triton_interpreting():
         raise ValueError(
@@ -159,7 +160,7 @@ def linear_norm_scatter_triton_(x, weight, bias, index, cache, *, norm, norm_wei
     if config is not None:
         block_n = (config.kwargs if hasattr(config, "kwargs") else config)["BLOCK_N"]
         _need(block_n % head_dim == 0, f"`config` BLOCK_N={block_n} must be a multiple of head_dim={head_dim}")
-    _ls._launch(x, weight, bias, index, cache, rows, config=config,
+    _ls._launch(x, weight, bias, index, cache, rows, config=config, variant=variant,
                 norm=HeadNorm(norm, norm_weight, norm_bias, float(eps), head_dim))
     return cache
 

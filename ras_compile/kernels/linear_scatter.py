@@ -363,12 +363,34 @@ def _bucket(m: int) -> int:
     return max(64, 1 << (m - 1).bit_length())
 
 
-def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm=None):
+def _choose_variant(x, weight, rows, variant):
+    """The kernel to launch: `variant` if given (ValueError when these operands cannot
+    use it), else `linear_scatter_tma.variant()` ($RAS_COMPILE_KV_KERNEL), falling back
+    to the pointer kernel where the TMA kernel is not eligible (gather prologue,
+    unaligned strides, no sm90): same results, so the fallback is silent."""
+    from . import linear_scatter_tma as tma
+
+    explicit = variant is not None
+    variant = tma.variant() if variant is None else variant
+    if variant not in tma.VARIANTS:
+        raise ValueError(f"linear_scatter_: unknown kernel variant {variant!r}; use one of {', '.join(tma.VARIANTS)}")
+    if variant == "pointer":
+        return variant
+    reason = tma.tma_ineligible_reason(x, weight, rows)
+    if reason is None:
+        return variant
+    if explicit:
+        raise ValueError(f"linear_scatter_: the {variant!r} kernel cannot run these operands: {reason}")
+    return "pointer"
+
+
+def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm=None, variant=None):
     """Launch the kernel. `wrap` is torch.library.wrap_triton inside the op (so that
     torch.compile sees the kernel), identity otherwise. `config`: a triton.Config or a
     dict of BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (+ num_warps, num_stages) to bypass
     autotuning. `norm`: a `HeadNorm` for the per-head norm epilogue
-    (linear_norm_scatter_), None for the plain projection."""
+    (linear_norm_scatter_), None for the plain projection. `variant`: "pointer",
+    "tma" or "tma_persistent" (see `_choose_variant`; None: the configured default)."""
     if triton is None:
         raise RuntimeError("linear_scatter_: Triton is not installed; only the CPU reference path is available")
     B, M = index.shape
@@ -382,6 +404,13 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm
     upcast = _INTERPRET and dtype != torch.float32
     if _INTERPRET:
         fp32_ieee = True  # the interpreter computes in plain fp32 anyway
+    variant = _choose_variant(x, weight, rows, variant)
+    if variant != "pointer":
+        from .linear_scatter_tma import launch_tma
+
+        launch_tma(x, weight, bias, index, cache, persistent=variant == "tma_persistent", fp32_ieee=fp32_ieee,
+                   upcast=upcast, norm=norm, config=config, wrap=wrap)
+        return
 
     nw = norm.weight if norm is not None else None
     nb = norm.bias if norm is not None else None
@@ -418,18 +447,19 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm
     wrap(_linear_scatter_kernel)[grid](*args, **flags, **meta)
 
 
-def linear_scatter_triton_(x, weight, bias, index, cache, rows=None, *, config=None):
+def linear_scatter_triton_(x, weight, bias, index, cache, rows=None, *, config=None, variant=None):
     """Run the Triton kernel directly (no torch.library op): CUDA tensors, or CPU tensors
     when `TRITON_INTERPRET=1` was set before this module was imported. `config` pins one
     block configuration instead of autotuning (tests use it to cover several tilings).
-    Writes `cache` in place and returns it."""
+    `variant` ("pointer", "tma", "tma_persistent") picks the kernel; None: the
+    configured default (docs/kernels.md). Writes `cache` in place and returns it."""
     _check_inputs(x, weight, bias, index, cache, rows)
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"linear_scatter_triton_: tensors are on {x.device}; the Triton kernel needs CUDA tensors, "
             "or TRITON_INTERPRET=1 set before ras_compile.kernels is imported (CPU interpreter)"
         )
-    _launch(x, weight, bias, index, cache, rows, config=config)
+    _launch(x, weight, bias, index, cache, rows, config=config, variant=variant)
     return cache
 
 
