@@ -166,16 +166,16 @@ def base_policy(ratio: float, steps: int, guided: bool, warmup: int | None = Non
 def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int,
                        warmup_steps: int | None = None) -> dict[str, Any]:
     """The RASPolicy fields ablation ``name`` changes. ``end_step`` makes the last 4 steps dense. The dynamic
-    schedule drops ``(1 - ratio) N`` tokens on average, growing linearly over the sparse steps from about
-    0.75x to 1.25x of that, in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
+    schedule is :func:`ras_compile.schedule.spread_dynamic_schedule`: it drops ``(1 - ratio) N`` tokens on
+    average, growing linearly over the steps after the warm-up (at ratio 0.5 from about 0.75x to 1.25x of
+    that), in multiples of N / 64 (the official code's 64 of 4096 tokens, scaled)."""
     overrides = dict(ABLATIONS[name][1])
     if name == "end_step":
         overrides["end_step"] = steps - 4
     if overrides.get("schedule") == "dynamic":
-        average_dropped = int((1 - ratio) * num_tokens)
-        sparse_steps = max(1, steps - dense_plan(steps, warmup_steps)[0])
-        overrides.update(skip_num_step=max(1, round(0.5 * average_dropped / sparse_steps)), skip_num_step_length=1,
-                         dynamic_drop_multiple=max(1, num_tokens // 64))
+        from ras_compile.schedule import spread_dynamic_schedule
+
+        overrides.update(spread_dynamic_schedule(ratio, num_tokens, steps - dense_plan(steps, warmup_steps)[0]))
     return overrides
 
 

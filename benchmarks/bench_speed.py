@@ -36,6 +36,10 @@ turned into the velocity as its pipeline does (learned sigma dropped, Lumina's s
   active (one compiled graph);
 * ``ras2g_r<ratio>`` (only when named in ``--configs``): the same with
   ``dense_graph=True``, a separate compiled dense graph for the dense steps;
+* ``rasdyn_r<ratio>`` (only when named in ``--configs``): the dynamic (official linear)
+  schedule at mean ratio ``<ratio>``, its count changing every step
+  (``ras_compile.schedule.spread_dynamic_schedule``: 0.75x-1.25x of the mean dropped
+  tokens); its FLOP bound is its own plan's;
 * ``fbc`` / ``taylorseer`` / ``taylorseer_lite``: diffusers' First Block Cache and
   TaylorSeer hooks on the eager model, where they apply (else the reason is recorded);
 * ``compiled_again`` (last; by default except with ``--quick``, see
@@ -297,7 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
-                   help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> fbc "
+                   help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> rasdyn_r<ratio> fbc "
                         "taylorseer taylorseer_lite compiled_again; ras2g compiles a separate dense graph, see "
                         "ras_compile's dense_graph); eager and compiled are always added, they are the references")
     p.add_argument("--compile-mode", default=None,
@@ -358,6 +362,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ratio_name(ratio: float) -> str:
     return f"ras_r{ratio:g}"
+
+
+def ras_policy(ratio: float, loop: dict, image_tokens: int, schedule: str = "static"):
+    """The RASPolicy of a ``ras*`` configuration: ``loop`` holds steps, warmup_steps and
+    reset_steps (a spec, the report's run, or the parsed arguments). ``schedule``
+    "dynamic": the linear schedule at mean ratio ``ratio`` that
+    ``ras_compile.schedule.spread_dynamic_schedule`` defines (the count spreads over
+    0.75x-1.25x of its mean dropped tokens), centred on the loop."""
+    from ras_compile import RASPolicy
+    from ras_compile.schedule import spread_dynamic_schedule
+
+    fields = dict(sample_ratio=ratio, warmup_steps=loop["warmup_steps"], reset_steps=tuple(loop["reset_steps"]))
+    if schedule == "dynamic":
+        fields.update(num_steps=loop["steps"], **spread_dynamic_schedule(ratio, image_tokens,
+                                                                          loop["steps"] - loop["warmup_steps"]))
+    return RASPolicy(**fields)
 
 
 def maxrss_mib() -> float:
@@ -664,11 +684,11 @@ def run_config(spec: dict) -> dict:
         elif kind == "compiled":
             runner = torch.compile(model, backend=spec["backend"], mode=spec.get("compile_mode"))
         elif kind == "ras":
-            from ras_compile import RASPolicy, ras_compile
+            from ras_compile import ras_compile
 
-            policy = RASPolicy(sample_ratio=spec["ratio"], warmup_steps=spec["warmup_steps"],
-                               reset_steps=tuple(spec["reset_steps"]))
+            policy = ras_policy(spec["ratio"], spec, image_tokens_of(spec), spec.get("schedule", "static"))
             result["policy"] = repr(policy)
+            result["schedule"] = policy.schedule
             ras = runner = ras_compile(model, policy, backend=spec["backend"],
                                        dense_graph=spec.get("dense_graph", False),
                                        compile_mode=spec.get("compile_mode"))
@@ -758,10 +778,9 @@ def run_config(spec: dict) -> dict:
         result["active_tokens"] = best["active_tokens"]
     if kind == "ras":
         try:  # FLOPs of one sparse step at this ratio, counted on fake tensors
-            from ras_compile import RASPolicy, explain
+            from ras_compile import explain
 
-            policy = RASPolicy(sample_ratio=spec["ratio"], warmup_steps=spec["warmup_steps"],
-                               reset_steps=tuple(spec["reset_steps"]))
+            policy = ras_policy(spec["ratio"], spec, image_tokens_of(spec))
             result["counted_sparse_flop_fraction"] = explain(model, inputs, policy, ratio=spec["ratio"],
                                                              verbose=False).flop_fraction
         except Exception as exc:
@@ -806,6 +825,9 @@ def configurations(args) -> list[dict]:
     # ras2g_r<ratio>: the same with a separate dense graph (dense_graph=True); only when named
     two_graphs = [dict(config="ras2g" + ratio_name(r)[3:], kind="ras", ratio=r, dense_graph=True)
                   for r in args.ratios]
+    # rasdyn_r<ratio>: the dynamic (official linear) schedule at mean ratio <ratio>; only when named
+    two_graphs += [dict(config="rasdyn" + ratio_name(r)[3:], kind="ras", ratio=r, schedule="dynamic")
+                   for r in args.ratios]
     recheck = [dict(config="compiled_again", kind="compiled")]  # always last: the baseline, measured again
     if not args.configs:
         return configs + (recheck if args.recheck_baseline or (args.recheck_baseline is None and not args.quick)
@@ -839,7 +861,6 @@ def run_worker(spec: dict, tmp: Path, args) -> dict:
 def analyse(results: list[dict], args, cfg: dict) -> dict:
     """Speed-ups, FLOP bounds, differences from the dense compiled latents."""
     import torch
-    from ras_compile import RASPolicy
     from ras_compile.schedule import dense_flop_fraction
 
     by_name = {r["config"]: r for r in results}
@@ -858,8 +879,7 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
         if eager.get("ok"):
             r["speedup_vs_eager"] = eager["steady_s"] / r["steady_s"]
         if r["kind"] == "ras":
-            policy = RASPolicy(sample_ratio=r["ratio"], warmup_steps=args.warmup_steps,
-                               reset_steps=tuple(args.reset_steps))
+            policy = ras_policy(r["ratio"], vars(args), image_tokens, r.get("schedule", "static"))
             fraction = dense_flop_fraction(policy, args.steps, image_tokens, other_tokens)
             r["flop_fraction"] = fraction
             r["flop_bound_speedup"] = 1 / fraction
@@ -1039,18 +1059,21 @@ def plot(report: dict, path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    from ras_compile import RASPolicy
     from ras_compile.schedule import dense_flop_fraction
 
     run, cfg = report["run"], report["model"]
     grid = [i / 100 for i in range(5, 101)]
-    bound = [1 / dense_flop_fraction(RASPolicy(sample_ratio=r, warmup_steps=run["warmup_steps"],
-                                               reset_steps=tuple(run["reset_steps"])),
-                                     run["steps"], cfg["image_tokens"], cfg["flop_other_tokens"]) for r in grid]
+    bound = [1 / dense_flop_fraction(ras_policy(r, run, cfg["image_tokens"]), run["steps"], cfg["image_tokens"],
+                                     cfg["flop_other_tokens"]) for r in grid]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(grid, bound, "k--", label="FLOP bound of the schedule")
     ras = [r for r in report["results"] if r.get("ok") and r["kind"] == "ras" and "speedup_vs_compiled" in r]
     ras.sort(key=lambda r: r["ratio"])
+    # The line: the shipped configuration (ras_r*); variants (ras2g_r*, rasdyn_r*) as markers
+    # (a dynamic row's bound is its own, not the static line's).
+    for i, r in enumerate(r for r in ras if not r["config"].startswith("ras_r")):
+        ax.plot([r["ratio"]], [r["speedup_vs_compiled"]], "D", color=f"C{i + 5}", label=f"{r['config']} vs compiled")
+    ras = [r for r in ras if r["config"].startswith("ras_r")]
     if ras:
         ax.plot([r["ratio"] for r in ras], [r["speedup_vs_compiled"] for r in ras], "o-", color="C0",
                 label="RAS vs torch.compile dense")

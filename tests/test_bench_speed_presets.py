@@ -167,3 +167,24 @@ def test_recheck_reports_the_baseline_drift_and_both_speedups(bench, tmp_path, m
         ras["speedup_vs_compiled_again"] / ras["flop_bound_speedup"])
     md = (tmp_path / "cpu_sd3_quick.md").read_text()
     assert "Baseline recheck" in md and f"{100 * drift:+.1f} %" in md
+
+
+def test_dynamic_schedule_configuration_runs_its_own_plan(bench, tmp_path, monkeypatch):
+    """rasdyn_r0.5 (named only): the count changes every sparse step around the mean, the
+    FLOP bound is its own plan's, and it compiles once like the static configuration."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    torch._dynamo.reset()
+    assert "rasdyn_r0.5" not in [c["config"] for c in bench.configurations(bench.parse_args(["--ratios", "0.5"]))]
+    argv = ["--quick", "--in-process", "--backend", "eager", "--ratios", "0.5", "--repeats", "1", "--steps", "6",
+            "--warmup-steps", "1", "--reset-steps", "--no-caches", "--no-plot", "--threads", "1",
+            "--configs", "ras_r0.5", "rasdyn_r0.5", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    results = {r["config"]: r for r in json.loads((tmp_path / "cpu_sd3_quick.json").read_text())["results"]}
+    dyn, static = results["rasdyn_r0.5"], results["ras_r0.5"]
+    assert dyn["ok"] and dyn["schedule"] == "dynamic" and static["schedule"] == "static"
+    sparse = dyn["active_tokens"][1:]
+    assert len(set(sparse)) > 1 and sparse == sorted(sparse, reverse=True)  # fewer tokens as the loop goes on
+    assert static["active_tokens"][1:] == [32] * 5
+    assert sum(sparse) / len(sparse) == pytest.approx(32, abs=1)  # the mean stays at the ratio
+    assert dyn["flop_bound_speedup"] == pytest.approx(6 / (1 + sum((k + 16) / 80 for k in sparse)))

@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings, strategies as st
 from ras_compile.policy import RASPolicy
 from ras_compile.schedule import (active_tokens_per_step, dense_flop_fraction, flop_bound_speedup,
                                   official_dynamic_dropped_tokens, round_active_tokens, scaled_plan,
-                                  static_active_tokens)
+                                  spread_dynamic_schedule, static_active_tokens)
 
 SETTINGS = dict(deadline=None, max_examples=60)
 
@@ -256,3 +256,38 @@ def test_scaled_plan_keeps_the_dense_share_and_makes_a_valid_policy(num_steps):
     policy = RASPolicy(warmup_steps=warmup, reset_steps=resets, num_steps=num_steps)
     dense = sum(policy.is_dense_step(t) for t in range(num_steps))
     assert dense <= warmup + 2 and dense >= min(num_steps, warmup)
+
+
+def test_spread_dynamic_schedule_hand_cases():
+    # The reference DiT's 256 tokens at ratio 0.5 over 24 steps after the warm-up (bench_quality's row).
+    assert spread_dynamic_schedule(0.5, 256, 24) == dict(schedule="dynamic", skip_num_step=3, skip_num_step_length=1,
+                                                          dynamic_drop_multiple=4)
+    # SD3-medium's 4096 tokens: the official multiple of 64, 1024 tokens moved over 23 changes.
+    assert spread_dynamic_schedule(0.5, 4096, 24)["skip_num_step"] == 45
+    assert spread_dynamic_schedule(0.5, 4096, 24)["dynamic_drop_multiple"] == 64
+    # 8 kept tokens of 64: 4 tokens to move over 45 changes, one every 9 steps (5, within a token).
+    assert spread_dynamic_schedule(0.125, 64, 46)["skip_num_step"] == 1
+    assert spread_dynamic_schedule(0.125, 64, 46)["skip_num_step_length"] == 9
+    assert spread_dynamic_schedule(1.0, 64, 5)["skip_num_step"] == 0  # nothing dropped: a constant count
+    for bad in [(0.0, 64, 5), (0.5, 0, 5), (0.5, 64, -1), (1.5, 64, 5)]:
+        with pytest.raises(ValueError, match="spread_dynamic_schedule needs"):
+            spread_dynamic_schedule(*bad)
+
+
+@settings(**SETTINGS)
+@given(ratio=st.sampled_from([0.125, 0.25, 0.5, 0.75]), num_tokens=st.sampled_from([64, 256, 1024, 4096]),
+       num_steps=st.integers(8, 50))
+def test_spread_dynamic_schedule_spreads_around_the_ratio(ratio, num_tokens, num_steps):
+    """Over the steps after the warm-up the count falls from above r N to below it, by about
+    half the smaller of the mean dropped and kept counts (never clamped at 1 or N), and the
+    steps' mean stays near r N."""
+    warmup = 4
+    policy = RASPolicy(sample_ratio=ratio, warmup_steps=warmup, reset_steps=(), num_steps=num_steps,
+                       **spread_dynamic_schedule(ratio, num_tokens, num_steps - warmup))
+    ks = active_tokens_per_step(policy, num_steps, num_tokens)[warmup:]
+    assert list(ks) == sorted(ks, reverse=True) and 1 < ks[-1] and ks[0] < num_tokens
+    dropped = int((1 - ratio) * num_tokens)
+    room = min(dropped, num_tokens - dropped)
+    multiple = max(1, num_tokens // 64)
+    assert ks[0] - ks[-1] == pytest.approx(room / 2, abs=2 * multiple + policy.skip_num_step)
+    assert sum(ks) / len(ks) == pytest.approx(ratio * num_tokens, abs=multiple + policy.skip_num_step)
