@@ -489,6 +489,29 @@ def test_tma_request_falls_back_where_the_operands_do_not_fit(monkeypatch):
     assert "stride_xk" in call["kwargs"]  # the pointer kernel's signature
 
 
+def test_the_descriptor_scratch_allocator_is_installed_only_where_none_is_set(monkeypatch):
+    """launch_tma's allocator (what Triton's own launches of the TMA kernels need for the
+    device-side descriptors) allocates on the launch's device type, and never replaces an
+    allocator a user or Inductor set."""
+    import triton
+    from triton.runtime import _allocation
+
+    from ras_compile.kernels.linear_scatter_tma import _install_allocator
+
+    token = _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+    try:
+        _install_allocator(torch.device("cpu"))
+        ours = _allocation._allocator.get()
+        buffer = ours(256, 128, None)
+        assert buffer.device.type == "cpu" and buffer.numel() == 256
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
+        triton.set_allocator(mine)
+        _install_allocator(torch.device("cpu"))
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def test_unknown_kernel_variant_is_refused_naming_the_setting(monkeypatch):
     from ras_compile.kernels import linear_scatter_tma as tma
     from ras_compile.kernels.linear_scatter import _choose_variant

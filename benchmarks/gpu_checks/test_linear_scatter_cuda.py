@@ -104,6 +104,22 @@ def test_tma_duplicates_bitwise_on_cuda(variant):
     assert torch.equal(out[:, 1::7], out[:, :1].expand_as(out[:, 1::7]))
 
 
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_tma_op_called_eagerly_on_cuda(variant, monkeypatch):
+    """The op outside torch.compile with $RAS_COMPILE_KV_KERNEL set: wrap_triton calls the
+    kernel, and the allocator launch_tma installs provides the descriptors' scratch."""
+    monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", variant)
+    g = torch.Generator().manual_seed(5)
+    B, k, N, D = 2, 300, 512, 256
+    case = Case(torch.randn(B, k, D, generator=g).bfloat16(), (torch.randn(D, D, generator=g) / 16).bfloat16(),
+                torch.randn(D, generator=g).bfloat16(),
+                torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]),
+                torch.randn(B, N, D, generator=g).bfloat16(), None, "unsorted")
+    on = Case(*(None if t is None else t.cuda() for t in case.args), case.pattern)
+    linear_scatter_(*on.args)
+    check_result(case, on.cache.cpu())
+
+
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("variant", TMA_VARIANTS)
 def test_tma_op_under_inductor_on_cuda(variant, mode, monkeypatch):

@@ -21,7 +21,8 @@ inside a `triton_op`, torch 2.13's tracing drops host-side descriptor arguments 
 kernel call it records (tests/test_kernels.py shows the graph's arguments), and their
 block shapes would be fixed before autotuning. Device-side descriptors need a small
 global scratch buffer per launch; Inductor's launcher installs Triton's allocator
-itself, and `launch_tma` installs one for direct (eager) launches.
+itself, and `launch_tma` installs one for the launches Triton makes (direct calls, the
+op called eagerly).
 
 Eligibility (`tma_ineligible_reason`): no gather prologue (TMA cannot gather rows on
 Hopper), `x` and `weight` contiguous along D_in, every other stride and the storage
@@ -197,9 +198,21 @@ else:  # pragma: no cover
 def _install_allocator(device: torch.device) -> None:
     """Device-side descriptors live in a global scratch buffer that Triton asks its
     allocator for at launch. Inductor's launcher installs one before each of its
-    launches; direct launches need this one (a torch allocation on the launch's device)."""
-    if hasattr(triton, "set_allocator"):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    launches; launches Triton makes itself (a direct call, or the op called eagerly, where
+    `wrap_triton` calls the kernel) need one too. This installs a torch allocation on the
+    current device of `device`'s type (where Triton launches), and only where no
+    allocator is set: one a user or Inductor installed stays."""
+    if not hasattr(triton, "set_allocator"):
+        return
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: install ours
+        pass
+    kind = device.type
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=kind))
 
 
 def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bool, upcast: bool,
@@ -209,7 +222,8 @@ def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bo
     `config`: None (autotune over `tma_configs`), or a triton.Config / dict with
     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M (+ num_warps, num_stages). `persistent`: one
     program per SM (`num_programs` overrides the count) instead of one per tile.
-    `wrap`: torch.library.wrap_triton inside the op, None for a direct launch."""
+    `wrap`: torch.library.wrap_triton inside the op, None for a direct launch. Both install
+    Triton's allocator for the descriptors' scratch (see `_install_allocator`)."""
     B, M = index.shape
     D_out, D_in = weight.shape
     head_dim = norm.head_dim if norm is not None else 1
@@ -235,9 +249,8 @@ def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bo
             return (programs,)
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_out, meta["BLOCK_N"]) * B,)
 
-    if wrap is None:
-        _install_allocator(x.device)
-        wrap = lambda kernel: kernel  # noqa: E731
+    _install_allocator(x.device)  # harmless at trace time; Inductor's launches set their own
+    wrap = wrap or (lambda kernel: kernel)
     if config is None:
         wrap(_tma_autotuned(torch.float32 if x.dtype == torch.float32 else torch.bfloat16, head_dim))[grid](
             *args, **flags)
