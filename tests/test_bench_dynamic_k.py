@@ -2,18 +2,13 @@
 are a benchmark's business, not asserted here."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dynamic_k", REPO / "benchmarks" / "bench_dynamic_k.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_dynamic_k")
 
 
 def test_quick_run_measures_both_modes(tmp_path):

@@ -6,24 +6,18 @@ initialisation and an untrained evaluator) saved to a temporary folder, and the 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmark_scripts import load_benchmark
 from ras_compile import RASPolicy
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quality.py"
-_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
-bq = importlib.util.module_from_spec(_spec)
-sys.modules["bench_quality"] = bq  # its dataclasses look their module up
-_spec.loader.exec_module(bq)
+bq = load_benchmark("bench_quality", register=True)
 
 
 # -- the Pareto rule ------------------------------------------------------------------------------

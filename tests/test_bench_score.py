@@ -2,23 +2,17 @@
 tiny reference DiT saved to a temporary folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmark_scripts import load_benchmark
 from ras_compile.reference import model as reference_model
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_score.py"
-_spec = importlib.util.spec_from_file_location("bench_score", _PATH)
-bs = importlib.util.module_from_spec(_spec)
-sys.modules["bench_score"] = bs
-_spec.loader.exec_module(bs)
+bs = load_benchmark("bench_score", register=True)
 
 
 def test_patch_tokens_keeps_each_patch_together():

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from ras_compile.tiny_models import example_inputs, packed_image_ids
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_speed.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # imported by path, as `ras-compile bench` does (benchmarks/ is not a package)
-    spec = importlib.util.spec_from_file_location("bench_speed_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_speed", "bench_speed_under_test")
 
 
 def spec_of(bench, argv: list[str]) -> dict:

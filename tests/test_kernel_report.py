@@ -2,21 +2,15 @@
 Hopper's instructions: warpgroup MMA in both, TMA tile loads in the TMA variants."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_report.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("kernel_report_under_test", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernel_report", "kernel_report_under_test")
 
 
 def test_sass_counts_reads_tritons_listing(report):

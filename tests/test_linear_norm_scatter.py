@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmark_scripts import load_benchmark
 import ras_compile.kernels as kernels
 from interpreter import run_checks, run_in_interpreter
 from op_checks import (assert_compiled_matches_eager, assert_dynamic_k_compiles_once,
@@ -290,8 +291,8 @@ def test_dynamic_k_compiles_once():
     assert_dynamic_k_compiles_once(_cache_update, _compile_inputs)
 
 
-def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
-    """With fake CUDA tensors the functionalized graph holds the Triton kernel call, no ATen norm or scatter."""
+def _fake_cuda_operands() -> tuple:
+    """x, w, b, index, cache, norm weight as fake CUDA tensors (no GPU needed): 2 heads of 64."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -299,12 +300,17 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
         x, w, b = torch.empty(2, 9, 16, **t), torch.empty(128, 16, **t), torch.empty(128, **t)
         index = torch.empty(2, 9, device="cuda", dtype=torch.long)
         cache, nw = torch.empty(2, 12, 128, **t), torch.empty(64, **t)
+    return x, w, b, index, cache, nw
 
-    def f(x, w, b, index, cache, nw):
-        torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
-        return cache + 1
 
-    targets = traced_targets(f, x, w, b, index, cache, nw)
+def _rms_op_then_add(x, w, b, index, cache, nw):
+    torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
+    return cache + 1
+
+
+def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
+    """With fake CUDA tensors the functionalized graph holds the Triton kernel call, no ATen norm or scatter."""
+    targets = traced_targets(_rms_op_then_add, *_fake_cuda_operands())
     assert any("triton_kernel_wrapper" in t for t in targets), targets
     assert not any(s in t for t in targets for s in ("scatter", "addmm", "linear", "rsqrt", "mean")), targets
 
@@ -313,24 +319,12 @@ def test_cuda_branch_traces_to_the_triton_kernel_without_a_gpu():
 def test_every_kernel_variant_is_recorded_with_its_operands_and_writes_only_the_cache(variant, monkeypatch):
     """As for linear_scatter_ (test_kernels.py): compiled for a faked sm90 GPU, the norm
     kernel's call carries every operand and torch's IR analysis finds it writes only the cache."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import ras_compile.kernels.linear_scatter_tma as tma
 
     monkeypatch.setenv("RAS_COMPILE_KV_KERNEL", variant)
     monkeypatch.setattr(tma, "device_supports_tma", lambda device: True)
     monkeypatch.setattr(tma, "num_sms", lambda device: 132)
-    with FakeTensorMode():
-        t = dict(device="cuda", dtype=torch.bfloat16)
-        x, w, b = torch.empty(2, 9, 16, **t), torch.empty(128, 16, **t), torch.empty(128, **t)
-        index = torch.empty(2, 9, device="cuda", dtype=torch.long)
-        cache, nw = torch.empty(2, 12, 128, **t), torch.empty(64, **t)
-
-    def f(x, w, b, index, cache, nw):
-        torch.ops.ras_compile.linear_norm_scatter_(x, w, b, index, cache, None, "rms", nw, None, 1e-6, 64)
-        return cache + 1
-
-    (call,) = recorded_kernel_calls(f, monkeypatch, x, w, b, index, cache, nw)
+    (call,) = recorded_kernel_calls(_rms_op_then_add, monkeypatch, *_fake_cuda_operands())
     assert {"x_ptr", "w_ptr", "nw_ptr", "cache_ptr"} <= set(call["kwargs"])
     assert call["kwargs"]["NORM"] == 1 and call["kwargs"]["HEAD_DIM"] == 64
     assert call["tensors_to_clone"] == ["cache_ptr"]
@@ -342,16 +336,10 @@ def test_norm_configs_hold_whole_heads():
         assert configs and all(c.kwargs["BLOCK_N"] % head_dim == 0 for c in configs)
 
 
-
 # --------------------------------------------------------------------------- the benchmark's CPU side
 
 def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_linear_scatter", REPO / "benchmarks" / "bench_linear_scatter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_linear_scatter")
 
 
 def test_benchmark_norm_baseline_and_table_on_cpu():
