@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 4 and 5 still wait for, as device calls that fit one
+# The GPU measurements issues 4 and 5 still wait for, as device calls that each fit one
 # session's 15 minutes of device time (a machine's start takes one to two of them).
 #
 #     bash benchmarks/gpu_checks/session.sh kernels   # issue 4: at most 9.5 minutes, likely 5
-#     bash benchmarks/gpu_checks/session.sh sd3       # issue 5: about 7 minutes
-#     bash benchmarks/gpu_checks/session.sh flux      # issue 5: a session of its own
+#     bash benchmarks/gpu_checks/session.sh sd3       # issue 5: at most 9 minutes
+#     bash benchmarks/gpu_checks/session.sh flux      # issue 5: at most 9 minutes
 #
-# Run `kernels` first, then `sd3` while the machine is warm; `flux` (FLUX.1-dev's 12 B
-# parameters, PixArt-Sigma, Lumina-Next) does not fit beside them. Each part runs its
-# steps under their own time limits, in priority order, so a slow step loses its own
-# result and not the rest; everything it writes is packed into $OUT/results.tar.gz
-# (the files under benchmarks/results/ it wrote, the pytest logs) next to $OUT/session.log (the device tool
-# returns at most 8 files).
+# Run `kernels` first; then `sd3` while the machine is warm if the device tool's status
+# still has 9 minutes (often not: then the next lent session starts with it); `flux`
+# (FLUX.1-dev's 12 B parameters, PixArt-Sigma) another time. Each part runs its steps
+# under their own time limits, in priority order, so a slow step loses its own result and
+# not the rest; everything a call writes is packed into $OUT/results.tar.gz (the files
+# under benchmarks/results/ it wrote, the pytest logs) next to $OUT/session.log (the
+# device tool returns at most 8 files).
 #
 # The device image has torch and Triton but not diffusers. Before the first call, here:
 #
