@@ -107,20 +107,17 @@ def compile_for_sm90(variant: str, config, dims: int, k: int, dtype: torch.dtype
     x = torch.empty(batch, k, dims, dtype=dtype)
     w, b = torch.empty(dims, dims, dtype=dtype), torch.empty(dims, dtype=dtype)
     index, cache = torch.empty(batch, k, dtype=torch.long), torch.empty(batch, tokens, dims, dtype=dtype)
-    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    flags = dict(HAS_BIAS=True, UPCAST=False, FP32_IEEE=False)
+    precision = ls.precision_flags(dtype)
     saved = triton.runtime.driver._active
     triton.runtime.driver.set_active(_Sm90Driver())
     try:
         if variant == "pointer":
-            args = (x, w, b, index, index, cache, x, x, k, dims, dims, ls._bucket(k),
-                    x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1), b.stride(0), 0, 0,
-                    index.stride(0), index.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), 0, 0, 0.0)
-            return ls._linear_scatter_kernel.warmup(*args, HAS_ROWS=False, **flags, **meta, grid=(1,))
-        args = (x, w, b, index, cache, x, x, k, dims, dims, ls._bucket(k), batch,
-                x.stride(0), x.stride(1), w.stride(0), b.stride(0), index.stride(0), index.stride(1),
-                cache.stride(0), cache.stride(1), cache.stride(2), 0, 0, 0.0)
-        return tma._linear_scatter_tma_kernel.warmup(*args, **flags, **meta, grid=(1,))
+            args, flags = ls.pointer_kernel_args(x, w, b, index, cache, None, None, **precision)
+            kernel = ls._linear_scatter_kernel
+        else:
+            args, flags = tma.tma_kernel_args(x, w, b, index, cache, None, **precision)
+            kernel = tma._linear_scatter_tma_kernel
+        return kernel.warmup(*args, **flags, **ls.config_meta(config), grid=(1,))
     finally:
         triton.runtime.driver._active = saved
 

@@ -394,24 +394,54 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm
     if triton is None:
         raise RuntimeError("linear_scatter_: Triton is not installed; only the CPU reference path is available")
     B, M = index.shape
-    D_out, D_in = weight.shape
+    D_out = weight.shape[0]
     if B == 0 or M == 0 or D_out == 0:
         return
-    dtype = x.dtype
-    # fp32 operands: follow PyTorch's own matmul setting (IEEE unless TF32 is allowed),
-    # so the fused op matches F.linear on the same device.
-    fp32_ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    upcast = _INTERPRET and dtype != torch.float32
-    if _INTERPRET:
-        fp32_ieee = True  # the interpreter computes in plain fp32 anyway
+    precision = precision_flags(x.dtype)
     variant = _choose_variant(x, weight, rows, variant)
     if variant != "pointer":
         from .linear_scatter_tma import launch_tma
 
-        launch_tma(x, weight, bias, index, cache, persistent=variant == "tma_persistent", fp32_ieee=fp32_ieee,
-                   upcast=upcast, norm=norm, config=config, wrap=wrap)
+        launch_tma(x, weight, bias, index, cache, persistent=variant == "tma_persistent", norm=norm, config=config,
+                   wrap=wrap, **precision)
         return
+    args, flags = pointer_kernel_args(x, weight, bias, index, cache, rows, norm, **precision)
 
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_out, meta["BLOCK_N"]), B)
+
+    wrap = wrap or (lambda kernel: kernel)
+    if config is None:
+        tuned = _linear_scatter_autotuned if norm is None else _norm_autotuned(norm.head_dim)
+        wrap(tuned)[grid](*args, **flags)
+        return
+    wrap(_linear_scatter_kernel)[grid](*args, **flags, **config_meta(config))
+
+
+def precision_flags(dtype: torch.dtype) -> dict:
+    """The kernels' UPCAST / FP32_IEEE flags as keyword arguments (`upcast`, `fp32_ieee`):
+    fp32 operands follow PyTorch's own matmul setting (IEEE unless TF32 is allowed), so the
+    fused op matches F.linear on the same device; the interpreter computes 16-bit tiles in
+    fp32 (numpy has no bfloat16) and everything in plain fp32."""
+    if _INTERPRET:
+        return dict(upcast=dtype != torch.float32, fp32_ieee=True)
+    return dict(upcast=False, fp32_ieee=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+
+
+def config_meta(config) -> dict:
+    """A pinned configuration (a triton.Config, or a dict of BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M
+    with optional num_warps / num_stages) as launch keyword arguments."""
+    if isinstance(config, triton.Config):
+        return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return dict(config)
+
+
+def pointer_kernel_args(x, weight, bias, index, cache, rows, norm, *, upcast: bool, fp32_ieee: bool
+                        ) -> tuple[tuple, dict]:
+    """The pointer kernel's positional arguments and flags (everything but the tiling):
+    absent tensors are replaced by a valid placeholder and a zero stride."""
+    B, M = index.shape
+    D_out, D_in = weight.shape
     nw = norm.weight if norm is not None else None
     nb = norm.bias if norm is not None else None
     args = (
@@ -431,20 +461,7 @@ def _launch(x, weight, bias, index, cache, rows, *, config=None, wrap=None, norm
                  NORM=NORM_CODES[norm.kind] if norm is not None else 0,
                  HEAD_DIM=norm.head_dim if norm is not None else 1,
                  HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_out, meta["BLOCK_N"]), B)
-
-    wrap = wrap or (lambda kernel: kernel)
-    if config is None:
-        tuned = _linear_scatter_autotuned if norm is None else _norm_autotuned(norm.head_dim)
-        wrap(tuned)[grid](*args, **flags)
-        return
-    if isinstance(config, triton.Config):
-        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        meta = dict(config)
-    wrap(_linear_scatter_kernel)[grid](*args, **flags, **meta)
+    return args, flags
 
 
 def linear_scatter_triton_(x, weight, bias, index, cache, rows=None, *, config=None, variant=None):

@@ -51,7 +51,8 @@ try:
 except ImportError:  # pragma: no cover - Triton missing
     triton = tl = None
 
-__all__ = ["VARIANTS", "variant", "tma_ineligible_reason", "device_supports_tma", "num_sms", "launch_tma"]
+__all__ = ["VARIANTS", "variant", "tma_ineligible_reason", "device_supports_tma", "num_sms", "tma_kernel_args",
+           "launch_tma"]
 
 VARIANTS = ("pointer", "tma", "tma_persistent")
 _ENV = "RAS_COMPILE_KV_KERNEL"
@@ -215,18 +216,11 @@ def _install_allocator(device: torch.device) -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=kind))
 
 
-def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bool, upcast: bool,
-               norm=None, config=None, wrap=None, num_programs=None) -> None:
-    """Launch the TMA kernel (operands already validated and `tma_ineligible_reason` None).
-
-    `config`: None (autotune over `tma_configs`), or a triton.Config / dict with
-    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M (+ num_warps, num_stages). `persistent`: one
-    program per SM (`num_programs` overrides the count) instead of one per tile.
-    `wrap`: torch.library.wrap_triton inside the op, None for a direct launch. Both install
-    Triton's allocator for the descriptors' scratch (see `_install_allocator`)."""
+def tma_kernel_args(x, weight, bias, index, cache, norm, *, upcast: bool, fp32_ieee: bool) -> tuple[tuple, dict]:
+    """The TMA kernel's positional arguments and flags (everything but the tiling):
+    absent tensors are replaced by a valid placeholder and a zero stride."""
     B, M = index.shape
     D_out, D_in = weight.shape
-    head_dim = norm.head_dim if norm is not None else 1
     nw = norm.weight if norm is not None else None
     nb = norm.bias if norm is not None else None
     args = (
@@ -240,8 +234,24 @@ def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bo
         float(norm.eps) if norm is not None else 0.0,
     )
     flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee,
-                 NORM=_ls.NORM_CODES[norm.kind] if norm is not None else 0, HEAD_DIM=head_dim,
+                 NORM=_ls.NORM_CODES[norm.kind] if norm is not None else 0,
+                 HEAD_DIM=norm.head_dim if norm is not None else 1,
                  HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
+    return args, flags
+
+
+def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bool, upcast: bool,
+               norm=None, config=None, wrap=None, num_programs=None) -> None:
+    """Launch the TMA kernel (operands already validated and `tma_ineligible_reason` None).
+
+    `config`: None (autotune over `tma_configs`), or a triton.Config / dict with
+    BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M (+ num_warps, num_stages). `persistent`: one
+    program per SM (`num_programs` overrides the count) instead of one per tile.
+    `wrap`: torch.library.wrap_triton inside the op, None for a direct launch. Both install
+    Triton's allocator for the descriptors' scratch (see `_install_allocator`)."""
+    B, M = index.shape
+    D_out = weight.shape[0]
+    args, flags = tma_kernel_args(x, weight, bias, index, cache, norm, upcast=upcast, fp32_ieee=fp32_ieee)
     programs = (num_programs or num_sms(x.device)) if persistent else None
 
     def grid(meta):
@@ -252,9 +262,8 @@ def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bo
     _install_allocator(x.device)  # harmless at trace time; Inductor's launches set their own
     wrap = wrap or (lambda kernel: kernel)
     if config is None:
+        head_dim = norm.head_dim if norm is not None else 1
         wrap(_tma_autotuned(torch.float32 if x.dtype == torch.float32 else torch.bfloat16, head_dim))[grid](
             *args, **flags)
         return
-    meta = (dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            if isinstance(config, triton.Config) else dict(config))
-    wrap(_linear_scatter_tma_kernel)[grid](*args, **flags, **meta)
+    wrap(_linear_scatter_tma_kernel)[grid](*args, **flags, **_ls.config_meta(config))
