@@ -105,13 +105,15 @@ def official_dynamic_dropped_tokens(step: int, num_tokens: int, *, sample_ratio:
 
 def spread_dynamic_schedule(sample_ratio: float, num_tokens: int, steps_after_warmup: int,
                             spread: float = 0.5) -> dict:
-    """`RASPolicy` fields for a dynamic schedule with mean ratio ``sample_ratio``: the
-    dropped count grows linearly over the ``steps_after_warmup`` steps (a change every
-    step, or every few steps where there are fewer tokens to move than steps) by ``spread`` times the smaller of the mean dropped count ``(1 - r) N`` and the
-    mean kept count (so with the default 0.5 the count spans about 0.75x-1.25x of that
-    smaller count around its mean, and a low ratio's few kept tokens never run out),
-    floored to multiples of ``N // 64`` (the official 64 of 4096 tokens, scaled). Pass
-    ``num_steps`` with them: the schedule is centred on the loop.
+    """`RASPolicy` fields for a dynamic schedule with mean ratio ``sample_ratio``.
+
+    The dropped count grows linearly over the ``steps_after_warmup`` steps (a change every
+    step, or every few steps where there are fewer tokens to move than steps) by
+    ``spread`` times the smaller of the mean dropped count ``(1 - r) N`` and the mean kept
+    count: with the default 0.5 the count spans about 0.75x-1.25x of that smaller count
+    around its mean, and a low ratio's few kept tokens never run out. Counts are floored
+    to multiples of ``N // 64`` (the official 64 of 4096 tokens, scaled). Pass
+    ``num_steps`` with the fields: the schedule is centred on the loop.
 
     What the benchmarks mean by "the dynamic schedule at ratio r" (the official code
     takes ``--skip_num_step`` as a bare token count, which fits one resolution only)."""
@@ -122,14 +124,14 @@ def spread_dynamic_schedule(sample_ratio: float, num_tokens: int, steps_after_wa
     average_dropped = int((1 - sample_ratio) * num_tokens)
     change = spread * min(average_dropped, num_tokens - average_dropped)  # over the whole loop
     changes = max(1, steps_after_warmup - 1)  # count changes between the first and the last step
-    if change < 1:  # no room to move: a constant count
-        return dict(schedule="dynamic", skip_num_step=0, skip_num_step_length=1,
-                    dynamic_drop_multiple=max(1, num_tokens // 64))
-    # The smoothest (skip, length) whose total change, skip * changes / length, is within 10 %
-    # (or one token) of `change`: several tokens every step, or a few every few steps.
-    candidates = [(max(1, round(change * n / changes)), n) for n in range(1, changes + 1)]
-    error = lambda c: abs(c[0] * changes / c[1] - change)  # noqa: E731
-    skip, length = next((c for c in candidates if error(c) <= max(1.0, 0.1 * change)), min(candidates, key=error))
+    skip, length = 0, 1  # no room to move: a constant count
+    if change >= 1:
+        # The smoothest (skip, length) whose total change, skip * changes / length, is within
+        # 10 % (or one token) of `change`: several tokens every step, or a few every few steps.
+        candidates = [(max(1, round(change * n / changes)), n) for n in range(1, changes + 1)]
+        error = lambda c: abs(c[0] * changes / c[1] - change)  # noqa: E731
+        skip, length = next((c for c in candidates if error(c) <= max(1.0, 0.1 * change)),
+                            min(candidates, key=error))
     return dict(schedule="dynamic", skip_num_step=skip, skip_num_step_length=length,
                 dynamic_drop_multiple=max(1, num_tokens // 64))
 
