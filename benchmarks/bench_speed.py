@@ -301,9 +301,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
-                   help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> rasdyn_r<ratio> fbc "
-                        "taylorseer taylorseer_lite compiled_again; ras2g compiles a separate dense graph, see "
-                        "ras_compile's dense_graph); eager and compiled are always added, they are the references")
+                   help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> "
+                        "rasdyn_r<ratio> fbc taylorseer taylorseer_lite compiled_again; ras2g compiles a separate "
+                        "dense graph, see ras_compile's dense_graph; rasdyn runs the dynamic schedule); eager and "
+                        "compiled are always added, they are the references")
     p.add_argument("--compile-mode", default=None,
                    choices=[m for m in COMPILE_MODES if m is not None],
                    help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
