@@ -778,7 +778,8 @@ def run_config(spec: dict) -> dict:
     if "active_tokens" in best:
         result["active_tokens"] = best["active_tokens"]
     if kind == "ras":
-        try:  # FLOPs of one sparse step at this ratio, counted on fake tensors
+        try:  # FLOPs of one sparse step at this ratio, counted on fake tensors (for a dynamic
+            # schedule: at its mean ratio, which the counted bound then applies to every sparse step)
             from ras_compile import explain
 
             policy = ras_policy(spec["ratio"], spec, image_tokens_of(spec))
