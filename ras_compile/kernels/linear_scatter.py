@@ -436,32 +436,53 @@ def config_meta(config) -> dict:
     return dict(config)
 
 
+@dataclasses.dataclass(frozen=True)
+class EpilogueArgs:
+    """The epilogue's operands as both kernels take them: the bias and the norm's affine
+    tensors (`placeholder` where absent, never read then), their strides (0 where absent),
+    eps, and the epilogue's flags."""
+
+    bias: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    stride_bias: int
+    stride_nw: int
+    stride_nb: int
+    eps: float
+    flags: dict
+
+    @classmethod
+    def of(cls, bias, norm, placeholder: torch.Tensor, *, upcast: bool, fp32_ieee: bool) -> "EpilogueArgs":
+        nw = norm.weight if norm is not None else None
+        nb = norm.bias if norm is not None else None
+        flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee,
+                     NORM=NORM_CODES[norm.kind] if norm is not None else 0,
+                     HEAD_DIM=norm.head_dim if norm is not None else 1,
+                     HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
+        pick = lambda t: placeholder if t is None else t  # noqa: E731
+        stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
+        return cls(pick(bias), pick(nw), pick(nb), stride(bias), stride(nw), stride(nb),
+                   float(norm.eps) if norm is not None else 0.0, flags)
+
+
 def pointer_kernel_args(x, weight, bias, index, cache, rows, norm, *, upcast: bool, fp32_ieee: bool
                         ) -> tuple[tuple, dict]:
-    """The pointer kernel's positional arguments and flags (everything but the tiling):
-    absent tensors are replaced by a valid placeholder and a zero stride."""
+    """The pointer kernel's positional arguments and flags (everything but the tiling)."""
     B, M = index.shape
     D_out, D_in = weight.shape
-    nw = norm.weight if norm is not None else None
-    nb = norm.bias if norm is not None else None
+    epi = EpilogueArgs.of(bias, norm, x, upcast=upcast, fp32_ieee=fp32_ieee)
     args = (
-        x, weight, bias if bias is not None else x, rows if rows is not None else index, index, cache,
-        nw if nw is not None else x, nb if nb is not None else x,
+        x, weight, epi.bias, rows if rows is not None else index, index, cache, epi.norm_weight, epi.norm_bias,
         M, D_out, D_in, _bucket(M),
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
+        epi.stride_bias,
         rows.stride(0) if rows is not None else 0, rows.stride(1) if rows is not None else 0,
         index.stride(0), index.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2),
-        nw.stride(0) if nw is not None else 0, nb.stride(0) if nb is not None else 0,
-        float(norm.eps) if norm is not None else 0.0,
+        epi.stride_nw, epi.stride_nb, epi.eps,
     )
-    flags = dict(HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee,
-                 NORM=NORM_CODES[norm.kind] if norm is not None else 0,
-                 HEAD_DIM=norm.head_dim if norm is not None else 1,
-                 HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
-    return args, flags
+    return args, dict(epi.flags, HAS_ROWS=rows is not None)
 
 
 def linear_scatter_triton_(x, weight, bias, index, cache, rows=None, *, config=None, variant=None):

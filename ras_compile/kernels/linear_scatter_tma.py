@@ -217,27 +217,19 @@ def _install_allocator(device: torch.device) -> None:
 
 
 def tma_kernel_args(x, weight, bias, index, cache, norm, *, upcast: bool, fp32_ieee: bool) -> tuple[tuple, dict]:
-    """The TMA kernel's positional arguments and flags (everything but the tiling):
-    absent tensors are replaced by a valid placeholder and a zero stride."""
+    """The TMA kernel's positional arguments and flags (everything but the tiling)."""
     B, M = index.shape
     D_out, D_in = weight.shape
-    nw = norm.weight if norm is not None else None
-    nb = norm.bias if norm is not None else None
+    epi = _ls.EpilogueArgs.of(bias, norm, x, upcast=upcast, fp32_ieee=fp32_ieee)
     args = (
-        x, weight, bias if bias is not None else x, index, cache,
-        nw if nw is not None else x, nb if nb is not None else x,
+        x, weight, epi.bias, index, cache, epi.norm_weight, epi.norm_bias,
         M, D_out, D_in, _ls._bucket(M), B,
         x.stride(0), x.stride(1), weight.stride(0),
-        bias.stride(0) if bias is not None else 0, index.stride(0), index.stride(1),
+        epi.stride_bias, index.stride(0), index.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2),
-        nw.stride(0) if nw is not None else 0, nb.stride(0) if nb is not None else 0,
-        float(norm.eps) if norm is not None else 0.0,
+        epi.stride_nw, epi.stride_nb, epi.eps,
     )
-    flags = dict(HAS_BIAS=bias is not None, UPCAST=upcast, FP32_IEEE=fp32_ieee,
-                 NORM=_ls.NORM_CODES[norm.kind] if norm is not None else 0,
-                 HEAD_DIM=norm.head_dim if norm is not None else 1,
-                 HAS_NORM_WEIGHT=nw is not None, HAS_NORM_BIAS=nb is not None)
-    return args, flags
+    return args, epi.flags
 
 
 def launch_tma(x, weight, bias, index, cache, *, persistent: bool, fp32_ieee: bool, upcast: bool,
