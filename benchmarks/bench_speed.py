@@ -40,6 +40,10 @@ turned into the velocity as its pipeline does (learned sigma dropped, Lumina's s
   schedule at mean ratio ``<ratio>``, its count changing every step
   (``ras_compile.schedule.spread_dynamic_schedule``: 0.75x-1.25x of the mean dropped
   tokens); its FLOP bound is its own plan's;
+* ``rassc<n>_r<ratio>`` (only when named in ``--configs``, ``n`` from 2 to 4): RAS with its
+  step cache stacked on it (``RASPolicy(step_cache_interval=n)``: after each dense step one
+  sparse step in every ``n`` runs, the others are extrapolated from the last two computed
+  outputs); ``rassc<n>_r1`` is the step cache alone (every computed step dense-equivalent);
 * ``fbc`` / ``taylorseer`` / ``taylorseer_lite``: diffusers' First Block Cache and
   TaylorSeer hooks on the eager model, where they apply (else the reason is recorded);
 * ``compiled_again`` (last; by default except with ``--quick``, see
@@ -302,9 +306,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads in every worker (default: torch's default, the core count)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="run only these configurations (names: eager compiled ras_r<ratio> ras2g_r<ratio> "
-                        "rasdyn_r<ratio> fbc taylorseer taylorseer_lite compiled_again; ras2g compiles a separate "
-                        "dense graph, see ras_compile's dense_graph; rasdyn runs the dynamic schedule); eager and "
-                        "compiled are always added, they are the references")
+                        "rasdyn_r<ratio> rassc<n>_r<ratio> fbc taylorseer taylorseer_lite compiled_again; ras2g "
+                        "compiles a separate dense graph, see ras_compile's dense_graph; rasdyn runs the dynamic "
+                        "schedule; rassc<n> stacks RAS's step cache with interval n = 2..4); eager and compiled are "
+                        "always added, they are the references")
     p.add_argument("--compile-mode", default=None,
                    choices=[m for m in COMPILE_MODES if m is not None],
                    help="torch.compile mode of 'compiled' and the RAS runs (reduce-overhead: CUDA graphs on cuda)")
@@ -361,20 +366,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ helpers
 
 
+STEP_CACHE_INTERVALS = (2, 3, 4)  # the rassc<n>_r<ratio> configurations
+
+
 def ratio_name(ratio: float) -> str:
     return f"ras_r{ratio:g}"
 
 
-def ras_policy(ratio: float, loop: dict, image_tokens: int, schedule: str = "static"):
+def ras_policy(ratio: float, loop: dict, image_tokens: int, schedule: str = "static", step_cache_interval: int = 1):
     """The RASPolicy of a ``ras*`` configuration: ``loop`` holds steps, warmup_steps and
     reset_steps (a spec, the report's run, or the parsed arguments). ``schedule``
     "dynamic": the linear schedule at mean ratio ``ratio`` that
     ``ras_compile.schedule.spread_dynamic_schedule`` defines (the count spreads over
-    0.75x-1.25x of its mean dropped tokens), centred on the loop."""
+    0.75x-1.25x of its mean dropped tokens), centred on the loop. ``step_cache_interval``:
+    RAS's step cache (``RASPolicy.step_cache_interval``, first-order extrapolation)."""
     from ras_compile import RASPolicy
     from ras_compile.schedule import spread_dynamic_schedule
 
-    fields = dict(sample_ratio=ratio, warmup_steps=loop["warmup_steps"], reset_steps=tuple(loop["reset_steps"]))
+    fields = dict(sample_ratio=ratio, warmup_steps=loop["warmup_steps"], reset_steps=tuple(loop["reset_steps"]),
+                  step_cache_interval=step_cache_interval)
     if schedule == "dynamic":
         fields.update(num_steps=loop["steps"], **spread_dynamic_schedule(ratio, image_tokens,
                                                                           loop["steps"] - loop["warmup_steps"]))
@@ -687,15 +697,17 @@ def run_config(spec: dict) -> dict:
         elif kind == "ras":
             from ras_compile import ras_compile
 
-            policy = ras_policy(spec["ratio"], spec, image_tokens_of(spec), spec.get("schedule", "static"))
+            policy = ras_policy(spec["ratio"], spec, image_tokens_of(spec), spec.get("schedule", "static"),
+                                spec.get("step_cache_interval", 1))
             result["policy"] = repr(policy)
             result["schedule"] = policy.schedule
+            result["step_cache_interval"] = policy.step_cache_interval
             ras = runner = ras_compile(model, policy, backend=spec["backend"],
                                        dense_graph=spec.get("dense_graph", False),
                                        compile_mode=spec.get("compile_mode"))
             reset = ras.ras_controller.reset
 
-            def ras_step(i, t, run):  # reports whether the controller ran this step dense or sparse
+            def ras_step(i, t, run):  # reports whether the controller ran this step dense, sparse or predicted
                 out = run()
                 return ras.ras_controller.stats[-1].mode, out
             on_step = ras_step
@@ -830,6 +842,9 @@ def configurations(args) -> list[dict]:
     # rasdyn_r<ratio>: the dynamic (official linear) schedule at mean ratio <ratio>; only when named
     two_graphs += [dict(config="rasdyn" + ratio_name(r)[3:], kind="ras", ratio=r, schedule="dynamic")
                    for r in args.ratios]
+    # rassc<n>_r<ratio>: RAS's step cache stacked on it, interval n; only when named
+    two_graphs += [dict(config=f"rassc{n}" + ratio_name(r)[3:], kind="ras", ratio=r, step_cache_interval=n)
+                   for n in STEP_CACHE_INTERVALS for r in args.ratios]
     recheck = [dict(config="compiled_again", kind="compiled")]  # always last: the baseline, measured again
     if not args.configs:
         return configs + (recheck if args.recheck_baseline or (args.recheck_baseline is None and not args.quick)
@@ -881,7 +896,8 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
         if eager.get("ok"):
             r["speedup_vs_eager"] = eager["steady_s"] / r["steady_s"]
         if r["kind"] == "ras":
-            policy = ras_policy(r["ratio"], vars(args), image_tokens, r.get("schedule", "static"))
+            policy = ras_policy(r["ratio"], vars(args), image_tokens, r.get("schedule", "static"),
+                                r.get("step_cache_interval", 1))
             fraction = dense_flop_fraction(policy, args.steps, image_tokens, other_tokens)
             r["flop_fraction"] = fraction
             r["flop_bound_speedup"] = 1 / fraction
@@ -892,7 +908,8 @@ def analyse(results: list[dict], args, cfg: dict) -> dict:
             f = r.get("counted_sparse_flop_fraction")
             if f is not None:
                 dense_steps = sum(policy.is_dense_step(t) for t in range(args.steps))
-                r["counted_flop_bound_speedup"] = args.steps / (dense_steps + (args.steps - dense_steps) * f)
+                predicted = sum(policy.is_predicted_step(t) for t in range(args.steps))  # cost nothing
+                r["counted_flop_bound_speedup"] = args.steps / (dense_steps + (args.steps - dense_steps - predicted) * f)
         if reference is not None:
             latents = torch.load(r["latents_path"])
             r["max_abs_diff_vs_compiled"] = (latents - reference).abs().max().item()
@@ -916,8 +933,8 @@ def step_plan(r: dict) -> str:
     counts = {}
     for l in labels:
         counts[l] = counts.get(l, 0) + 1
-    letter = {"dense": "D", "sparse": "S", "cached": "C", "fallback": "F"}
-    return " ".join(f"{counts[k]}{letter.get(k, k)}" for k in ("dense", "sparse", "cached", "fallback") if k in counts)
+    letter = {"dense": "D", "sparse": "S", "predicted": "P", "cached": "C", "fallback": "F"}
+    return " ".join(f"{counts[k]}{letter.get(k, k)}" for k in letter if k in counts)
 
 
 def markdown(report: dict) -> str:
@@ -990,7 +1007,8 @@ def markdown(report: dict) -> str:
     if run.get("command"):
         lines += ["Command that produced this report:", "", "```bash", run["command"], "```", ""]
     lines += [
-        "Columns: *steps* D dense, S sparse (RAS), C cached (the step cache skipped the full model); "
+        "Columns: *steps* D dense, S sparse (RAS), P predicted (RAS's step cache ran no model call), "
+        "C cached (a diffusers step cache skipped the full model); "
         "*first gen* the warm-up generation; *compile* first gen minus steady (compiled configurations); "
         "*steady* best whole-loop time (model calls, RAS token selection and the scheduler); "
         "*dense/sparse step* median time of one model call of that kind (for RAS including the controller's "

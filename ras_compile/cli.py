@@ -654,7 +654,10 @@ def run_demo(args) -> int:
                 progress.update()
                 if controller is None:
                     return
-                if controller.stats[-1].mode == "dense" or controller.last_index is None:
+                mode = controller.stats[-1].mode
+                if mode == "predicted":  # a step cache ran no token
+                    return
+                if mode == "dense" or controller.last_index is None:
                     counts.add_(1)
                 else:  # the active tokens of this step; with guidance the first n rows are the conditional half
                     index = controller.last_index[:n].cpu()

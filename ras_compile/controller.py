@@ -2,8 +2,10 @@
 
 It counts denoising steps (a new generation starts when the timestep jumps back
 against the direction the loop runs in, or on ``reset()``), decides whether a step
-is dense or sparse, and after each step scores the merged prediction and picks
-the next active set on the prediction's device. Nothing here reads a tensor value on the host, so the
+is dense, sparse or (with a step cache, ``RASPolicy.step_cache_interval``)
+predicted, keeps the computed steps' outputs a predicted step extrapolates from,
+and after each step scores the merged prediction and picks the next active set on
+the prediction's device. Nothing here reads a tensor value on the host, so the
 selection never waits for the device; only the timestep (a scalar the pipeline
 hands in) is read to tell steps and generations apart.
 """
@@ -16,6 +18,7 @@ import torch
 from .errors import RASCallError
 from .policy import RASPolicy
 from .selection import score_tokens, select_active, share_scores
+from .step_cache import extrapolate, kept_outputs
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class StepStats:
     """What one call of the compiled module did."""
 
     step: int
-    mode: str            # "dense", "sparse" or "fallback"
-    active_tokens: int   # image tokens computed in this step
+    mode: str            # "dense", "sparse", "predicted" (step cache: not run) or "fallback"
+    active_tokens: int   # image tokens computed in this step (0 when predicted)
     num_tokens: int      # image tokens of the latent
     timestep: float | None
     reason: str          # why the step has its mode ("warm-up", "reset step", "scheduled", ...)
@@ -56,6 +59,7 @@ class RASController:
         self.next_index: torch.Tensor | None = None
         self.last_index: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self._history: list[tuple[int, list]] = []  # (step, flat outputs) of the last computed steps
 
     def override_next_step(self, mode: str, active_index: torch.Tensor | None = None) -> None:
         """Force the next call's mode (and active set), e.g. to test a sparse step on any mask.
@@ -104,9 +108,10 @@ class RASController:
             self._caches_ready = False
             self.next_index = None
             self._drops = torch.zeros(batch, num_tokens, device=device)
+            self._history = []
         mode, reason, index = self._plan(num_tokens, batch, device)
         self.last_index = index
-        k = num_tokens if mode == "dense" else int(index.shape[1])
+        k = int(index.shape[1]) if index is not None else (0 if mode == "predicted" else num_tokens)
         self.stats.append(StepStats(self.step, mode, k, num_tokens, timestep, reason))
         return mode, index
 
@@ -123,6 +128,8 @@ class RASController:
             return "sparse", "override", index
         if self.policy.is_dense_step(self.step):
             return "dense", self._dense_reason(), None
+        if self.policy.is_predicted_step(self.step) and self._history:
+            return "predicted", "step cache", None
         if not self._caches_ready or self.next_index is None:
             return "dense", "caches empty", None
         return "sparse", "scheduled", self.next_index
@@ -149,16 +156,29 @@ class RASController:
             raise RASCallError(f"active_index values must lie in [0, {num_tokens})")
         return torch.sort(index, dim=1).values.contiguous()
 
+    def record_outputs(self, outputs) -> None:
+        """After a computed step, with a step cache: keep a copy of its flat outputs (the last
+        ``step_cache_order + 1`` steps are kept) for the predicted steps to extrapolate from."""
+        if self.policy.step_cache_interval == 1:
+            return
+        self._history = [*self._history, (self.step, kept_outputs(outputs))][-(self.policy.step_cache_order + 1):]
+
+    def predicted_outputs(self) -> list:
+        """A predicted step's flat outputs: the kept computed steps' extrapolated to this step."""
+        return extrapolate(self._history, self.step, self.policy.step_cache_order)
+
     def end_step(self, mode: str, patches: torch.Tensor) -> None:
         """After a step: remember the caches are full and choose the next active set.
 
         ``patches`` is the merged prediction as ``[B, N, S, C]`` (see ``selection.score_tokens``).
+        The set is chosen at the end of the step right before a sparse step, from that step's
+        prediction, computed or predicted; so drop counts grow once per sparse step.
         """
         if mode == "dense":
             self._caches_ready = True
         nxt = self.step + 1
         p = self.policy
-        if p.is_dense_step(nxt) or (p.num_steps is not None and nxt >= p.num_steps):
+        if p.is_dense_step(nxt) or p.is_predicted_step(nxt) or (p.num_steps is not None and nxt >= p.num_steps):
             self.next_index = None
             return
         num_tokens = patches.shape[1]

@@ -115,16 +115,19 @@ def report(name: str, seconds: float, steps: int, first: float | None) -> None:
 
 
 def mode_summary(stats) -> str:
-    letters = "".join({"dense": "D", "sparse": "S", "fallback": "F"}.get(s.mode, "?") for s in stats)
+    letters = "".join({"dense": "D", "sparse": "S", "predicted": "P", "fallback": "F"}.get(s.mode, "?")
+                      for s in stats)
     sparse = [s for s in stats if s.mode == "sparse"]
-    counts = {m: sum(s.mode == m for s in stats) for m in ("dense", "sparse")}
+    counts = {m: sum(s.mode == m for s in stats) for m in ("dense", "sparse", "predicted")}
     text = f"{letters}  (dense {counts['dense']}, sparse {counts['sparse']}"
+    if counts["predicted"]:
+        text += f", predicted by the step cache {counts['predicted']}"
     if sparse:
         active = sorted({s.active_tokens for s in sparse})
         total = getattr(sparse[0], "num_tokens", None)
         of = f" of {total}" if total else ""
         text += f"; active tokens per sparse step: {', '.join(map(str, active))}{of}"
-    others = len(stats) - counts["dense"] - counts["sparse"]
+    others = len(stats) - sum(counts.values())
     if others:
         text += f"; other {others}"
     return text + ")"

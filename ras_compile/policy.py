@@ -20,6 +20,7 @@ _SCHEDULES = ("static", "dynamic")
 _STARVATION_RULES = ("paper", "official")
 _SHARES = ("per_sample", "cfg", "batch")
 _ON_UNSUPPORTED = ("raise", "fallback")
+MAX_STEP_CACHE_ORDER = 2
 
 
 def _invalid(field: str, value: Any, allowed: str) -> ValueError:
@@ -86,6 +87,16 @@ class RASPolicy:
         separate calls at the same timestep (Wan, QwenImage or Flux true CFG): each
         call of a step then gets its own caches, drop counts and active set
         (``RASModule.ras_controllers[i]``), which the two passes must not share.
+    step_cache_interval: a step cache stacked on RAS (TaylorSeer's idea applied to
+        the whole model output). After each dense step the first sparse step is
+        computed, then one in every ``step_cache_interval``; the steps between are
+        not run at all: their prediction is extrapolated from the last computed
+        steps (``schedule.is_predicted_step``, ``step_cache.extrapolate``). Dense
+        steps are always computed. 1 (default): no step cache, every step runs.
+    step_cache_order: the extrapolation's polynomial order over the last
+        ``order + 1`` computed steps: 0 reuses the last prediction, 1 (default)
+        continues the change between the last two, 2 fits a parabola through the
+        last three. Fewer computed steps lower the order to what they allow.
     """
 
     sample_ratio: float = 0.5
@@ -107,6 +118,8 @@ class RASPolicy:
     seed: int = 0
     token_multiple: int = 1
     calls_per_step: int = 1
+    step_cache_interval: int = 1
+    step_cache_order: int = 1
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
@@ -118,13 +131,20 @@ class RASPolicy:
         store("sample_ratio", float(self.sample_ratio))
 
         for name, low in (("warmup_steps", 0), ("skip_num_step_length", 1), ("dynamic_drop_multiple", 1),
-                          ("token_multiple", 1), ("calls_per_step", 1)):
+                          ("token_multiple", 1), ("calls_per_step", 1), ("step_cache_interval", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise _invalid(name, value, f"must be an int >= {low}")
             store(name, int(value))
 
         store("reset_steps", self._normalised_reset_steps(self.reset_steps))
+
+        if not _is_int(self.step_cache_order) or not 0 <= self.step_cache_order <= MAX_STEP_CACHE_ORDER:
+            raise _invalid("step_cache_order", self.step_cache_order,
+                           f"must be an int from 0 to {MAX_STEP_CACHE_ORDER} (0 reuses the last prediction, "
+                           "1 extrapolates linearly, 2 quadratically; higher orders amplify the noise of "
+                           "the differences more than they follow the trajectory)")
+        store("step_cache_order", int(self.step_cache_order))
 
         for name, low in (("end_step", 0), ("num_steps", 1)):
             value = getattr(self, name)
@@ -182,6 +202,13 @@ class RASPolicy:
         _check_step(step)
         return _schedule.is_dense_step(int(step), warmup_steps=self.warmup_steps, reset_steps=self.reset_steps,
                                        end_step=self.end_step)
+
+    def is_predicted_step(self, step: int) -> bool:
+        """Whether 0-based ``step`` is skipped by the step cache (``step_cache_interval > 1``): not run, its
+        prediction extrapolated from the last computed steps."""
+        _check_step(step)
+        return _schedule.is_predicted_step(int(step), warmup_steps=self.warmup_steps, reset_steps=self.reset_steps,
+                                           end_step=self.end_step, interval=self.step_cache_interval)
 
     def active_tokens(self, step: int, num_tokens: int) -> int:
         """k, the image tokens computed if ``step`` is sparse, ``1 <= k <= num_tokens``."""

@@ -2,8 +2,9 @@
 
 Per input signature (shapes, dtypes, non-tensor arguments) it captures the graph,
 analyses it, builds the dense and sparse variants and compiles both. Per call it
-asks the controller for the step's mode, runs the matching graph and hands the
-merged prediction back to the controller, which picks the next active set.
+asks the controller for the step's mode, runs the matching graph (or, on a step a
+step cache predicts, runs nothing and extrapolates the last computed outputs) and
+hands the merged prediction back to the controller, which picks the next active set.
 """
 from __future__ import annotations
 
@@ -243,6 +244,10 @@ class RASModule(torch.nn.Module):
         controller = self.ras_controllers[slot]
         mode, index = controller.begin_step(timestep, captured, analysis.num_tokens, analysis.batch_size,
                                             latent.device)
+        if mode == "predicted":  # the step cache: the model does not run
+            flat = controller.predicted_outputs()
+            controller.end_step(mode, prediction_patches(flat[analysis.output_leaf], analysis))
+            return captured.outputs(flat)
         cuda_graphs = self.ras_compile_mode in CUDA_GRAPH_MODES and latent.device.type == "cuda"
         caches = captured.caches.get(slot)
         if caches is None:
@@ -264,6 +269,7 @@ class RASModule(torch.nn.Module):
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *caches)
         flat = _detach_from_caches(flat, caches)
+        controller.record_outputs(flat)
         prediction = flat[analysis.output_leaf]
         controller.end_step(mode, prediction_patches(prediction, analysis))
         return captured.outputs(flat)

@@ -38,6 +38,22 @@ def is_dense_step(step: int, *, warmup_steps: int, reset_steps: Iterable[int], e
     return step < warmup_steps or step in reset_steps or (end_step is not None and step >= end_step)
 
 
+def is_predicted_step(step: int, *, warmup_steps: int, reset_steps: Iterable[int], end_step: int | None,
+                      interval: int) -> bool:
+    """Whether 0-based ``step`` is skipped by a step cache of ``interval``: the model is not run at all and
+    the step's prediction is extrapolated from the last computed steps (``ras_compile.step_cache``).
+
+    Dense steps are always computed. After each dense step (and from step 0 when there is no warm-up) the
+    first sparse step is computed, then one in every ``interval``: with interval 2 after a dense step at
+    ``d``, steps ``d + 1, d + 3, ...`` run and ``d + 2, d + 4, ...`` are predicted. So every run of steps
+    between dense ones starts from a computed step, and ``interval=1`` predicts nothing.
+    """
+    if interval == 1 or is_dense_step(step, warmup_steps=warmup_steps, reset_steps=reset_steps, end_step=end_step):
+        return False
+    last_dense = max([r for r in reset_steps if r < step] + [warmup_steps - 1])
+    return (step - last_dense - 1) % interval != 0
+
+
 PAPER_PLAN_STEPS = 28
 """The loop length RASPolicy's default dense steps (warm-up 4, resets at 12 and 20) are made for."""
 
@@ -166,14 +182,21 @@ def sparse_step_active_tokens(policy: RASPolicy, step: int, num_tokens: int) -> 
 
 
 def active_tokens_per_step(policy: RASPolicy, num_steps: int, num_tokens: int) -> tuple[int, ...]:
-    """Image tokens computed at each of ``num_steps`` steps (N on dense steps).
+    """Image tokens computed at each of ``num_steps`` steps (N on dense steps, 0 on steps a step cache
+    predicts, see :func:`is_predicted_step`).
 
     This is the plan when every step runs as scheduled; the runtime may still turn a
-    planned sparse step dense (empty caches, e.g. ``warmup_steps=0``), never the
-    reverse.
+    planned sparse or predicted step dense (empty caches, e.g. ``warmup_steps=0``, or no
+    computed output to extrapolate from), never the reverse.
     """
-    return tuple(num_tokens if policy.is_dense_step(t) else sparse_step_active_tokens(policy, t, num_tokens)
-                 for t in range(num_steps))
+    def computed(t: int) -> int:
+        if policy.is_dense_step(t):
+            return num_tokens
+        if policy.is_predicted_step(t):
+            return 0
+        return sparse_step_active_tokens(policy, t, num_tokens)
+
+    return tuple(computed(t) for t in range(num_steps))
 
 
 def dense_flop_fraction(policy: RASPolicy, num_steps: int, num_image_tokens: int, num_other_tokens: int = 0) -> float:
@@ -183,16 +206,17 @@ def dense_flop_fraction(policy: RASPolicy, num_steps: int, num_image_tokens: int
     computing k image tokens and the T never-dropped other tokens costs
     ``(k + T) / (N + T)`` of a dense step. That is exact for every token-wise
     operation and, with attention recovery, for attention too (its cost scales with
-    the number of query rows, keys always cover all N + T tokens). It ignores the
-    selection itself, cache writes, gathers and anything outside the transformer
-    (text encoders, VAE), so a real run is slower than this bound says.
+    the number of query rows, keys always cover all N + T tokens). A step a step
+    cache predicts runs no token and costs nothing. It ignores the selection itself,
+    cache writes, gathers, the step cache's extrapolation and anything outside the
+    transformer (text encoders, VAE), so a real run is slower than this bound says.
     """
     if num_steps < 1 or num_image_tokens < 1 or num_other_tokens < 0:
         raise ValueError(f"dense_flop_fraction needs num_steps >= 1, num_image_tokens >= 1 and "
                          f"num_other_tokens >= 0, got {num_steps}, {num_image_tokens}, {num_other_tokens}")
     total = num_image_tokens + num_other_tokens
     plan = active_tokens_per_step(policy, num_steps, num_image_tokens)
-    return sum((k + num_other_tokens) / total for k in plan) / num_steps
+    return sum((k + num_other_tokens) / total for k in plan if k > 0) / num_steps
 
 
 def flop_bound_speedup(policy: RASPolicy, num_steps: int, num_image_tokens: int, num_other_tokens: int = 0) -> float:

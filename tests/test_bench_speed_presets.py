@@ -181,3 +181,25 @@ def test_dynamic_schedule_configuration_runs_its_own_plan(bench, tmp_path, monke
     assert static["active_tokens"][1:] == [32] * 5
     assert sum(sparse) / len(sparse) == pytest.approx(32, abs=1)  # the mean stays at the ratio
     assert dyn["flop_bound_speedup"] == pytest.approx(6 / (1 + sum((k + 16) / 80 for k in sparse)))
+
+
+def test_step_cache_configuration_predicts_its_steps_and_counts_them_free(bench, tmp_path, monkeypatch):
+    """rassc2_r0.5 (named only): RAS with its step cache stacked; the predicted steps appear in the
+    plan with no active token, and the FLOP bound counts them as free."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    torch._dynamo.reset()
+    assert "rassc2_r0.5" not in [c["config"] for c in bench.configurations(bench.parse_args(["--ratios", "0.5"]))]
+    argv = ["--quick", "--in-process", "--backend", "eager", "--ratios", "0.5", "--repeats", "1", "--steps", "6",
+            "--warmup-steps", "1", "--reset-steps", "--no-caches", "--no-plot", "--threads", "1",
+            "--configs", "ras_r0.5", "rassc2_r0.5", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "cpu_sd3_quick.json").read_text())
+    results = {r["config"]: r for r in report["results"]}
+    stacked, ras = results["rassc2_r0.5"], results["ras_r0.5"]
+    assert stacked["ok"] and stacked["step_cache_interval"] == 2 and ras["step_cache_interval"] == 1
+    assert stacked["active_tokens"] == [64, 32, 0, 32, 0, 32]  # dense, then sparse / predicted in turn
+    assert stacked["predicted_steps"] == 2 and stacked["sparse_steps"] == 3
+    assert stacked["flop_bound_speedup"] == pytest.approx(6 / (1 + 3 * (32 + 16) / 80))
+    assert stacked["flop_bound_speedup"] > ras["flop_bound_speedup"]
+    assert "1D 3S 2P" in (tmp_path / "cpu_sd3_quick.md").read_text()

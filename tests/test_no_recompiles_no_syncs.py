@@ -57,3 +57,23 @@ def test_choosing_the_next_active_set_never_reads_a_tensor_on_the_host(metric, r
         if index is not None:
             assert index.device == meta and index.shape == (4, 32)
         controller.end_step(mode, torch.empty(4, 64, 4, 16, device=meta))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_a_step_cache_never_reads_a_tensor_on_the_host(order):
+    """Keeping computed outputs, extrapolating a predicted step and choosing the set after it, on meta."""
+    controller = RASController(RASPolicy(warmup_steps=1, reset_steps=(), step_cache_interval=2,
+                                         step_cache_order=order))
+    meta = torch.device("meta")
+    modes = []
+    for step in range(6):
+        mode, _ = controller.begin_step(1.0 - step / 6, "capture", 64, 2, meta)
+        modes.append(mode)
+        if mode == "predicted":
+            outputs = controller.predicted_outputs()
+            assert outputs[0].device == meta and outputs[0].shape == (2, 64, 16)
+        else:
+            outputs = [torch.empty(2, 64, 16, device=meta)]
+            controller.record_outputs(outputs)
+        controller.end_step(mode, outputs[0].view(2, 64, 1, 16))
+    assert modes == ["dense", "sparse", "predicted", "sparse", "predicted", "sparse"]
