@@ -21,6 +21,11 @@ shaped like the paper's:
   ``starvation_rule="official"`` and ``starvation_scale=0`` (no starvation prevention),
   ``schedule="dynamic"`` (the official linear schedule around the same mean ratio).
 
+With ``--step-cache-intervals N ...`` Table 2 also gets RAS with its step cache stacked on it
+(``RASPolicy(step_cache_interval=N)``: whole steps predicted by extrapolating the last two computed
+outputs) at every ratio and RAS step count, and the step cache alone (ratio 1.0), so the fronts
+show whether stacking buys a better trade than RAS alone or fewer dense steps.
+
 Plus one check: RAS at ratio 1.0, whose output must match dense (PSNR very high); and one reference
 outside the tables: dense sampling at ``--converged-steps`` (100; more than any other step count),
 the limit the Euler sampler approaches. Every configuration's PSNR against it (*PSNR vs converged*)
@@ -105,6 +110,13 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "high_ratio_half": ("dropped tokens: half from each end of the ranking (high_ratio=0.5)", {"high_ratio": 0.5}),
     "share_per_sample": ("active set per sample, not shared by a guidance pair (share_active_set)",
                          {"share_active_set": "per_sample"}),
+    # RAS's step cache stacked on the baseline (whole steps predicted, not run)
+    "step_cache_2": ("step cache stacked: every other sparse step predicted, linear extrapolation",
+                     {"step_cache_interval": 2}),
+    "step_cache_2_reuse": ("step cache stacked: every other sparse step reuses the last prediction",
+                           {"step_cache_interval": 2, "step_cache_order": 0}),
+    "step_cache_3": ("step cache stacked: two of every three sparse steps predicted, linear extrapolation",
+                     {"step_cache_interval": 3}),
 }
 
 # (ablation, baseline, what the paper says, True when the paper says the baseline is better)
@@ -121,6 +133,9 @@ ABLATION_CLAIMS = (
     ("end_step", "metric_std", "no dense tail vs the last 4 steps dense (no paper claim)", None),
     ("high_ratio_half", "metric_std", "dropping the lowest-scored tokens vs half from each end (no paper claim)", None),
     ("share_per_sample", "metric_std", "one active set per guidance pair vs one per sample (no paper claim)", None),
+    ("step_cache_2", "metric_std", "RAS alone vs a step cache of interval 2 stacked on it (no paper claim)", None),
+    ("step_cache_2_reuse", "metric_std", "RAS alone vs a reusing step cache of interval 2 (no paper claim)", None),
+    ("step_cache_3", "metric_std", "RAS alone vs a step cache of interval 3 stacked on it (no paper claim)", None),
 )
 
 
@@ -182,13 +197,14 @@ def ablation_overrides(name: str, ratio: float, steps: int, num_tokens: int,
 def plan_configs(ratios: Sequence[float], ras_steps: Sequence[int], dense_steps: Sequence[int],
                  ablation_ratio: float, ablation_steps: int, ablations: Sequence[str], guided: bool,
                  num_tokens: int, converged_steps: int | None = None,
-                 warmup_steps: int | None = None) -> list[Config]:
+                 warmup_steps: int | None = None, step_cache_intervals: Sequence[int] = ()) -> list[Config]:
     """Every configuration of the run, in run order (the references first: the converged sampler, then dense).
 
     ``converged_steps`` (None or 0: none) adds dense sampling at that many steps, outside the tables: the
     reference of ``psnr_converged_db``, how close each configuration comes to the sampler's limit. It must
     exceed every other step count (:func:`parse_args` checks). ``warmup_steps`` (None: scaled to each loop)
-    fixes the baseline's warm-up."""
+    fixes the baseline's warm-up. ``step_cache_intervals`` adds Table 2 rows with RAS's step cache stacked
+    (``sc<n>``): the step cache alone (ratio 1) and on RAS at every ratio, at every RAS step count."""
     configs: list[Config] = []
     if converged_steps:
         configs.append(Config(f"converged_s{converged_steps}", "converged", "dense", converged_steps,
@@ -201,6 +217,14 @@ def plan_configs(ratios: Sequence[float], ras_steps: Sequence[int], dense_steps:
         for r in ratios:
             configs.append(Config(f"ras_r{r:g}_s{s}", "table2", "ras", s, f"RAS {r:g} @ {s} steps", ratio=r,
                                   policy=base_policy(r, s, guided, warmup_steps)))
+    for n in step_cache_intervals:
+        for s in ras_steps:
+            configs.append(Config(f"sc{n}_s{s}", "table2", "ras", s, f"step cache {n} @ {s} steps", ratio=1.0,
+                                  policy=base_policy(1.0, s, guided, warmup_steps, step_cache_interval=n)))
+            for r in ratios:
+                configs.append(Config(f"ras_r{r:g}_sc{n}_s{s}", "table2", "ras", s,
+                                      f"RAS {r:g} + step cache {n} @ {s} steps", ratio=r,
+                                      policy=base_policy(r, s, guided, warmup_steps, step_cache_interval=n)))
     for name in ("metric_std", *[a for a in ablations if a != "metric_std"]):
         policy = base_policy(ablation_ratio, ablation_steps, guided, warmup_steps,
                              **ablation_overrides(name, ablation_ratio, ablation_steps, num_tokens, warmup_steps))
@@ -283,7 +307,7 @@ def run_config(sampler, config: Config, noise: torch.Tensor, labels: torch.Tenso
     _sync(device)
     warmup_s = time.perf_counter() - t0
 
-    images, seconds, modes, active = [], 0.0, {"dense": 0, "sparse": 0, "fallback": 0}, []
+    images, seconds, modes, active = [], 0.0, {"dense": 0, "sparse": 0, "predicted": 0, "fallback": 0}, []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     for x, y in zip(noise_batches, label_batches):
         _reset(sampler)
@@ -307,6 +331,7 @@ def run_config(sampler, config: Config, noise: torch.Tensor, labels: torch.Tenso
     if config.kind == "ras":
         batches = len(noise_batches)
         stats = {"dense_steps_per_loop": modes["dense"] / batches, "sparse_steps_per_loop": modes["sparse"] / batches,
+                 "predicted_steps_per_loop": modes["predicted"] / batches,
                  "fallback_steps_per_loop": modes["fallback"] / batches,
                  "mean_sparse_active_fraction": sum(active) / len(active) if active else None}
     return torch.cat(images), {"timing": timing, "ras_stats": stats}
@@ -469,7 +494,8 @@ def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps:
     claims: list[dict] = []
     by = _by_name(configs)
     t2 = [c for c in configs if c.table == "table2"]
-    ras = [c for c in t2 if c.kind == "ras"]
+    ras = [c for c in t2 if c.kind == "ras" and c.policy.step_cache_interval == 1]  # the paper's claims: RAS alone
+    stacked = [c for c in t2 if c.kind == "ras" and c.policy.step_cache_interval > 1]
     dense = [c for c in t2 if c.kind == "dense"]
     fronts = [f for f in FRONTS if any(c.result["pareto"].get(f[0]) is not None for c in t2)]
     # Table 2: the headline point (the ablation ratio / steps, 0.5 at 28 by default)
@@ -517,6 +543,14 @@ def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps:
                        "holds": all(s > 1 for s in speedups),
                        "measured": "speed-ups " + ", ".join(f"{c.label}: {c.result['speedup_vs_dense_same_steps']:.2f}x"
                                                             for c in ras if "speedup_vs_dense_same_steps" in c.result)})
+    for key, metric, _, what in fronts if stacked else ():
+        on = [c for c in stacked if c.result["pareto"][key]]
+        claims.append({"claim": f"a step cache stacked on RAS (or alone) reaches the Pareto front of throughput vs "
+                                f"{what} (no paper claim)", "paper": None, "holds": bool(on), "measure": metric,
+                       "measured": (f"{len(on)} of {len(stacked)} on the front: "
+                                    + ", ".join(f"{c.label} ({c.result['timing']['samples_per_s']:.3g} samples/s, "
+                                                f"{metric} {_metric(c, metric):.4g})" for c in on))
+                       if on else f"none of {len(stacked)} is on the front"})
     # Table 6
     where = f" at ratio {ablation_ratio:g}, {ablation_steps} steps"
     for ablation, baseline, text, paper in ABLATION_CLAIMS:
@@ -829,6 +863,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="warm-up steps of every RAS configuration (default: RASPolicy's 4 of 28 scaled to each "
                         "loop, ras_compile.schedule.scaled_plan); the warm-up ablations still set their own")
+    p.add_argument("--step-cache-intervals", type=int, nargs="*", default=(),
+                   help="Table 2 rows with RAS's step cache stacked (RASPolicy.step_cache_interval), each >= 2: "
+                        "the step cache alone and on RAS at every --ratios, at every --ras-steps (default: none)")
     p.add_argument("--ablation-ratio", type=float, default=None)
     p.add_argument("--ablation-steps", type=int, default=None)
     p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS),
@@ -849,6 +886,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--samples must be >= 2 and --batch-size >= 1")
     if any(not 0 < r <= 1 for r in [*a.ratios, a.ablation_ratio]):
         p.error("ratios must lie in (0, 1]")
+    if any(n < 2 for n in a.step_cache_intervals):
+        p.error("--step-cache-intervals must be >= 2 (1 is RAS without a step cache, already in Table 2)")
     if min([*a.ras_steps, *a.dense_steps, a.ablation_steps]) < 1:
         p.error("step counts must be >= 1")
     if a.warmup_steps is not None and a.warmup_steps < 1:
@@ -881,7 +920,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = (cfg.sample_size // cfg.patch_size) ** 2
     guided = a.guidance_scale != 1.0
     configs = plan_configs(a.ratios, a.ras_steps, a.dense_steps, a.ablation_ratio, a.ablation_steps, a.ablations,
-                           guided, tokens, a.converged_steps, a.warmup_steps)
+                           guided, tokens, a.converged_steps, a.warmup_steps, a.step_cache_intervals)
 
     n = a.samples
     labels = torch.arange(n) % NUM_CLASSES

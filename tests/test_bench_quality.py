@@ -83,7 +83,9 @@ def test_plan_maps_every_ablation_to_policy_fields():
                        "starvation_none": {"starvation_scale"},
                        "schedule_dynamic": {"schedule", "skip_num_step", "dynamic_drop_multiple"},
                        "warmup_2": {"warmup_steps"}, "warmup_8": {"warmup_steps"}, "end_step": {"end_step"},
-                       "high_ratio_half": {"high_ratio"}, "share_per_sample": {"share_active_set"}}
+                       "high_ratio_half": {"high_ratio"}, "share_per_sample": {"share_active_set"},
+                       "step_cache_2": {"step_cache_interval"}, "step_cache_3": {"step_cache_interval"},
+                       "step_cache_2_reuse": {"step_cache_interval", "step_cache_order"}}
     assert by["abl_end_step"].policy.end_step == 24 and by["abl_warmup_8"].policy.warmup_steps == 8
     assert [by["abl_end_step"].policy.is_dense_step(t) for t in range(22, 28)] == [False, False] + [True] * 4
     dyn = by["abl_schedule_dynamic"].policy
@@ -105,6 +107,25 @@ def test_a_fixed_warmup_replaces_the_scaled_one_and_keeps_the_resets_after_it():
     assert bq.parse_args(["--warmup-steps", "2"]).warmup_steps == 2 and bq.parse_args([]).warmup_steps is None
     with pytest.raises(SystemExit):
         bq.parse_args(["--warmup-steps", "0"])
+
+
+def test_step_cache_rows_join_table_2_alone_and_stacked_on_every_ratio():
+    configs = bq.plan_configs((0.5, 0.25), (14, 28), (10,), 0.5, 28, [], guided=True, num_tokens=256,
+                              step_cache_intervals=(2, 3))
+    by = {c.name: c for c in configs}
+    for n in (2, 3):
+        for s in (14, 28):
+            alone = by[f"sc{n}_s{s}"]
+            assert alone.table == "table2" and alone.policy.sample_ratio == 1.0
+            assert alone.policy == bq.base_policy(1.0, s, True, step_cache_interval=n)
+            for r in (0.5, 0.25):
+                stacked = by[f"ras_r{r:g}_sc{n}_s{s}"]
+                assert stacked.policy == bq.base_policy(r, s, True, step_cache_interval=n) and stacked.ratio == r
+    assert not any("sc" in c.name for c in bq.plan_configs((0.5,), (28,), (10,), 0.5, 28, [], True, 256))
+    assert bq.parse_args([]).step_cache_intervals == ()
+    assert bq.parse_args(["--step-cache-intervals", "2", "4"]).step_cache_intervals == [2, 4]
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--step-cache-intervals", "1"])
 
 
 def test_converged_reference_is_planned_first_and_outside_the_tables():
@@ -184,7 +205,8 @@ def quick_run(tmp_path_factory):
     save_classifier(build_classifier(width=8), root / "classifier.safetensors")
     out = root / "out"
     bq.main(["--quick", "--model", str(root / "model"), "--classifier", str(root / "classifier.safetensors"),
-             "--backend", "eager", "--out", str(out), "--name", "q"])
+             "--backend", "eager", "--out", str(out), "--name", "q", "--ratios", "0.5", "0.25",
+             "--step-cache-intervals", "2"])
     return out, json.loads((out / "q.json").read_text())
 
 
@@ -195,7 +217,8 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
     assert report["plot"] is True
     names = {c["name"] for c in report["configs"]}
     assert names == {"converged_s16", "dense_s4", "dense_s8", "ras_r0.5_s8", "ras_r0.25_s8", "abl_metric_std",
-                     "abl_metric_random", "abl_kv_cache_off", "check_ras_r1_s8"}
+                     "abl_metric_random", "abl_kv_cache_off", "check_ras_r1_s8", "sc2_s8", "ras_r0.5_sc2_s8",
+                     "ras_r0.25_sc2_s8"}
     assert report["configs"][0]["name"] == "converged_s16"  # the references run first
     assert set(report["table2_order"]) == {c["name"] for c in report["configs"] if c["table"] == "table2"}
     for c in report["configs"]:
@@ -211,6 +234,8 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
             stats = c["ras_stats"]
             assert stats["sparse_steps_per_loop"] > 0 and stats["fallback_steps_per_loop"] == 0
             assert stats["mean_sparse_active_fraction"] == pytest.approx(c["ratio"], abs=1 / 256)
+            predicted = sum(RASPolicy(**c["policy"]).is_predicted_step(t) for t in range(c["steps"]))
+            assert stats["predicted_steps_per_loop"] == predicted and (predicted > 0) == ("sc2" in c["name"])
             assert c["policy"]["sample_ratio"] == c["ratio"]
     by = {c["name"]: c for c in report["configs"]}
     assert by["abl_metric_random"]["policy"]["metric"] == "random"
@@ -248,6 +273,11 @@ def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
     assert by_measure["psnr_db"]["holds"] == (std["psnr_db"] > rnd["psnr_db"])
     assert by_measure["psnr_db"]["psnr_difference_db"] == pytest.approx(std["psnr_db"] - rnd["psnr_db"], abs=1e-4)
     assert {"measure", "holds", "measured"} <= set(next(c for c in report["claims"] if "Pareto" in c["claim"]))
+    stacked = [c for c in report["claims"] if c["claim"].startswith("a step cache stacked on RAS")]
+    assert {c["measure"] for c in stacked} == {"fd", "accuracy", "psnr_converged_db"}
+    for c, (key, *_rest) in zip(stacked, bq.FRONTS):
+        on = [n for n in ("sc2_s8", "ras_r0.5_sc2_s8", "ras_r0.25_sc2_s8") if by[n]["pareto"][key]]
+        assert c["holds"] == bool(on) and all(by[n]["label"] in c["measured"] for n in on)
     table2 = [c for c in report["claims"] if c["claim"].startswith("RAS with more steps")]
     assert {c["measure"] for c in table2} == {"fd", "accuracy", "psnr_converged_db"}  # every front
     for c in table2:  # each listed pair: RAS with more steps, at least as fast
