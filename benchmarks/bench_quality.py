@@ -531,7 +531,7 @@ def compute_claims(configs: list[Config], ablation_ratio: float, ablation_steps:
                        "beyond_noise": bool(resolved) if wins else None,
                        "measured": measured + f"; on the front: {n_ras} of {len(ras)} RAS, {n_dense} of "
                                               f"{len(dense)} dense"})
-    for c in ras:  # is RAS faster than dense at the same step count at all?
+    for c in ras + stacked:  # is RAS (with or without the step cache) faster than dense at the same step count?
         d = by.get(f"dense_s{c.steps}")
         if d is not None:
             c.result["speedup_vs_dense_same_steps"] = c.result["timing"]["samples_per_s"] / \

@@ -63,7 +63,8 @@ def check_capturable_hooks(model: torch.nn.Module) -> None:
             "Cache or TaylorSeer; the forward is captured once as a graph, so the hook's per-call decisions would "
             "be frozen at capture time. Remove the cache before ras_compile (model.disable_cache() after "
             "model.enable_cache(...); for hooks added with diffusers.hooks.apply_*, load the model again without "
-            "them), or keep the cache and run without RAS")
+            "them), or keep the cache and run without RAS. To skip whole steps with RAS, use its own step "
+            "cache, which stacks: RASPolicy(step_cache_interval=2)")
     hooked = torch_forward_hooks(model)
     if hooked:
         shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")

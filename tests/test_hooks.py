@@ -33,6 +33,7 @@ def test_a_diffusers_step_cache_is_refused_with_what_to_do(cache, hook):
         ras_compile(model, RASPolicy(sample_ratio=0.5), backend=None)(**inputs)
     message = str(info.value)
     assert hook in message and "frozen at capture time" in message and "model.disable_cache()" in message
+    assert "RASPolicy(step_cache_interval=2)" in message  # the step cache that does stack
     with pytest.raises(UnsupportedModelError, match=hook):  # explain says the same
         explain(model, inputs, RASPolicy(sample_ratio=0.5), verbose=False)
 
