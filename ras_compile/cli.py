@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="RAS dense warm-up steps (default: RASPolicy's 4, scaled to --steps: round(4 steps / 28))")
     demo.add_argument("--reset-steps", type=_non_negative_int, nargs="*", default=None, metavar="STEP",
                       help="RAS dense reset steps, 0-based (default: RASPolicy's 12 20, scaled to --steps)")
+    demo.add_argument("--step-cache-interval", type=_positive_int, default=1, metavar="N",
+                      help="stack RAS's step cache on every RAS row: after each dense step one sparse step in N "
+                           "runs, the others are extrapolated from the last two computed outputs "
+                           "(RASPolicy.step_cache_interval; default 1: none)")
     demo.add_argument("--backend", choices=BACKENDS, default="inductor",
                       help="torch.compile backend of the dense baseline and of RAS (aot_eager / eager compile fast "
                            "but run slowly: use them to check, inductor to time)")
@@ -637,7 +641,8 @@ def run_demo(args) -> int:
           f"RAS dense steps: warm-up {warmup}, resets {', '.join(map(str, resets)) or 'none'}; backend "
           f"{args.backend}; {torch.get_num_threads()} CPU threads", flush=True)
 
-    configs: list[tuple[str, float | None]] = [("dense", None)] + [(f"RAS r={r:g}", r) for r in args.ratios]
+    stacked = f"+sc{args.step_cache_interval}" if args.step_cache_interval > 1 else ""
+    configs: list[tuple[str, float | None]] = [("dense", None)] + [(f"RAS r={r:g}{stacked}", r) for r in args.ratios]
     progress = _Progress(len(configs) * (1 + repeats) * steps, enabled=not args.no_progress)
     results = []
     try:
@@ -645,7 +650,8 @@ def run_demo(args) -> int:
             if ratio is None:
                 runner, controller = torch.compile(model, backend=args.backend), None
             else:
-                policy = RASPolicy(sample_ratio=ratio, warmup_steps=warmup, reset_steps=resets, num_steps=steps)
+                policy = RASPolicy(sample_ratio=ratio, warmup_steps=warmup, reset_steps=resets, num_steps=steps,
+                                   step_cache_interval=args.step_cache_interval)
                 runner = ras_compile(model, policy, backend=args.backend)
                 controller = runner.ras_controller
             counts = torch.zeros(n, num_tokens)
@@ -678,7 +684,8 @@ def run_demo(args) -> int:
             plan = ""
             if controller is not None:
                 modes = [s.mode for s in controller.stats]
-                plan = f"{modes.count('dense')}D {modes.count('sparse')}S"
+                plan = f"{modes.count('dense')}D {modes.count('sparse')}S" + \
+                    (f" {modes.count('predicted')}P" if "predicted" in modes else "")
             results.append(dict(name=name, ratio=ratio, images=images, seconds=best, first=first, bound=bound,
                                 counts=counts.clone(), plan=plan or f"{steps}D", contended=contended(other, torch.get_num_threads())))
     finally:
@@ -702,7 +709,7 @@ def run_demo(args) -> int:
     canvas.save(args.out)
 
     print()
-    header = f"{'configuration':<14} {'steps':>8} {'time (s)':>9} {'speed-up':>9} {'FLOP bound':>11} " \
+    header = f"{'configuration':<14} {'steps':>11} {'time (s)':>9} {'speed-up':>9} {'FLOP bound':>11} " \
              f"{'PSNR vs dense (dB)':>19} {'SSIM':>6}   first generation (compiles)"
     print(header)
     print("-" * len(header))
@@ -710,7 +717,7 @@ def run_demo(args) -> int:
         speed = dense["seconds"] / r["seconds"]
         p = _psnr_text(r["psnr"]) if "psnr" in r else "-"
         s = f"{r['ssim'].mean().item():.3f}" if "ssim" in r else "-"
-        print(f"{r['name']:<14} {r['plan']:>8} {r['seconds']:>9.2f} {speed:>8.2f}x {r['bound']:>10.2f}x {p:>19} "
+        print(f"{r['name']:<14} {r['plan']:>11} {r['seconds']:>9.2f} {speed:>8.2f}x {r['bound']:>10.2f}x {p:>19} "
               f"{s:>6}   {r['first']:.1f} s" + ("   (!) contended" if r["contended"] else ""))
     print(f"\nspeed-up: dense time / time, both through torch.compile backend={args.backend} in this run "
           f"(best of {repeats} after one untimed generation); FLOP bound: the speed-up if time followed the "

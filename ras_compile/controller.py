@@ -163,6 +163,11 @@ class RASController:
             return
         self._history = [*self._history, (self.step, kept_outputs(outputs))][-(self.policy.step_cache_order + 1):]
 
+    @property
+    def kept_steps(self) -> tuple[int, ...]:
+        """The computed steps whose outputs the step cache keeps (oldest first; empty without one)."""
+        return tuple(step for step, _ in self._history)
+
     def predicted_outputs(self) -> list:
         """A predicted step's flat outputs: the kept computed steps' extrapolated to this step."""
         return extrapolate(self._history, self.step, self.policy.step_cache_order)

@@ -57,6 +57,25 @@ def test_demo_writes_a_png_grid_and_a_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_demo_stacks_the_step_cache_and_counts_only_computed_tokens(tmp_path, capsys, monkeypatch):
+    """--step-cache-interval 2 over 8 steps (warm-up 1, resets 3 and 6): steps 2 and 5 are predicted."""
+    from ras_compile import cli
+
+    seen = []
+    real = cli.draw_demo_grid
+    monkeypatch.setattr(cli, "draw_demo_grid", lambda rows, **kw: seen.extend(rows) or real(rows, **kw))
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--quick", "--steps", "8", "--backend", "eager", "--ratios", "0.5", "--no-progress",
+                 "--classes", "circle", "--step-cache-interval", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("RAS r=0.5+sc2"))
+    assert "3D 3S 2P" in row
+    heat = next(r["heat"] for r in seen if "heat" in r) * 8  # steps each token was computed
+    # 3 dense steps compute every token, 3 sparse steps half of them, the 2 predicted steps none
+    assert heat.min() >= 3 and heat.max() <= 6 and heat.sum() == pytest.approx(3 * 256 + 3 * 128)
+
+
+@pytest.mark.slow
 def test_demo_without_weights_says_it_uses_a_random_weight_stand_in(tmp_path, capsys, monkeypatch):
     from ras_compile.reference import model as reference_model
 

@@ -85,6 +85,39 @@ def test_ratio_one_equals_the_dense_model_over_a_loop(name):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
+def test_ratio_one_with_a_step_cache_equals_the_dense_model_with_extrapolated_steps(name):
+    """Every output leaf of a predicted step is the line through the last two computed steps' leaves,
+    in the model's own output structure; computed steps equal the model."""
+    import torch.utils._pytree as pytree
+
+    family = FAMILIES[name]
+    model = family.build(0)
+    policy = RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=(), step_cache_interval=2)
+    ras = ras_compile(model, policy, backend=None, latent_arg=family.latent_arg)
+    kwargs = family.inputs(model, BATCH, 0)
+    latent_arg, t_arg = family.latent_arg, family.timestep_arg
+    latent, t0, steps, computed = kwargs[latent_arg], kwargs[t_arg], 5, []
+    with torch.no_grad():
+        for i in range(steps):
+            call = dict(kwargs, **{latent_arg: latent, t_arg: _timestep(t0, i, steps)})
+            got = ras(**call)
+            if policy.is_predicted_step(i):
+                (s0, a), (s1, b) = computed[-2:]
+                want = pytree.tree_map(lambda x, y: y + (y - x) * (i - s1) / (s1 - s0)
+                                       if isinstance(y, torch.Tensor) and y.is_floating_point() else y, a, b)
+            else:
+                want = model(**call)
+                computed.append((i, want))
+            assert type(got) is type(want)
+            got_leaves, want_leaves = pytree.tree_leaves(got), pytree.tree_leaves(want)
+            assert len(got_leaves) == len(want_leaves)
+            for g, w in zip(got_leaves, want_leaves):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            latent = _euler_step(latent, _prediction(got))
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "predicted", "sparse", "predicted"]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())

@@ -163,6 +163,19 @@ def test_a_new_generation_or_input_signature_forgets_the_history():
     assert run(0.9) == "sparse" and run(0.8) == "predicted"
 
 
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_the_step_cache_keeps_order_plus_one_outputs_and_nothing_without_it(order):
+    for interval, kept in ((1, ()), (2, (5, 7, 8)[-(order + 1):])):  # computed: 0, 1, 3, 5, 7 (reset), 8
+        controller = RASController(RASPolicy(warmup_steps=1, reset_steps=(7,), step_cache_interval=interval,
+                                             step_cache_order=order))
+        for step in range(10):
+            mode, _ = controller.begin_step(1 - step / 10, "a", 4, 1, torch.device("cpu"))
+            if mode != "predicted":
+                controller.record_outputs([torch.zeros(1)])
+            controller.end_step(mode, torch.rand(1, 4, 1, 1))
+        assert controller.kept_steps == kept
+
+
 def test_an_override_runs_a_predicted_step():
     controller = RASController(RASPolicy(warmup_steps=1, reset_steps=(), step_cache_interval=2))
     for step, expected in enumerate(["dense", "sparse", "dense"]):
@@ -277,6 +290,7 @@ def test_predicted_steps_return_the_models_output_structure_and_each_call_slot_p
             outputs[slot].append(out.sample)
     for slot in (0, 1):
         assert [s.mode for s in ras.ras_controllers[slot].stats] == ["dense", "sparse", "predicted", "sparse"]
+        assert ras.ras_controllers[slot].kept_steps == (1, 3)  # order 1: the last two computed steps only
         a, b = outputs[slot][0], outputs[slot][1]
         torch.testing.assert_close(outputs[slot][2], 2 * b - a)  # computed at 0 and 1, predicted at 2
     assert not torch.allclose(outputs[0][2], outputs[1][2])
