@@ -162,18 +162,24 @@ def test_recheck_reports_the_baseline_drift_and_both_speedups(bench, tmp_path, m
     assert "Baseline recheck" in md and f"{100 * drift:+.1f} %" in md
 
 
-def test_dynamic_schedule_configuration_runs_its_own_plan(bench, tmp_path, monkeypatch):
-    """rasdyn_r0.5 (named only): the count changes every sparse step around the mean, the
-    FLOP bound is its own plan's, and it compiles once like the static configuration."""
+def _quick_variant_run(bench, tmp_path, monkeypatch, variant: str) -> dict:
+    """A 6-step quick run of ras_r0.5 and ``variant`` (a configuration that exists only when named),
+    in process with the eager backend; the results by configuration."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     torch._dynamo.reset()
-    assert "rasdyn_r0.5" not in [c["config"] for c in bench.configurations(bench.parse_args(["--ratios", "0.5"]))]
+    assert variant not in [c["config"] for c in bench.configurations(bench.parse_args(["--ratios", "0.5"]))]
     argv = ["--quick", "--in-process", "--backend", "eager", "--ratios", "0.5", "--repeats", "1", "--steps", "6",
             "--warmup-steps", "1", "--reset-steps", "--no-caches", "--no-plot", "--threads", "1",
-            "--configs", "ras_r0.5", "rasdyn_r0.5", "--out", str(tmp_path)]
+            "--configs", "ras_r0.5", variant, "--out", str(tmp_path)]
     assert bench.main(argv) == 0
-    results = {r["config"]: r for r in json.loads((tmp_path / "cpu_sd3_quick.json").read_text())["results"]}
+    return {r["config"]: r for r in json.loads((tmp_path / "cpu_sd3_quick.json").read_text())["results"]}
+
+
+def test_dynamic_schedule_configuration_runs_its_own_plan(bench, tmp_path, monkeypatch):
+    """rasdyn_r0.5 (named only): the count changes every sparse step around the mean, the
+    FLOP bound is its own plan's, and it compiles once like the static configuration."""
+    results = _quick_variant_run(bench, tmp_path, monkeypatch, "rasdyn_r0.5")
     dyn, static = results["rasdyn_r0.5"], results["ras_r0.5"]
     assert dyn["ok"] and dyn["schedule"] == "dynamic" and static["schedule"] == "static"
     sparse = dyn["active_tokens"][1:]
@@ -186,16 +192,7 @@ def test_dynamic_schedule_configuration_runs_its_own_plan(bench, tmp_path, monke
 def test_step_cache_configuration_predicts_its_steps_and_counts_them_free(bench, tmp_path, monkeypatch):
     """rassc2_r0.5 (named only): RAS with its step cache stacked; the predicted steps appear in the
     plan with no active token, and the FLOP bound counts them as free."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    torch._dynamo.reset()
-    assert "rassc2_r0.5" not in [c["config"] for c in bench.configurations(bench.parse_args(["--ratios", "0.5"]))]
-    argv = ["--quick", "--in-process", "--backend", "eager", "--ratios", "0.5", "--repeats", "1", "--steps", "6",
-            "--warmup-steps", "1", "--reset-steps", "--no-caches", "--no-plot", "--threads", "1",
-            "--configs", "ras_r0.5", "rassc2_r0.5", "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
-    report = json.loads((tmp_path / "cpu_sd3_quick.json").read_text())
-    results = {r["config"]: r for r in report["results"]}
+    results = _quick_variant_run(bench, tmp_path, monkeypatch, "rassc2_r0.5")
     stacked, ras = results["rassc2_r0.5"], results["ras_r0.5"]
     assert stacked["ok"] and stacked["step_cache_interval"] == 2 and ras["step_cache_interval"] == 1
     assert stacked["active_tokens"] == [64, 32, 0, 32, 0, 32]  # dense, then sparse / predicted in turn

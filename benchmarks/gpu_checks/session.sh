@@ -5,10 +5,11 @@
 #     bash benchmarks/gpu_checks/session.sh kernels   # issue 4: at most 9.5 minutes, likely 5
 #     bash benchmarks/gpu_checks/session.sh sd3       # issue 5: at most 9 minutes
 #     bash benchmarks/gpu_checks/session.sh flux      # issue 5: at most 9 minutes
+#     bash benchmarks/gpu_checks/session.sh stepcache # RAS's step cache on GPU: at most 9 minutes
 #
 # Run `kernels` first; then `sd3` while the machine is warm if the device tool's status
 # still has 9 minutes (often not: then the next lent session starts with it); `flux`
-# (FLUX.1-dev's 12 B parameters, PixArt-Sigma) another time. Each part runs its steps
+# (FLUX.1-dev's 12 B parameters, PixArt-Sigma) and `stepcache` another time. Each part runs its steps
 # under their own time limits, in priority order, so a slow step loses its own result and
 # not the rest; everything a call writes is packed into $OUT/results.tar.gz (the files
 # under benchmarks/results/ it wrote, the pytest logs) next to $OUT/session.log (the
@@ -24,7 +25,7 @@
 # by git (.gitignore). Outside this workplace (any CUDA machine with diffusers
 # installed) the script runs the same; it installs nothing when .whl/ is absent.
 set -uo pipefail
-PART=${1:?usage: session.sh kernels|sd3|flux}
+PART=${1:?usage: session.sh kernels|sd3|flux|stepcache}
 OUT=${OUT:-out/session}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
@@ -83,8 +84,17 @@ flux)
     step 150 "PixArt-Sigma" python3 benchmarks/bench_speed.py --model pixart-sigma --device cuda \
         --configs compiled ras_r0.5 --repeats 2 --no-caches
     ;;
+stepcache)
+    # RAS's step cache (RASPolicy.step_cache_interval) under CUDA graphs: the kept outputs must be
+    # copies of what a replay returned; then its speed stacked on RAS and alone at SD3-medium's shape.
+    step 120 "step cache under CUDA graphs" python3 -m pytest -q -x -p no:cacheprovider \
+        benchmarks/gpu_checks/test_ras_cuda.py -k reduce_overhead --junitxml="$OUT/step_cache_checks.xml"
+    step 450 "SD3-medium, step cache" python3 benchmarks/bench_speed.py --model sd3-medium --device cuda \
+        --configs compiled ras_r0.5 rassc2_r0.5 rassc2_r1 --repeats 2 --no-caches --no-recheck-baseline \
+        --name cuda_sd3_medium_step_cache
+    ;;
 *)
-    echo "session.sh: unknown part '$PART' (kernels, sd3 or flux)" | tee -a "$LOG"
+    echo "session.sh: unknown part '$PART' (kernels, sd3, flux or stepcache)" | tee -a "$LOG"
     exit 2
     ;;
 esac
