@@ -65,6 +65,7 @@ class Captured:
     analysis: object = None
     fallback: object = None
     caches: dict = field(default_factory=dict)  # call slot -> the cache tensors of that slot
+    element_tokens: object = None  # the token of each prediction element (stale_token_order 1; made on first use)
 
     def graph_inputs(self, call: dict) -> list:
         """Parameters, buffers, constants and user inputs, in the graph's placeholder order."""

@@ -18,6 +18,7 @@ import torch
 from .errors import RASCallError
 from .policy import RASPolicy
 from .selection import score_tokens, select_active, share_scores
+from .stale_tokens import TokenHistory, merge, start
 from .step_cache import extrapolate, kept_outputs
 
 
@@ -60,6 +61,7 @@ class RASController:
         self.last_index: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         self._history: list[tuple[int, list]] = []  # (step, flat outputs) of the last computed steps
+        self._token_history: TokenHistory | None = None  # stale_token_order 1: each token's last two values
 
     def override_next_step(self, mode: str, active_index: torch.Tensor | None = None) -> None:
         """Force the next call's mode (and active set), e.g. to test a sparse step on any mask.
@@ -109,6 +111,7 @@ class RASController:
             self.next_index = None
             self._drops = torch.zeros(batch, num_tokens, device=device)
             self._history = []
+            self._token_history = None
         mode, reason, index = self._plan(num_tokens, batch, device)
         self.last_index = index
         k = int(index.shape[1]) if index is not None else (0 if mode == "predicted" else num_tokens)
@@ -162,6 +165,24 @@ class RASController:
         if self.policy.step_cache_interval == 1:
             return
         self._history = [*self._history, (self.step, kept_outputs(outputs))][-(self.policy.step_cache_order + 1):]
+
+    def merge_stale(self, prediction: torch.Tensor, index: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """After a computed step, with ``stale_token_order=1``: the prediction with the tokens it did not compute
+        (not in ``index``; None: all computed) continued from their last two computed values
+        (``stale_tokens.merge``), and the history updated. ``tokens``: the token of each element of one sample."""
+        if self.policy.stale_token_order == 0:
+            return prediction
+        batch, num_tokens = self._drops.shape
+        if self._token_history is None:  # the first computed step of this generation and signature: dense
+            self._token_history = start(prediction, self.step, num_tokens)
+            return prediction
+        if index is None:
+            active = torch.ones(batch, num_tokens, dtype=torch.bool, device=prediction.device)
+        else:
+            active = torch.zeros(batch, num_tokens, dtype=torch.bool, device=prediction.device)
+            active.scatter_(1, index, True)
+        merged, self._token_history = merge(prediction, active, self._token_history, tokens, self.step)
+        return merged
 
     @property
     def kept_steps(self) -> tuple[int, ...]:

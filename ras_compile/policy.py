@@ -97,6 +97,10 @@ class RASPolicy:
         ``order + 1`` computed steps: 0 reuses the last prediction, 1 (default)
         continues the change between the last two, 2 fits a parabola through the
         last three. Fewer computed steps lower the order to what they allow.
+    stale_token_order: what a sparse step returns for the tokens it does not
+        compute: 0 (default, the paper) their last computed output; 1 continues
+        each token's change between its last two computed outputs, linearly in the
+        step number (``stale_tokens.py``; a token computed once only reuses it).
     """
 
     sample_ratio: float = 0.5
@@ -120,6 +124,7 @@ class RASPolicy:
     calls_per_step: int = 1
     step_cache_interval: int = 1
     step_cache_order: int = 1
+    stale_token_order: int = 0
 
     def __post_init__(self) -> None:
         # frozen: normalised values go in through object.__setattr__
@@ -145,6 +150,12 @@ class RASPolicy:
                            "1 extrapolates linearly, 2 quadratically; higher orders amplify the noise of "
                            "the differences more than they follow the trajectory)")
         store("step_cache_order", int(self.step_cache_order))
+
+        if not _is_int(self.stale_token_order) or self.stale_token_order not in (0, 1):
+            raise _invalid("stale_token_order", self.stale_token_order,
+                           "must be 0 (inactive tokens return their last computed output, the paper) or 1 "
+                           "(continue each token's change between its last two computed outputs)")
+        store("stale_token_order", int(self.stale_token_order))
 
         for name, low in (("end_step", 0), ("num_steps", 1)):
             value = getattr(self, name)

@@ -23,6 +23,7 @@ from .passes.fuse_projection import fuse_kv_projections
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
+from .stale_tokens import element_tokens
 
 BACKENDS_WITHOUT_DYNAMO = (None, "none")
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # tried in this order when timestep_arg is not given
@@ -269,10 +270,21 @@ class RASModule(torch.nn.Module):
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *caches)
         flat = _detach_from_caches(flat, caches)
+        if self.ras_policy.stale_token_order:  # inactive tokens continued from their last two computed values
+            leaf = analysis.output_leaf
+            flat[leaf] = controller.merge_stale(flat[leaf], None if mode == "dense" else index,
+                                                self._element_tokens(captured, flat[leaf]))
         controller.record_outputs(flat)
         prediction = flat[analysis.output_leaf]
         controller.end_step(mode, prediction_patches(prediction, analysis))
         return captured.outputs(flat)
+
+    @staticmethod
+    def _element_tokens(captured: Captured, prediction: torch.Tensor) -> torch.Tensor:
+        if captured.element_tokens is None:
+            captured.element_tokens = element_tokens(
+                prediction.shape[1:], lambda x: prediction_patches(x, captured.analysis)).to(prediction.device)
+        return captured.element_tokens
 
     def ras_capture(self, *args, **kwargs) -> Captured:
         """The capture for this call signature: its analysis and its dense and sparse graphs

@@ -85,7 +85,8 @@ def test_plan_maps_every_ablation_to_policy_fields():
                        "warmup_2": {"warmup_steps"}, "warmup_8": {"warmup_steps"}, "end_step": {"end_step"},
                        "high_ratio_half": {"high_ratio"}, "share_per_sample": {"share_active_set"},
                        "step_cache_2": {"step_cache_interval"}, "step_cache_3": {"step_cache_interval"},
-                       "step_cache_2_reuse": {"step_cache_interval", "step_cache_order"}}
+                       "step_cache_2_reuse": {"step_cache_interval", "step_cache_order"},
+                       "stale_linear": {"stale_token_order"}}
     assert by["abl_end_step"].policy.end_step == 24 and by["abl_warmup_8"].policy.warmup_steps == 8
     assert [by["abl_end_step"].policy.is_dense_step(t) for t in range(22, 28)] == [False, False] + [True] * 4
     dyn = by["abl_schedule_dynamic"].policy
@@ -122,6 +123,11 @@ def test_step_cache_rows_join_table_2_alone_and_stacked_on_every_ratio():
                 stacked = by[f"ras_r{r:g}_sc{n}_s{s}"]
                 assert stacked.policy == bq.base_policy(r, s, True, step_cache_interval=n) and stacked.ratio == r
     assert not any("sc" in c.name for c in bq.plan_configs((0.5,), (28,), (10,), 0.5, 28, [], True, 256))
+    stale = {c.name: c.policy for c in bq.plan_configs((0.5,), (28,), (10,), 0.5, 28, [], True, 256,
+                                                       step_cache_intervals=(2,), stale_linear=True)}
+    assert stale["ras_r0.5_st1_s28"] == bq.base_policy(0.5, 28, True, stale_token_order=1)
+    assert stale["ras_r0.5_st1_sc2_s28"] == bq.base_policy(0.5, 28, True, stale_token_order=1, step_cache_interval=2)
+    assert bq.parse_args(["--stale-linear"]).stale_linear and not bq.parse_args([]).stale_linear
     assert bq.parse_args([]).step_cache_intervals == ()
     assert bq.parse_args(["--step-cache-intervals", "2", "4"]).step_cache_intervals == [2, 4]
     with pytest.raises(SystemExit):
@@ -206,7 +212,7 @@ def quick_run(tmp_path_factory):
     out = root / "out"
     bq.main(["--quick", "--model", str(root / "model"), "--classifier", str(root / "classifier.safetensors"),
              "--backend", "eager", "--out", str(out), "--name", "q", "--ratios", "0.5", "0.25",
-             "--step-cache-intervals", "2"])
+             "--step-cache-intervals", "2", "--stale-linear"])
     return out, json.loads((out / "q.json").read_text())
 
 
@@ -218,7 +224,8 @@ def test_quick_run_writes_every_configuration_and_metric(quick_run):
     names = {c["name"] for c in report["configs"]}
     assert names == {"converged_s16", "dense_s4", "dense_s8", "ras_r0.5_s8", "ras_r0.25_s8", "abl_metric_std",
                      "abl_metric_random", "abl_kv_cache_off", "check_ras_r1_s8", "sc2_s8", "ras_r0.5_sc2_s8",
-                     "ras_r0.25_sc2_s8"}
+                     "ras_r0.25_sc2_s8", "ras_r0.5_st1_s8", "ras_r0.25_st1_s8", "ras_r0.5_st1_sc2_s8",
+                     "ras_r0.25_st1_sc2_s8"}
     assert report["configs"][0]["name"] == "converged_s16"  # the references run first
     assert set(report["table2_order"]) == {c["name"] for c in report["configs"] if c["table"] == "table2"}
     for c in report["configs"]:
@@ -273,11 +280,15 @@ def test_quick_run_psnr_and_pareto_flags_agree_with_the_numbers(quick_run):
     assert by_measure["psnr_db"]["holds"] == (std["psnr_db"] > rnd["psnr_db"])
     assert by_measure["psnr_db"]["psnr_difference_db"] == pytest.approx(std["psnr_db"] - rnd["psnr_db"], abs=1e-4)
     assert {"measure", "holds", "measured"} <= set(next(c for c in report["claims"] if "Pareto" in c["claim"]))
-    stacked = [c for c in report["claims"] if c["claim"].startswith("a step cache stacked on RAS")]
-    assert {c["measure"] for c in stacked} == {"fd", "accuracy", "psnr_converged_db"}
-    for c, (key, *_rest) in zip(stacked, bq.FRONTS):
-        on = [n for n in ("sc2_s8", "ras_r0.5_sc2_s8", "ras_r0.25_sc2_s8") if by[n]["pareto"][key]]
-        assert c["holds"] == bool(on) and all(by[n]["label"] in c["measured"] for n in on)
+    for start, rows in (("a step cache stacked on RAS", ("sc2_s8", "ras_r0.5_sc2_s8", "ras_r0.25_sc2_s8",
+                                                          "ras_r0.5_st1_sc2_s8", "ras_r0.25_st1_sc2_s8")),
+                        ("RAS with its stale tokens continued", ("ras_r0.5_st1_s8", "ras_r0.25_st1_s8",
+                                                                 "ras_r0.5_st1_sc2_s8", "ras_r0.25_st1_sc2_s8"))):
+        variant = [c for c in report["claims"] if c["claim"].startswith(start)]
+        assert {c["measure"] for c in variant} == {"fd", "accuracy", "psnr_converged_db"}
+        for c, (key, *_rest) in zip(variant, bq.FRONTS):
+            on = [n for n in rows if by[n]["pareto"][key]]
+            assert c["holds"] == bool(on) and all(by[n]["label"] in c["measured"] for n in on)
     table2 = [c for c in report["claims"] if c["claim"].startswith("RAS with more steps")]
     assert {c["measure"] for c in table2} == {"fd", "accuracy", "psnr_converged_db"}  # every front
     for c in table2:  # each listed pair: RAS with more steps, at least as fast
