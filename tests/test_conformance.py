@@ -118,6 +118,38 @@ def test_ratio_one_with_a_step_cache_equals_the_dense_model_with_extrapolated_st
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
+def test_continued_stale_tokens_move_by_their_last_change_on_every_family(name):
+    """After two dense steps, a sparse step with stale_token_order=1 returns, for the tokens it leaves out,
+    their value at the second dense step plus its change from the first; for the others what the default
+    (the paper's) sparse step computes. Compared token by token in the cut the scores use
+    (``prediction_patches``, a reshuffle of the prediction tested in test_patches.py), not through the
+    element-to-token map the runtime builds."""
+    from ras_compile.runtime import prediction_patches
+
+    family = FAMILIES[name]
+    model = family.build(0)
+    kwargs = family.inputs(model, BATCH, 0)
+    t_arg, n = family.timestep_arg, family.num_tokens
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(n, generator=g)[: max(1, n // 3)].sort().values for _ in range(BATCH)])
+    outs = {}
+    for order in (0, 1):
+        ras = ras_compile(model, RASPolicy(sample_ratio=0.5, warmup_steps=2, reset_steps=(), stale_token_order=order),
+                          backend=None, latent_arg=family.latent_arg)
+        outs[order] = []
+        for i in range(3):
+            if i == 2:
+                ras.ras_controller.override_next_step("sparse", index)
+            outs[order].append(_prediction(ras(**dict(kwargs, **{t_arg: _timestep(kwargs[t_arg], i, 3)}))))
+    d0, d1, plain = outs[0]
+    assert torch.equal(outs[1][0], d0) and torch.equal(outs[1][1], d1)
+    analysis = ras.ras_analysis(**kwargs)
+    got, moved, fresh = (prediction_patches(x, analysis) for x in (outs[1][2], 2 * d1 - d0, plain))
+    active = torch.zeros(BATCH, n, dtype=torch.bool).scatter_(1, index, True)[:, :, None, None]
+    torch.testing.assert_close(got, torch.where(active, fresh, moved), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())
