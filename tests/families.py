@@ -78,3 +78,15 @@ def timestep_for(sigma: float, batch: int) -> torch.Tensor:
 
 def prediction_of(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
+
+
+def euler_loop(model, case: Case, steps: int, seed: int = 0):
+    """A flow-matching Euler loop of ``steps`` steps from ``case``'s inputs, the latent following what
+    ``model`` (a plain model or a RAS module) returns; yields ``(step, inputs, prediction)``."""
+    kwargs = case.inputs(model.model if hasattr(model, "ras_controller") else model, seed=seed)
+    latent, sigmas = kwargs["hidden_states"], flow_sigmas(steps)
+    for i in range(steps):
+        kwargs = dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], case.batch))
+        pred = prediction_of(model(**kwargs))
+        yield i, kwargs, pred
+        latent = latent + (sigmas[i + 1] - sigmas[i]) * pred[:, : latent.shape[1]]

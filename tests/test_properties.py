@@ -11,23 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from families import Case, cases, flow_sigmas, prediction_of, timestep_for
+from families import Case, cases, euler_loop, prediction_of
 from reference import EagerRASReference
 from ras_compile import RASPolicy, ras_compile
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _loop(model, case: Case, steps: int, seed: int = 0):
-    """Euler flow-matching loop; yields (inputs, prediction) per step."""
-    kwargs = case.inputs(model.model if hasattr(model, "ras_controller") else model, seed=seed)
-    latent = kwargs["hidden_states"]
-    sigmas = flow_sigmas(steps)
-    for i in range(steps):
-        kwargs = dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], case.batch))
-        pred = prediction_of(model(**kwargs))
-        yield kwargs, pred
-        latent = latent + (sigmas[i + 1] - sigmas[i]) * pred[:, : latent.shape[1]]
 
 
 @settings(max_examples=6, **SETTINGS)
@@ -35,8 +23,8 @@ def _loop(model, case: Case, steps: int, seed: int = 0):
 def test_ratio_one_equals_dense_model_over_a_loop(case: Case):
     model = case.build()
     ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=(3,)), backend=None)
-    dense = list(_loop(model, case, steps=5))
-    sparse = list(_loop(ras, case, steps=5))
+    dense = [(k, p) for _, k, p in euler_loop(model, case, steps=5)]
+    sparse = [(k, p) for _, k, p in euler_loop(ras, case, steps=5)]
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse", "dense", "sparse"]
     for (_, expected), (_, got) in zip(dense, sparse):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -63,7 +51,7 @@ def _compare_with_reference(case: Case, policy: RASPolicy, backend, steps: int =
     ras = ras_compile(model, policy, backend=backend)
     reference = EagerRASReference(model, case.num_tokens, case.patch, case.image_rows)
     modes = []
-    for kwargs, got in _loop(ras, case, steps):
+    for _, kwargs, got in euler_loop(ras, case, steps):
         stats = ras.ras_controller.stats[-1]
         modes.append(stats.mode)
         active = ras.ras_controller.last_index if stats.mode == "sparse" else None

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from families import Case, cases, flow_sigmas, prediction_of, timestep_for
+from families import Case, cases, euler_loop, prediction_of
 from reference import EagerRASReference, _token_mask
 from ras_compile import RASPolicy, ras_compile
 from ras_compile.controller import RASController
@@ -75,16 +75,6 @@ def test_merging_stale_tokens_never_reads_a_tensor_on_the_host():
 
 
 # -- whole loops ------------------------------------------------------------------------------------
-def _loop(model, case: Case, steps: int):
-    kwargs = case.inputs(model.model)
-    latent, sigmas = kwargs["hidden_states"], flow_sigmas(steps)
-    for i in range(steps):
-        kwargs = dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], case.batch))
-        pred = prediction_of(model(**kwargs))
-        yield i, kwargs, pred
-        latent = latent + (sigmas[i + 1] - sigmas[i]) * pred[:, : latent.shape[1]]
-
-
 class PixelContinuation:
     """The test's own stale-token rule, per pixel: last / previous computed value and their steps."""
 
@@ -122,7 +112,7 @@ def test_loop_equals_the_eager_reference_with_stale_tokens_continued(case, ratio
     reference = EagerRASReference(model, case.num_tokens, case.patch, case.image_rows)
     continuation = PixelContinuation()
     computed = []
-    for step, kwargs, got in _loop(ras, case, steps=9):
+    for step, kwargs, got in euler_loop(ras, case, steps=9):
         stats = ras.ras_controller.stats[-1]
         if stats.mode == "predicted":  # the step cache on top: the line through the last two returned outputs
             (s0, a), (s1, b) = computed[-2:]
@@ -148,7 +138,7 @@ def test_ratio_one_with_stale_tokens_continued_equals_the_dense_model():
     model = case.build()
     ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=(), stale_token_order=1),
                       backend=None)
-    for _, kwargs, got in _loop(ras, case, steps=5):
+    for _, kwargs, got in euler_loop(ras, case, steps=5):
         torch.testing.assert_close(got, prediction_of(model(**kwargs)), rtol=1e-5, atol=1e-5)
 
 
@@ -161,7 +151,7 @@ def test_continuing_stale_tokens_changes_a_sparse_step_and_the_default_does_not(
     for order in (0, 1):
         ras = ras_compile(model, RASPolicy(sample_ratio=0.25, warmup_steps=2, reset_steps=(),
                                            stale_token_order=order), backend=None)
-        outs[order] = [got for _, _, got in _loop(ras, case, steps=3)]
+        outs[order] = [got for _, _, got in euler_loop(ras, case, steps=3)]
         index = ras.ras_controller.last_index
     d0, d1, _ = outs[0]
     inactive = ~_token_mask(index, case.num_tokens).reshape(1, 1, 4, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)

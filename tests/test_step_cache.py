@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from families import Case, cases, flow_sigmas, prediction_of, timestep_for
+from families import Case, cases, euler_loop, flow_sigmas, prediction_of, timestep_for
 from reference import EagerRASReference
 from ras_compile import RASPolicy, ras_compile
 from ras_compile.controller import RASController
@@ -188,16 +188,6 @@ def test_an_override_runs_a_predicted_step():
 
 
 # -- whole loops ------------------------------------------------------------------------------------
-def _loop(model, case: Case, steps: int):
-    kwargs = case.inputs(model.model if hasattr(model, "ras_controller") else model)
-    latent, sigmas = kwargs["hidden_states"], flow_sigmas(steps)
-    for i in range(steps):
-        kwargs = dict(kwargs, hidden_states=latent, timestep=timestep_for(sigmas[i], case.batch))
-        pred = prediction_of(model(**kwargs))
-        yield i, kwargs, pred
-        latent = latent + (sigmas[i + 1] - sigmas[i]) * pred[:, : latent.shape[1]]
-
-
 def _extrapolated(computed: list[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
     """The reference's own extrapolation, written out per order (no shared code)."""
     used = computed[-(order + 1):]
@@ -222,7 +212,7 @@ def test_ratio_one_with_a_step_cache_equals_the_dense_model_with_extrapolated_st
                        step_cache_order=order)
     ras = ras_compile(model, policy, backend=None)
     computed = []
-    got = list(_loop(ras, case, steps=8))
+    got = list(euler_loop(ras, case, steps=8))
     for (step, kwargs, prediction), stats in zip(got, ras.ras_controller.stats):
         assert stats.mode == ("predicted" if policy.is_predicted_step(step) else
                               "dense" if policy.is_dense_step(step) else "sparse")
@@ -240,7 +230,7 @@ def _compare_with_reference(case: Case, policy: RASPolicy, backend, steps: int =
     ras = ras_compile(model, policy, backend=backend)
     reference = EagerRASReference(model, case.num_tokens, case.patch, case.image_rows)
     computed = []
-    for step, kwargs, got in _loop(ras, case, steps):
+    for step, kwargs, got in euler_loop(ras, case, steps):
         stats = ras.ras_controller.stats[-1]
         if stats.mode == "predicted":
             expected = _extrapolated(computed, step, policy.step_cache_order)
