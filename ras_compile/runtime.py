@@ -270,13 +270,12 @@ class RASModule(torch.nn.Module):
                 torch._dynamo.mark_dynamic(index, 1, min=2, max=analysis.num_tokens)
             flat = captured.sparse(*inputs, index, *caches)
         flat = _detach_from_caches(flat, caches)
+        leaf = analysis.output_leaf
         if self.ras_policy.stale_token_order:  # inactive tokens continued from their last two computed values
-            leaf = analysis.output_leaf
             flat[leaf] = controller.merge_stale(flat[leaf], None if mode == "dense" else index,
                                                 self._element_tokens(captured, flat[leaf]))
         controller.record_outputs(flat)
-        prediction = flat[analysis.output_leaf]
-        controller.end_step(mode, prediction_patches(prediction, analysis))
+        controller.end_step(mode, prediction_patches(flat[leaf], analysis))
         return captured.outputs(flat)
 
     @staticmethod

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 
 from families import Case, cases, euler_loop, flow_sigmas, prediction_of, timestep_for
 from reference import EagerRASReference
@@ -258,8 +259,6 @@ def test_ras_with_a_step_cache_through_aot_eager_compiles_once(family):
     case = Case(family, layers=1, heads=2, head_dim=8, patch=2, height=8, width=12, batch=2)
     policy = RASPolicy(sample_ratio=0.5, warmup_steps=2, reset_steps=(6,), step_cache_interval=2)
     torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
     counters.clear()
     _compare_with_reference(case, policy, backend="aot_eager")
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
