@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import linecache
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 
 from .errors import RASCallError, UnsupportedModelError
+from .fake_leaks import forget_capture_memos, snapshot
 from .hooks import check_capturable_hooks
 
 
@@ -75,19 +79,37 @@ class Captured:
         return pytree.tree_unflatten(list(flat_outputs), self.program.call_spec.out_spec)
 
 
+def model_frame(exc: BaseException) -> str:
+    """Where in the model's own code (not torch's, not ours) a failed capture stopped:
+    `` at file.py:line `source` ``, or ``""`` when every frame is torch's."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    here = os.path.dirname(__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f" at {os.path.basename(frame.filename)}:{frame.lineno} `{line}`"
+
+
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     printed = io.StringIO()  # torch.export prints the partial graph of a failed capture to stderr
+    memos = snapshot(model)
     try:
         with torch.no_grad(), contextlib.redirect_stderr(printed):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        first = lines[0] if lines else type(exc).__name__
         error = UnsupportedModelError(
-            f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {first}); "
-            "data-dependent control flow or shapes are not supported")
+            f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {first})"
+            f"{model_frame(exc)}; data-dependent control flow or shapes are not supported")
         error.partial_graph = printed.getvalue()  # what export had traced before it failed, for debugging
         raise error from exc
+    finally:
+        forget_capture_memos(memos)  # tables the forward memoised while tracing hold fake tensors
     sys.stderr.write(printed.getvalue())
     bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
     if bad:

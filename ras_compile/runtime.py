@@ -19,7 +19,10 @@ from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
 from .passes.attention_pattern import recognise_attention
+from .passes.einsum_permute import lower_einsum_permutes
+from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
+from .passes.masked_update import rewrite_masked_updates
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
@@ -173,6 +176,9 @@ class RASModule(torch.nn.Module):
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+            lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
+            rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
+            recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
             analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
             analysis.recognised_attention = recognised
@@ -205,7 +211,9 @@ class RASModule(torch.nn.Module):
             return None
         t = call.get(self._timestep_arg)
         if isinstance(t, torch.Tensor):
-            return float(t.reshape(-1)[0]) if t.numel() else None
+            # the mean, not the first element: a per-token or per-frame timestep may pin some entries
+            # (a clean conditioning frame at 0) while the others move with the schedule
+            return float(t.detach().double().mean()) if t.numel() else None
         return None if t is None else float(t)
 
     def forward(self, *args, **kwargs):

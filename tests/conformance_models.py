@@ -1,5 +1,9 @@
 """Tiny random-weight diffusers transformers of many families, for a conformance suite.
 
+This module holds the record, the helpers and the first 37 families; ``conformance_image``,
+``conformance_video`` and ``conformance_audio`` hold the families of newer classes and are
+appended to :data:`FAMILIES` here.
+
 Every entry of :data:`FAMILIES` is explicit data: how to build the model (a real diffusers
 class from a tiny config, random weights from a seed, eval mode, fp32, well under 1M
 parameters), how to make deterministic forward kwargs for it, which kwarg holds the noisy
@@ -1093,14 +1097,21 @@ FAMILY_LIST: list[Family] = [
                  "cross_attn_interval-th block the video tokens cross-attend to them (residual add)"),
 ]
 
+# the families of newer diffusers classes live in their own modules, which import the helpers above
+from conformance_audio import AUDIO_FAMILIES  # noqa: E402
+from conformance_image import IMAGE_FAMILIES  # noqa: E402
+from conformance_video import VIDEO_FAMILIES  # noqa: E402
+
+FAMILY_LIST += IMAGE_FAMILIES + VIDEO_FAMILIES + AUDIO_FAMILIES
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
+assert len(FAMILIES) == len(FAMILY_LIST), "two families share a name"
 
 # Skipped: none of the families asked for. Every class above builds tiny on CPU in about a second
 # (the first build of a process pays diffusers' import). Deviations from the shipped configs, each noted in
 # its entry: Cosmos without the padding-mask channel (needs torchvision), SkyReels-V2 without
 # inject_sample_info (broken for batch > 1 in diffusers 0.42.1 diffusion forcing), HunyuanImage without the
 # byT5 stream (~4M-parameter projection), HiDream also as a dense-FF variant, Z-Image at 8x16 (its sequences
-# pad to multiples of 32). Not covered (no time taken to try): LTX2, Wan-Animate, HunyuanVideo-1.5,
-# Flux.1-Kontext-style reference tokens, CogView4-Control, and the other newer transformer files.
+# pad to multiples of 32); the newer classes' deviations are in their modules' notes. Not covered: Flux.1-
+# Kontext-style reference tokens and CogView4-Control (variants of covered classes).
 
 __all__ = ["Family", "FAMILIES", "FAMILY_LIST", "TEXT_LEN"]

@@ -135,6 +135,10 @@ _SAME_SHAPE = {aten.to, aten._to_copy, aten.contiguous, aten.dropout, aten.alias
 _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
                aten.norm, aten.linalg_vector_norm, aten.var_mean, aten.std_mean}
 _SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
+# normalisations with statistics over the spatial axes (GroupNorm / InstanceNorm / BatchNorm on a
+# [B, C, *spatial] map): they mix positions, but in the grid phase (before the token source) every
+# value is computed on the full latent, so the spatial atoms pass through unchanged
+_GRID_NORMS = {aten.group_norm, aten.instance_norm, aten.batch_norm}
 _SKIPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
 
 
@@ -193,6 +197,7 @@ class _Analyzer:
         self.gm = gm
         self.latent = latent
         self.grid_values: dict[fx.Node, lg.GridValue] = {}
+        self.grid_stops: list[fx.Node] = []  # consumers of the latent's grid that no grid rule follows
         self.layout: dict[fx.Node, object] = {}
         shape = _shape(latent)
         self.batch_size = shape[0]
@@ -223,9 +228,11 @@ class _Analyzer:
             elif node.op == "output":
                 self.visit_output(node)
         if self.analysis is None:
+            stops = ", ".join(f"'{n.name}' ({_op_name(n)})" for n in self.grid_stops[:3])
             raise UnsupportedModelError(
                 f"no token sequence found: the latent '{self.latent.name}' never becomes a sequence of patch "
-                "tokens (expected a non-overlapping patch convolution or patch views followed by a flatten)")
+                "tokens (expected a non-overlapping patch convolution or patch views followed by a flatten)"
+                + (f"; the latent's grid was followed up to {stops}, which no grid rule covers" if stops else ""))
         a = self.analysis
         a.layouts = {n.name: v for n, v in self.layout.items()}
         a.counts = dict(self.counts)
@@ -266,14 +273,16 @@ class _Analyzer:
             if out is None:
                 self.refuse(node, "a convolution over the latent that does not cut non-overlapping patches "
                                   "(kernel != stride, padding or dilation): the latent cannot be split into tokens")
-        elif packet in _SAME_SHAPE or (isinstance(node.target, torch._ops.OpOverload)
+        elif packet in _SAME_SHAPE or packet in _GRID_NORMS or (isinstance(node.target, torch._ops.OpOverload)
                                         and torch.Tag.pointwise in node.target.tags):
             if out_shape == _shape(src):
                 out = value
         elif packet in (aten.linear,):
             out = lg.GridValue(value.dims[:-1] + (lg.fresh_atoms(out_shape[-1]),))
-        if out is None:
-            return  # the latent is used by something else; that value stays dense
+        if out is None:  # the latent is used by something else; that value stays dense
+            if self.analysis is None:
+                self.grid_stops.append(node)
+            return
         self.grid_values[node] = out
         found = lg.find_token_dim(out, _shape(self.latent))
         if found is not None and self.analysis is None:
@@ -664,6 +673,18 @@ def _unbind(an, node):
     return [lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim)) for _ in node.meta["val"]]
 
 
+def _select(an, node):
+    """``x[:, i]`` on an axis other than the token and batch axes (``qkv[0]`` of a packed projection)."""
+    lay = _layout(an, node.args[0])
+    dim = _norm_dim(node.args[1], len(_shape(node.args[0])))
+    if dim == lay.token_dim:
+        an.refuse(node, "select of one row of the token axis")
+    if dim == lay.batch_dim:
+        an.refuse(node, "select of one sample of the batch axis of a token sequence")
+    drop = lambda x: None if x is None else (x - 1 if x > dim else x)
+    return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
+
+
 def _cat(an, node):
     tensors = node.args[0]
     rank = len(_shape(node))
@@ -744,7 +765,7 @@ _TOKEN_RULES = {
     aten.linear: _linear, aten.matmul: _matmul, aten.mm: _matmul, aten.bmm: _matmul,
     aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
     aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
-    aten.unbind: _unbind, aten.cat: _cat, aten.stack: _stack,
+    aten.unbind: _unbind, aten.select: _select, aten.cat: _cat, aten.stack: _stack,
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
     aten.convolution: _convolution,
     aten.pad: _pad, aten.constant_pad_nd: _pad, aten.copy_: _pointwise, aten.copy: _pointwise,
@@ -791,6 +812,7 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
     if len(errors) == 1:
         raise errors[0]
     first, second = errors
+    where = lambda e: f" (node '{e.node}', {e.op})" if e.node is not None else ""  # noqa: E731
     raise UnsupportedModelError(
-        f"read as tokens [B, N, C]: {first.reason} (node '{first.node}', {first.op}); read as a signal "
-        f"[B, C, L]: {second.reason}", node=first.node, op=first.op)
+        f"read as tokens [B, N, C]: {first.reason}{where(first)}; read as a signal "
+        f"[B, C, L]: {second.reason}{where(second)}", node=first.node or second.node, op=first.op or second.op)

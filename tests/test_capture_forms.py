@@ -1,0 +1,276 @@
+"""Forms of a forward that newer DiTs use and the capture normalises before the token analysis.
+
+A small DiT in plain PyTorch (``FormDiT``) written in one of :data:`FORMS`:
+
+- ``einsum_patchify``: patches cut by ``torch.einsum("nchpwq->nhwcpq")`` and a linear (PRX),
+  lowered to ``permute`` (passes/einsum_permute.py);
+- ``qkv_select``: ``qkv[0], qkv[1], qkv[2]`` of a packed projection (``aten.select``);
+- ``group_norm_in``: a GroupNorm over the latent before the patch embedding (DreamLite),
+  which mixes positions but runs on the full latent;
+- ``masked_update``: ``x[mask] *= 0.5`` with a per-token boolean mask (GLM-Image's dropped
+  prior tokens), rewritten to ``where`` (passes/masked_update.py);
+- ``flex``: attention through ``flex_attention`` with no mask (AnyFlow-FAR), rewritten to
+  SDPA (passes/flex_attention.py);
+- ``memo_attribute`` / ``memo_lru``: a position table memoised in Python on first call (a
+  plain helper object's attribute, Bria-FIBO-2; ``functools.lru_cache`` on a method,
+  NucleusMoE), which a capture must not leave holding fake tensors (fake_leaks.py).
+
+Each keeps the properties every supported model keeps: the compiled dense step equals the
+model, and a sparse step right after a dense step equals it for any active set.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
+from ras_compile.fake_leaks import forget_capture_memos, snapshot
+from ras_compile.passes.einsum_permute import lower_einsum_permutes
+
+FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru")
+POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+C, P, D, HEADS = 4, 2, 16, 2
+
+
+class _Table:
+    """A plain (non-Module) helper that fills its table on first call, as RoPE helpers do."""
+
+    def __init__(self):
+        self.table = None
+
+    def __call__(self, n: int, device) -> torch.Tensor:
+        if self.table is None or self.table.shape[0] != n:
+            self.table = torch.sin(torch.arange(n, device=device, dtype=torch.float32)[:, None]
+                                   * torch.linspace(0.1, 1.0, D, device=device))
+        return self.table
+
+
+class FormDiT(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.norm_in = nn.GroupNorm(2, C)
+        self.embed = nn.Conv2d(C, D, P, stride=P)
+        self.embed_linear = nn.Linear(C * P * P, D)
+        self.time = nn.Sequential(nn.Linear(1, D), nn.SiLU(), nn.Linear(D, D))
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.proj = nn.Linear(D, P * P * C)
+        self.positions = _Table()
+
+    @functools.lru_cache(maxsize=8)
+    def _lru_table(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.cos(torch.arange(n, device=device, dtype=torch.float32)[:, None]
+                         * torch.linspace(0.2, 2.0, D, device=device))
+
+    def patchify(self, latent):
+        b, c, h, w = latent.shape
+        if self.form == "einsum_patchify":
+            x = latent.reshape(b, c, h // P, P, w // P, P)
+            x = torch.einsum("nchpwq->nhwcpq", x).reshape(b, (h // P) * (w // P), c * P * P)
+            return self.embed_linear(x)
+        if self.form == "group_norm_in":
+            latent = self.norm_in(latent)
+        return self.embed(latent).flatten(2).transpose(1, 2)
+
+    def attention(self, h):
+        b, n, _ = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        if self.form == "qkv_select":
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
+        if self.form == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+            a = flex_attention(q, k, v)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).reshape(b, n, D))
+
+    def forward(self, hidden_states, timestep, keep=None):
+        b, c, height, width = hidden_states.shape
+        x = self.patchify(hidden_states)
+        n = x.shape[1]
+        if self.form == "memo_attribute":
+            x = x + self.positions(n, x.device)
+        elif self.form == "memo_lru":
+            x = x + self._lru_table(n, x.device)
+        if self.form == "masked_update":
+            x = x.clone()
+            x[~keep] *= 0.5
+        emb = self.time(timestep.reshape(-1, 1) / 1000.0)
+        x = x + self.attention(self.norm1(x) + emb[:, None])
+        x = x + self.mlp(self.norm2(x))
+        x = self.proj(x).reshape(b, height // P, width // P, P, P, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, height, width)
+
+
+def _inputs(form: str, batch: int = 2, height: int = 8, width: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(hidden_states=torch.randn(batch, C, height, width, generator=g), timestep=torch.full((batch,), 999.0))
+    if form == "masked_update":
+        kw["keep"] = torch.rand(batch, (height // P) * (width // P), generator=g) > 0.3
+    return kw
+
+
+def _model(form: str) -> FormDiT:
+    torch.manual_seed(0)
+    return FormDiT(form).eval()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_is_supported_with_cached_attention(form):
+    model = _model(form)
+    kw = _inputs(form)
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert analysis.num_tokens == 24
+    assert analysis.counts["attention_cached_kv"] == 1
+    with torch.no_grad():
+        want = model(**kw)
+    torch.testing.assert_close(ras(**kw), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(form=st.sampled_from(FORMS), seed=st.integers(0, 3), data=st.data())
+def test_sparse_step_after_dense_equals_dense_for_any_active_set(form, seed, data):
+    model = _model(form)
+    kw = _inputs(form, seed=seed)
+    ras = ras_compile(model, POLICY, backend=None)
+    dense = ras(**kw)
+    k = data.draw(st.integers(1, 24), label="k")
+    rows = [sorted(data.draw(st.permutations(range(24)), label="perm")[:k]) for _ in range(2)]
+    ras.ras_controller.override_next_step("sparse", torch.tensor(rows))
+    torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_masked_update_becomes_a_where_with_no_data_dependent_shape():
+    ras = ras_compile(_model("masked_update"), POLICY, backend=None)
+    graph = ras.ras_capture(**_inputs("masked_update")).sparse.graph
+    targets = {getattr(n.target, "overloadpacket", None) for n in graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.where in targets
+    assert torch.ops.aten.index_put_ not in targets and torch.ops.aten.index_put not in targets
+    assert torch.ops.aten.index not in targets
+
+
+def test_flex_attention_with_a_mask_is_not_taken_for_plain_attention():
+    """A real block mask changes what each query sees: the rewrite to SDPA must not apply."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    class Masked(FormDiT):
+        def attention(self, h):
+            b, n, _ = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+            mask = create_block_mask(lambda b_, h_, qi, ki: ki <= qi, None, None, n, n, device="cpu")
+            return self.out(flex_attention(q, k, v, block_mask=mask).transpose(1, 2).reshape(b, n, D))
+
+    torch.manual_seed(0)
+    ras = ras_compile(Masked("flex").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs("flex"))
+    assert "flex_attention" in str(info.value)
+
+
+def test_flex_attention_with_block_sparse_tables_is_not_taken_for_plain_attention():
+    """A block mask whose mask_mod is the no-op but whose block tables skip blocks (how NABLA-style
+    masks arrive) is no full attention on the kernels that read the tables: left alone."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from ras_compile.passes.flex_attention import recognise_flex_attention
+
+    class BlockDiagonal(nn.Module):
+        def forward(self, q):
+            kv_indices = torch.tensor([[0, 1, 2], [1, 0, 2], [2, 0, 1]], dtype=torch.int32).view(1, 1, 3, 3)
+            mask = BlockMask.from_kv_blocks(torch.ones(1, 1, 3, dtype=torch.int32), kv_indices, BLOCK_SIZE=8)
+            return flex_attention(q, q, q, block_mask=mask)
+
+    class Full(nn.Module):
+        def forward(self, q):
+            return flex_attention(q, q, q)
+
+    q = torch.randn(2, 2, 24, 8)
+    assert recognise_flex_attention(torch.export.export(BlockDiagonal(), (q,), strict=False).graph_module) == []
+    assert len(recognise_flex_attention(torch.export.export(Full(), (q,), strict=False).graph_module)) == 1
+
+
+def test_einsums_that_are_no_permutation_stay():
+    class Products(nn.Module):
+        def forward(self, a, b):
+            return torch.einsum("ij,jk->ik", a, b) + torch.einsum("ii->i", a)[:, None] + torch.einsum("ij->i", a)[:, None]
+
+    gm = torch.export.export(Products(), (torch.randn(3, 3), torch.randn(3, 3)), strict=False).graph_module
+    assert lower_einsum_permutes(gm) == []
+
+
+@pytest.mark.parametrize("form", ["memo_attribute", "memo_lru"])
+def test_a_capture_leaves_no_fake_tensor_in_python_memos(form):
+    """After compiling, the eager model still runs and equals the compiled one, and a second
+    resolution captures again (a fake tensor left in a memo broke both)."""
+    model = _model(form)
+    ras = ras_compile(model, POLICY, backend=None)
+    small, large = _inputs(form), _inputs(form, height=12, width=12, seed=1)
+    got_small = ras(**small)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**small), got_small, rtol=1e-5, atol=1e-5)
+    got_large = ras(**large)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**large), got_large, rtol=1e-5, atol=1e-5)
+    from torch._subclasses.fake_tensor import FakeTensor
+    assert not isinstance(model.positions.table, FakeTensor)
+
+
+def test_forget_capture_memos_resets_exactly_what_the_capture_faked():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _model("memo_attribute")
+    model.positions(4, "cpu")
+    real = model.positions.table
+    before = snapshot(model)
+    with FakeTensorMode():
+        model.positions.table = torch.empty(5, D)   # what a traced first call leaves
+        model.positions.added = torch.empty(2)      # an attribute the trace created
+    model.positions.untouched = torch.ones(1)       # a real tensor set meanwhile stays
+    reset = forget_capture_memos(before)
+    assert model.positions.table is real and not hasattr(model.positions, "added")
+    assert torch.equal(model.positions.untouched, torch.ones(1))
+    assert sorted(reset) == ["_Table.added", "_Table.table"]
+
+
+def test_an_export_refusal_names_the_line_of_the_model_that_read_a_value():
+    class Branchy(FormDiT):
+        def forward(self, hidden_states, timestep, keep=None):
+            if hidden_states.sum() > 0:  # a branch on a tensor value
+                hidden_states = hidden_states * 2
+            return super().forward(hidden_states, timestep)
+
+    ras = ras_compile(Branchy("qkv_select").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs("qkv_select"))
+    assert "test_capture_forms.py:" in str(info.value) and "if hidden_states.sum() > 0:" in str(info.value)
+
+
+def test_a_timestep_with_a_pinned_entry_counts_steps_by_its_mean():
+    """A per-frame timestep whose first entry is a clean frame (0) at every step: steps are told
+    apart by the moving entries, not mistaken for repeated calls of one step."""
+
+    class FrameTimesteps(FormDiT):
+        def forward(self, hidden_states, timestep, keep=None):
+            return super().forward(hidden_states, timestep[:, -1])
+
+    ras = ras_compile(FrameTimesteps("qkv_select").eval(), RASPolicy(sample_ratio=0.5, warmup_steps=2, reset_steps=()),
+                      backend=None)
+    kw = _inputs("qkv_select")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "called twice in a row" warning fails the test
+        for t in (999.0, 800.0, 600.0, 400.0):
+            ras(**dict(kw, timestep=torch.tensor([[0.0, t], [0.0, t]])))
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "dense", "sparse", "sparse"]
+    assert [s.timestep for s in ras.ras_controller.stats] == [499.5, 400.0, 300.0, 200.0]
