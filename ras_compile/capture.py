@@ -59,6 +59,25 @@ def signature_key(call: dict):
     return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
 
 
+def signature_leaves(call: dict) -> dict:
+    """Each leaf of the call by its path (``kv_cache_flag['mode']``), as the signature key sees it."""
+    flat, _ = pytree.tree_flatten_with_path(call)
+    return {pytree.keystr(path): _leaf_key(leaf) for path, leaf in flat}
+
+
+def signature_change(before: dict, after: dict) -> str | None:
+    """What made a new signature out of the last one, when it is not a tensor's shape, dtype or device
+    (a new resolution is expected to capture again; a changing Python value or structure is not):
+    ``None`` when only tensors changed."""
+    for path in [p for p in before if p not in after] + [p for p in after if p not in before]:
+        return f"the argument structure changed ({path[1:] if path.startswith('.') else path} " \
+               f"{'appeared' if path in after else 'disappeared'})"
+    for path, key in after.items():
+        if key != before[path] and key[0] != "tensor":
+            return f"argument {path} changed from {before[path][2]!r} to {key[2]!r}"
+    return None
+
+
 @dataclass
 class Captured:
     key: tuple
@@ -84,13 +103,35 @@ def model_frame(exc: BaseException) -> str:
     `` at file.py:line `source` ``, or ``""`` when every frame is torch's."""
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     here = os.path.dirname(__file__) + os.sep
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
+    frames, seen = [], set()
+    while exc is not None and id(exc) not in seen:  # torch may re-raise: the model's frame is in the chain
+        seen.add(id(exc))
+        frames += [f for f in traceback.extract_tb(exc.__traceback__)
+                   if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
+        exc = exc.__cause__ or exc.__context__
+    frames = [f for f in frames if "site-packages" + os.sep + "_pytest" not in f.filename]
     if not frames:
         return ""
     frame = frames[-1]
     line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
     return f" at {os.path.basename(frame.filename)}:{frame.lineno} `{line}`"
+
+
+_PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                 torch.layout)
+
+
+def opaque_argument(call: dict) -> str | None:
+    """Why export may have refused the call: an argument that is no tensor, number or string in
+    lists, tuples and dicts (a model's own K/V-cache object, say), by name; None if there is none."""
+    flat, _ = pytree.tree_flatten_with_path(call)
+    for path, leaf in flat:
+        if not isinstance(leaf, _PLAIN_LEAVES):
+            return (f"argument {pytree.keystr(path)} is a {type(leaf).__name__} object, which torch.export cannot "
+                    "take as an input (only tensors, numbers, strings and lists, tuples or dicts of them); pass "
+                    "None if the model allows it, or register the class with "
+                    "torch.utils._pytree.register_pytree_node")
+    return None
 
 
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
@@ -101,6 +142,9 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
         with torch.no_grad(), contextlib.redirect_stderr(printed):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
+        opaque = opaque_argument(call)
+        if opaque is not None:
+            raise UnsupportedModelError(opaque) from exc
         lines = str(exc).strip().splitlines()
         first = lines[0] if lines else type(exc).__name__
         error = UnsupportedModelError(

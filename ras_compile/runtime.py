@@ -14,7 +14,8 @@ from math import prod
 
 import torch
 
-from .capture import Captured, call_arguments, export_model, latent_placeholder, signature_key
+from .capture import (Captured, call_arguments, export_model, latent_placeholder, signature_change, signature_key,
+                      signature_leaves)
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
@@ -138,6 +139,8 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
+        self._last_leaves: dict | None = None  # the last call's signature leaves, to explain a recapture
+        self._warned_recapture = False
 
     @property
     def ras_controller(self) -> RASController:
@@ -154,12 +157,27 @@ class RASModule(torch.nn.Module):
     def ras_captured(self, call: dict) -> Captured:
         key = signature_key(call)
         captured = self._captures.pop(key, None)
+        leaves = signature_leaves(call)
         if captured is None:
+            self._warn_recapture(leaves)
             captured = self._capture(key, call)
             while len(self._captures) >= MAX_CAPTURES:  # forget the least recently used signature
                 self._captures.pop(next(iter(self._captures)))
         self._captures[key] = captured
+        self._last_leaves = leaves
         return captured
+
+    def _warn_recapture(self, leaves: dict) -> None:
+        """Once per module: a new capture because a non-tensor argument changed between calls."""
+        change = None if self._last_leaves is None else signature_change(self._last_leaves, leaves)
+        if change is None or self._warned_recapture:
+            return
+        self._warned_recapture = True
+        warnings.warn(
+            f"ras_compile captures the model again: {change} between calls. Every new value is a new "
+            "capture and compile, and the first step on it runs dense with empty caches. Keep non-tensor "
+            "arguments fixed over a generation (pass a fresh copy of a dict the forward mutates), or pass "
+            "a value that changes every step as a tensor.", stacklevel=4)
 
     def _capture(self, key, call: dict) -> Captured:
         latent = call.get(self._latent_arg)

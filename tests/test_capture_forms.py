@@ -13,7 +13,10 @@ A small DiT in plain PyTorch (``FormDiT``) written in one of :data:`FORMS`:
   SDPA (passes/flex_attention.py);
 - ``memo_attribute`` / ``memo_lru``: a position table memoised in Python on first call (a
   plain helper object's attribute, Bria-FIBO-2; ``functools.lru_cache`` on a method,
-  NucleusMoE), which a capture must not leave holding fake tensors (fake_leaks.py).
+  NucleusMoE), which a capture must not leave holding fake tensors (fake_leaks.py);
+- ``channel_cat``: conditioning channels concatenated to the latent before the patch
+  embedding (MiniMax-Music-3, ACE-Step);
+- ``conv_transpose_out``: the unpatchify as a transposed convolution (ACE-Step).
 
 Each keeps the properties every supported model keeps: the compiled dense step equals the
 model, and a sparse step right after a dense step equals it for any active set.
@@ -34,7 +37,9 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.fake_leaks import forget_capture_memos, snapshot
 from ras_compile.passes.einsum_permute import lower_einsum_permutes
 
-FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru")
+FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
+         "channel_cat", "conv_transpose_out")
+COND = 2  # conditioning channels of channel_cat
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 C, P, D, HEADS = 4, 2, 16, 2
 
@@ -57,7 +62,8 @@ class FormDiT(nn.Module):
         super().__init__()
         self.form = form
         self.norm_in = nn.GroupNorm(2, C)
-        self.embed = nn.Conv2d(C, D, P, stride=P)
+        self.embed = nn.Conv2d(C + COND if form == "channel_cat" else C, D, P, stride=P)
+        self.unembed = nn.ConvTranspose2d(D, C, P, stride=P)
         self.embed_linear = nn.Linear(C * P * P, D)
         self.time = nn.Sequential(nn.Linear(1, D), nn.SiLU(), nn.Linear(D, D))
         self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
@@ -71,7 +77,7 @@ class FormDiT(nn.Module):
         return torch.cos(torch.arange(n, device=device, dtype=torch.float32)[:, None]
                          * torch.linspace(0.2, 2.0, D, device=device))
 
-    def patchify(self, latent):
+    def patchify(self, latent, cond=None):
         b, c, h, w = latent.shape
         if self.form == "einsum_patchify":
             x = latent.reshape(b, c, h // P, P, w // P, P)
@@ -79,6 +85,8 @@ class FormDiT(nn.Module):
             return self.embed_linear(x)
         if self.form == "group_norm_in":
             latent = self.norm_in(latent)
+        if self.form == "channel_cat":
+            latent = torch.cat([latent, cond], dim=1)
         return self.embed(latent).flatten(2).transpose(1, 2)
 
     def attention(self, h):
@@ -95,9 +103,9 @@ class FormDiT(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v)
         return self.out(a.transpose(1, 2).reshape(b, n, D))
 
-    def forward(self, hidden_states, timestep, keep=None):
+    def forward(self, hidden_states, timestep, keep=None, cond=None):
         b, c, height, width = hidden_states.shape
-        x = self.patchify(hidden_states)
+        x = self.patchify(hidden_states, cond)
         n = x.shape[1]
         if self.form == "memo_attribute":
             x = x + self.positions(n, x.device)
@@ -109,6 +117,8 @@ class FormDiT(nn.Module):
         emb = self.time(timestep.reshape(-1, 1) / 1000.0)
         x = x + self.attention(self.norm1(x) + emb[:, None])
         x = x + self.mlp(self.norm2(x))
+        if self.form == "conv_transpose_out":
+            return self.unembed(x.transpose(1, 2).reshape(b, D, height // P, width // P))
         x = self.proj(x).reshape(b, height // P, width // P, P, P, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, height, width)
 
@@ -118,6 +128,8 @@ def _inputs(form: str, batch: int = 2, height: int = 8, width: int = 12, seed: i
     kw = dict(hidden_states=torch.randn(batch, C, height, width, generator=g), timestep=torch.full((batch,), 999.0))
     if form == "masked_update":
         kw["keep"] = torch.rand(batch, (height // P) * (width // P), generator=g) > 0.3
+    if form == "channel_cat":
+        kw["cond"] = torch.randn(batch, COND, height, width, generator=g)
     return kw
 
 
@@ -161,6 +173,33 @@ def test_a_masked_update_becomes_a_where_with_no_data_dependent_shape():
     assert torch.ops.aten.index not in targets
 
 
+@pytest.mark.parametrize("case", ["view_before", "functional", "other_dtype"])
+def test_masked_updates_that_where_would_change_are_left_alone(case):
+    """A view taken before the in-place write shares its memory (it must see the update) and values of
+    another dtype are cast by index_put but promoted by where: neither is rewritten. The functional
+    index_put is, and later readers of x still read x as it was. Either way the graph computes as
+    before."""
+    from ras_compile.passes.masked_update import rewrite_masked_updates
+
+    class Update(nn.Module):
+        def forward(self, x, m, v):
+            x = x * 1.0
+            if case == "view_before":
+                alias = x.view(-1)
+                x[m] *= 0.5
+                return alias * 2.0
+            if case == "functional":
+                y = torch.index_put(x, (m,), x[m] * 0.5)
+                return x + y
+            x[m] = v
+            return x
+
+    args = torch.randn(2, 6, 3), torch.rand(2, 6) > 0.5, torch.tensor(2.0, dtype=torch.float64)
+    gm = torch.export.export(Update(), args, strict=False).graph_module
+    assert rewrite_masked_updates(gm) == (["index_put"] if case == "functional" else [])
+    torch.testing.assert_close(gm(*args)[0], Update()(*args))
+
+
 def test_flex_attention_with_a_mask_is_not_taken_for_plain_attention():
     """A real block mask changes what each query sees: the rewrite to SDPA must not apply."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -199,6 +238,39 @@ def test_flex_attention_with_block_sparse_tables_is_not_taken_for_plain_attentio
     q = torch.randn(2, 2, 24, 8)
     assert recognise_flex_attention(torch.export.export(BlockDiagonal(), (q,), strict=False).graph_module) == []
     assert len(recognise_flex_attention(torch.export.export(Full(), (q,), strict=False).graph_module)) == 1
+
+
+def test_a_latent_concatenated_along_a_grid_axis_is_refused_not_taken_for_channels():
+    """Rows appended to the latent's height are no channels: the grid is no longer the latent's."""
+
+    class ExtraRows(FormDiT):
+        def patchify(self, latent, cond=None):
+            return super().patchify(torch.cat([latent, latent[:, :, :2]], dim=2))
+
+        def forward(self, hidden_states, timestep, keep=None, cond=None):
+            x = self.patchify(hidden_states)
+            x = x + self.attention(self.norm1(x))
+            return self.proj(x)
+
+    ras = ras_compile(ExtraRows("qkv_select").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError, match="no token sequence found"):
+        ras(**_inputs("qkv_select"))
+
+
+def test_a_python_value_that_changes_between_calls_is_named_when_it_forces_a_new_capture():
+    class Scaled(FormDiT):
+        def forward(self, hidden_states, timestep, keep=None, cond=None, scale: float = 1.0):
+            return super().forward(hidden_states, timestep) * scale
+
+    ras = ras_compile(Scaled("qkv_select").eval(), POLICY, backend=None)
+    kw = _inputs("qkv_select")
+    step = lambda t: dict(kw, timestep=torch.full((2,), t))  # noqa: E731
+    ras(**step(999.0), scale=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ras(**dict(step(900.0), hidden_states=torch.randn(2, C, 12, 12)), scale=1.0)  # a new resolution: silent
+    with pytest.warns(UserWarning, match=r"argument \['scale'\] changed from 1.0 to 0.5"):
+        ras(**step(800.0), scale=0.5)
 
 
 def test_einsums_that_are_no_permutation_stay():
@@ -255,6 +327,19 @@ def test_an_export_refusal_names_the_line_of_the_model_that_read_a_value():
     with pytest.raises(UnsupportedModelError) as info:
         ras(**_inputs("qkv_select"))
     assert "test_capture_forms.py:" in str(info.value) and "if hidden_states.sum() > 0:" in str(info.value)
+
+
+def test_an_argument_export_cannot_take_is_refused_by_name():
+    class Cache:  # a model's own K/V-cache object (GLM-Image passes one on every call)
+        mode = None
+
+    class WithCache(FormDiT):
+        def forward(self, hidden_states, timestep, keep=None, cond=None, kv_cache=None):
+            return super().forward(hidden_states, timestep)
+
+    ras = ras_compile(WithCache("qkv_select").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError, match=r"argument \['kv_cache'\] is a Cache object"):
+        ras(**_inputs("qkv_select"), kv_cache=Cache())
 
 
 def test_a_timestep_with_a_pinned_entry_counts_steps_by_its_mean():

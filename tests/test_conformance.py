@@ -34,9 +34,7 @@ REFUSED = {
     "hunyuan_video15": (None, "if is_t2v:"),  # branches on torch.all(image_embeds == 0)
     "hunyuan_framepack": (None, "effective_sequence_length"),  # mask sliced at a tensor-valued length
     "motif_video_decoder": ("aten.cat.default", "two image-token sequences"),  # decoder attends [new, encoder] image
-    "minimax_music3": ("aten.cat.default", "no grid rule covers"),  # latent concatenated on channels first
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
-    "ace_step": (None, "reaches no scaled_dot_product_attention"),  # strided Conv1d patchify after a channel cat
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]

@@ -48,6 +48,15 @@ def fresh_atoms(size: int) -> DimAtoms:
     return ((f"f{_fresh_counter[0]}", 1, size),) if size > 1 else ()
 
 
+def concatenated_atoms(size: int) -> DimAtoms:
+    """A dimension the latent was concatenated along (with conditioning channels, say): no longer
+    a walk over one latent axis. Named ``x<n>``: never part of a token axis, and a dimension
+    holding one without the inside of a patch keeps the grid incomplete (a concatenation along
+    a grid axis, extra frames say, is not mistaken for channels)."""
+    _fresh_counter[0] += 1
+    return ((f"x{_fresh_counter[0]}", 1, size),)
+
+
 def regroup(value: GridValue, out_shape: tuple[int, ...]) -> GridValue | None:
     """Atoms after a view/reshape/flatten to ``out_shape`` (None if not traceable)."""
     queue = [atom for dim in value.dims for atom in dim]
@@ -164,6 +173,7 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...]) -> tuple[int
             if other == dim:
                 continue
             outer = [a for a in other_atoms if _is_outer(a, extents) and int(a[0][1:]) not in axes]
+            outer += [a for a in other_atoms if a[0].startswith("x")]
             inner = [a for a in other_atoms if a[0].startswith("s") and not _is_outer(a, extents)]
             if outer and not inner:
                 complete = False

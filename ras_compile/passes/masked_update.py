@@ -118,6 +118,11 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
             index, chain = None, []
         else:
             continue
+        in_place = put.target is aten.index_put_.default
+        if in_place and _aliased(x, put, order):
+            continue  # writing x in place also writes the tensors it shares memory with
+        if not isinstance(_val(values), torch.Tensor) or _val(values).dtype != xv.dtype:
+            continue  # index_put casts the values to x's dtype, where would promote
         with graph.inserting_before(put):
             shape = list(mv.shape) + [1] * (xv.dim() - mv.dim())
             m = _emit(graph, aten.view.default, (mask, shape), {}, mv) if shape != list(mv.shape) else mask
@@ -130,10 +135,10 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
                     args = [new if a is src else a for a in n.args]
                     new = _emit(graph, _functional(n.target), args, n.kwargs, xv)
             where = _emit(graph, aten.where.self, (m, new, x), {}, xv)
-        # in place: every later reader of x (and of the index_put result) now reads the update
-        for user in list(x.users):
-            if user is not where and order.get(user, -1) > order[put]:
-                user.replace_input_with(x, where)
+        if in_place:  # every later reader of x (and of the index_put result) reads the update
+            for user in list(x.users):
+                if user is not where and order.get(user, -1) > order[put]:
+                    user.replace_input_with(x, where)
         put.replace_all_uses_with(where)
         dead = [put] + chain[::-1] + ([index] if index is not None else [])
         for n in dead:
@@ -145,6 +150,16 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
         graph.lint()
         gm.recompile()
     return replaced
+
+
+def _is_view(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and getattr(node.target, "is_view", False)
+
+
+def _aliased(x: fx.Node, put: fx.Node, order: dict) -> bool:
+    """Writing ``x`` in place would also write another graph value: ``x`` is an input or a view, or a
+    view of it taken before the write (a view taken after it reads the update, and is rewired)."""
+    return x.op == "placeholder" or _is_view(x) or any(_is_view(u) and order[u] < order[put] for u in x.users)
 
 
 def _erase_tree(graph: fx.Graph, node: fx.Node) -> None:

@@ -279,6 +279,8 @@ class _Analyzer:
                 out = value
         elif packet in (aten.linear,):
             out = lg.GridValue(value.dims[:-1] + (lg.fresh_atoms(out_shape[-1]),))
+        elif packet is aten.cat:
+            out = self.grid_cat(node, value)
         if out is None:  # the latent is used by something else; that value stays dense
             if self.analysis is None:
                 self.grid_stops.append(node)
@@ -293,6 +295,20 @@ class _Analyzer:
             self.analysis = TokenAnalysis(grid.num_tokens, self.batch_size, grid, self.latent.name, node.name)
             self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens)
             del self.grid_values[node]
+
+    def grid_cat(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
+        """The latent concatenated with other tensors (conditioning channels before the patch
+        embedding): the other dimensions keep their atoms, the concatenated one becomes an ``x``
+        atom. Everything before the token source runs on the full latent, so the other operands
+        need no gather. Not followed: a concatenation along the batch axis, or of two latent-derived
+        tensors whose other dimensions differ."""
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(value.dims))
+        if any(axis == "b" for axis, _, _ in value.dims[dim]):
+            return None
+        rest = lambda v: v.dims[:dim] + v.dims[dim + 1:]  # noqa: E731
+        if any(rest(self.grid_values[t]) != rest(value) for t in node.args[0] if t in self.grid_values):
+            return None
+        return lg.GridValue(value.dims[:dim] + (lg.concatenated_atoms(_shape(node)[dim]),) + value.dims[dim + 1:])
 
     # -- token phase --------------------------------------------------------------------
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
@@ -614,7 +630,8 @@ def _softmax(an, node):
 
 
 def _convolution(an, node):
-    """A convolution whose input carries tokens mixes neighbouring tokens: run it on the full input."""
+    """A convolution whose input carries tokens mixes neighbouring tokens, and a transposed one is an
+    unpatchify (ACE-Step's ConvTranspose1d): either way, run it on the full input."""
     an.densify(node.args[0], node, "a convolution over the token axis")
     return None
 
@@ -767,7 +784,8 @@ _TOKEN_RULES = {
     aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
     aten.unbind: _unbind, aten.select: _select, aten.cat: _cat, aten.stack: _stack,
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
-    aten.convolution: _convolution,
+    aten.convolution: _convolution, aten.conv_transpose1d: _convolution, aten.conv_transpose2d: _convolution,
+    aten.conv_transpose3d: _convolution,
     aten.pad: _pad, aten.constant_pad_nd: _pad, aten.copy_: _pointwise, aten.copy: _pointwise,
     aten.empty_like: _same_shape, aten.zeros_like: _same_shape, aten.ones_like: _same_shape,
     aten.full_like: _same_shape,
