@@ -104,12 +104,14 @@ def model_frame(exc: BaseException) -> str:
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     here = os.path.dirname(__file__) + os.sep
     frames, seen = [], set()
-    while exc is not None and id(exc) not in seen:  # torch may re-raise: the model's frame is in the chain
+    # the first exception of the chain whose traceback reaches the model's code: torch may re-raise
+    # the failure as another exception (its cause or context then holds the model's frame), and a
+    # context further down may be an unrelated exception torch was handling
+    while exc is not None and id(exc) not in seen and not frames:
         seen.add(id(exc))
-        frames += [f for f in traceback.extract_tb(exc.__traceback__)
-                   if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
         exc = exc.__cause__ or exc.__context__
-    frames = [f for f in frames if "site-packages" + os.sep + "_pytest" not in f.filename]
     if not frames:
         return ""
     frame = frames[-1]

@@ -326,7 +326,8 @@ def test_an_export_refusal_names_the_line_of_the_model_that_read_a_value():
     ras = ras_compile(Branchy("qkv_select").eval(), POLICY, backend=None)
     with pytest.raises(UnsupportedModelError) as info:
         ras(**_inputs("qkv_select"))
-    assert "test_capture_forms.py:" in str(info.value) and "if hidden_states.sum() > 0:" in str(info.value)
+    message = str(info.value)
+    assert "test_capture_forms.py:" in message and "if hidden_states.sum() > 0:" in message, message
 
 
 def test_an_argument_export_cannot_take_is_refused_by_name():
