@@ -59,22 +59,16 @@ def signature_key(call: dict):
     return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
 
 
-def signature_leaves(call: dict) -> dict:
-    """Each leaf of the call by its path (``kv_cache_flag['mode']``), as the signature key sees it."""
+def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
+    """What made signature key ``after`` (of ``call``) out of the last one, ``before``, when it is not a
+    tensor's shape, dtype or device (a new resolution is expected to capture again; a changing Python
+    value or structure is not): ``None`` when only tensors changed. Runs only when a capture is made."""
+    if before[0] != after[0]:
+        return "the structure of the arguments changed (a list or dict argument gained or lost entries)"
     flat, _ = pytree.tree_flatten_with_path(call)
-    return {pytree.keystr(path): _leaf_key(leaf) for path, leaf in flat}
-
-
-def signature_change(before: dict, after: dict) -> str | None:
-    """What made a new signature out of the last one, when it is not a tensor's shape, dtype or device
-    (a new resolution is expected to capture again; a changing Python value or structure is not):
-    ``None`` when only tensors changed."""
-    for path in [p for p in before if p not in after] + [p for p in after if p not in before]:
-        return f"the argument structure changed ({path[1:] if path.startswith('.') else path} " \
-               f"{'appeared' if path in after else 'disappeared'})"
-    for path, key in after.items():
-        if key != before[path] and key[0] != "tensor":
-            return f"argument {path} changed from {before[path][2]!r} to {key[2]!r}"
+    for (path, _leaf), old, new in zip(flat, before[1], after[1]):
+        if old != new and new[0] != "tensor":
+            return f"argument {pytree.keystr(path)} changed from {old[2]!r} to {new[2]!r}"
     return None
 
 

@@ -14,8 +14,7 @@ from math import prod
 
 import torch
 
-from .capture import (Captured, call_arguments, export_model, latent_placeholder, signature_change, signature_key,
-                      signature_leaves)
+from .capture import Captured, call_arguments, export_model, latent_placeholder, signature_change, signature_key
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
@@ -139,7 +138,7 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
-        self._last_leaves: dict | None = None  # the last call's signature leaves, to explain a recapture
+        self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
         self._warned_recapture = False
 
     @property
@@ -157,19 +156,18 @@ class RASModule(torch.nn.Module):
     def ras_captured(self, call: dict) -> Captured:
         key = signature_key(call)
         captured = self._captures.pop(key, None)
-        leaves = signature_leaves(call)
         if captured is None:
-            self._warn_recapture(leaves)
+            self._warn_recapture(key, call)
             captured = self._capture(key, call)
             while len(self._captures) >= MAX_CAPTURES:  # forget the least recently used signature
                 self._captures.pop(next(iter(self._captures)))
         self._captures[key] = captured
-        self._last_leaves = leaves
+        self._last_key = key
         return captured
 
-    def _warn_recapture(self, leaves: dict) -> None:
+    def _warn_recapture(self, key: tuple, call: dict) -> None:
         """Once per module: a new capture because a non-tensor argument changed between calls."""
-        change = None if self._last_leaves is None else signature_change(self._last_leaves, leaves)
+        change = None if self._last_key is None else signature_change(self._last_key, key, call)
         if change is None or self._warned_recapture:
             return
         self._warned_recapture = True

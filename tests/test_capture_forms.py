@@ -273,6 +273,21 @@ def test_a_python_value_that_changes_between_calls_is_named_when_it_forces_a_new
         ras(**step(800.0), scale=0.5)
 
 
+def test_a_dict_argument_that_gains_entries_is_named_when_it_forces_a_new_capture():
+    """A dict argument that gains keys between calls (AnyFlow-FAR's forward adds two to its
+    kv_cache_flag when it runs eagerly, so a loop reusing one dict changes it after the first call)."""
+
+    class Flags(FormDiT):
+        def forward(self, hidden_states, timestep, keep=None, cond=None, flags=None):
+            return super().forward(hidden_states, timestep)
+
+    ras = ras_compile(Flags("qkv_select").eval(), POLICY, backend=None)
+    kw = _inputs("qkv_select")
+    ras(**kw, flags={"mode": 0})
+    with pytest.warns(UserWarning, match="the structure of the arguments changed"):
+        ras(**dict(kw, timestep=torch.full((2,), 900.0)), flags={"mode": 0, "cached_tokens": 4})
+
+
 def test_einsums_that_are_no_permutation_stay():
     class Products(nn.Module):
         def forward(self, a, b):
