@@ -1097,6 +1097,8 @@ FAMILY_LIST: list[Family] = [
                  "cross_attn_interval-th block the video tokens cross-attend to them (residual add)"),
 ]
 
+BASE_FAMILY_NAMES = tuple(f.name for f in FAMILY_LIST)  # the families of this module
+
 # the families of newer diffusers classes live in their own modules, which import the helpers above
 from conformance_audio import AUDIO_FAMILIES  # noqa: E402
 from conformance_image import IMAGE_FAMILIES  # noqa: E402
@@ -1114,4 +1116,4 @@ assert len(FAMILIES) == len(FAMILY_LIST), "two families share a name"
 # pad to multiples of 32); the newer classes' deviations are in their modules' notes. Not covered: Flux.1-
 # Kontext-style reference tokens and CogView4-Control (variants of covered classes).
 
-__all__ = ["Family", "FAMILIES", "FAMILY_LIST", "TEXT_LEN"]
+__all__ = ["BASE_FAMILY_NAMES", "Family", "FAMILIES", "FAMILY_LIST", "TEXT_LEN"]

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conformance_models import FAMILIES
+from conformance_models import BASE_FAMILY_NAMES, FAMILIES
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 
 # family -> (node or op named in the refusal, words of the reason)
@@ -38,6 +38,10 @@ REFUSED = {
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
+# The step cache and stale-token continuation act outside the graph, on the model's output structure:
+# they run on the families of conformance_models (tuples, output objects, several output leaves, 1D to
+# 5D latents); the newer families' modules run the graph properties only, to keep CI under its limit.
+OUTSIDE_THE_GRAPH = [name for name in SUPPORTED if name in BASE_FAMILY_NAMES]
 BATCH = 2
 
 _modules: dict[str, tuple] = {}
@@ -96,7 +100,7 @@ def test_ratio_one_equals_the_dense_model_over_a_loop(name):
     assert modes == ["dense", "sparse", "sparse", "dense", "sparse"], modes
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", OUTSIDE_THE_GRAPH)
 def test_ratio_one_with_a_step_cache_equals_the_dense_model_with_extrapolated_steps(name):
     """Every output leaf of a predicted step is the line through the last two computed steps' leaves,
     in the model's own output structure; computed steps equal the model."""
@@ -129,8 +133,8 @@ def test_ratio_one_with_a_step_cache_equals_the_dense_model_with_extrapolated_st
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "predicted", "sparse", "predicted"]
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
-def test_continued_stale_tokens_move_by_their_last_change_on_every_family(name):
+@pytest.mark.parametrize("name", OUTSIDE_THE_GRAPH)
+def test_continued_stale_tokens_move_by_their_last_change(name):
     """After two dense steps, a sparse step with stale_token_order=1 returns, for the tokens it leaves out,
     their value at the second dense step plus its change from the first; for the others what the default
     (the paper's) sparse step computes. Compared token by token in the cut the scores use
