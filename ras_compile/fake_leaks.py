@@ -54,15 +54,17 @@ def _lru_caches_of(cls: type) -> list:
 
 
 def snapshot(model: torch.nn.Module) -> Snapshot:
-    attributes, caches, seen = [], {}, set()
+    attributes, caches, seen, classes = [], {}, set(), set()
 
     def visit(obj, depth):
         if id(obj) in seen or isinstance(obj, (torch.Tensor, type)) or not hasattr(obj, "__dict__"):
             return
         seen.add(id(obj))
         attributes.append((obj, dict(vars(obj))))
-        for cache in _lru_caches_of(type(obj)):
-            caches.setdefault(id(cache), cache)
+        if type(obj) not in classes:  # a model repeats its block classes: scan each class once
+            classes.add(type(obj))
+            for cache in _lru_caches_of(type(obj)):
+                caches.setdefault(id(cache), cache)
         if depth:
             for value in list(vars(obj).values()):
                 for item in _holds_objects(value):

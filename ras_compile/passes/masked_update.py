@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .attention_pattern import _fake
+from .token_axis import _val
+
 aten = torch.ops.aten
 _INDEX_PUT = (aten.index_put_.default, aten.index_put.default)
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_pointwise(node: fx.Node) -> bool:
@@ -72,20 +71,9 @@ def _chain(values: fx.Node, x: fx.Node, mask: fx.Node):
         node = rows[0]
 
 
-def _fake_call(target, args, kwargs, like: torch.Tensor):
-    fake_mode = getattr(like, "fake_mode", None)
-    to_val = lambda a: _val(a) if isinstance(a, fx.Node) else a
-    real_args = torch.fx.node.map_aggregate(args, to_val)
-    real_kwargs = torch.fx.node.map_aggregate(kwargs, to_val)
-    if fake_mode is None:
-        return target(*real_args, **real_kwargs)
-    with fake_mode:
-        return target(*real_args, **real_kwargs)
-
-
-def _emit(graph: fx.Graph, target, args, kwargs, like):
+def _emit(graph: fx.Graph, target, args, kwargs):
     node = graph.call_function(target, tuple(args), dict(kwargs))
-    node.meta["val"] = _fake_call(target, args, kwargs, like)
+    _fake(node, target, *args, **kwargs)
     return node
 
 
@@ -125,7 +113,7 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
             continue  # index_put casts the values to x's dtype, where would promote
         with graph.inserting_before(put):
             shape = list(mv.shape) + [1] * (xv.dim() - mv.dim())
-            m = _emit(graph, aten.view.default, (mask, shape), {}, mv) if shape != list(mv.shape) else mask
+            m = _emit(graph, aten.view.default, (mask, shape), {}) if shape != list(mv.shape) else mask
             if index is None:
                 new = values
             else:
@@ -133,8 +121,8 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
                 for n in chain:
                     src = next(a for a in n.args if isinstance(a, fx.Node) and not _scalar_like(a))
                     args = [new if a is src else a for a in n.args]
-                    new = _emit(graph, _functional(n.target), args, n.kwargs, xv)
-            where = _emit(graph, aten.where.self, (m, new, x), {}, xv)
+                    new = _emit(graph, _functional(n.target), args, n.kwargs)
+            where = _emit(graph, aten.where.self, (m, new, x), {})
         if in_place:  # every later reader of x (and of the index_put result) reads the update
             for user in list(x.users):
                 if user is not where and order.get(user, -1) > order[put]:
