@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from conformance_models import (F, Family, H, TEXT_LEN, VH, VW, W, _N2, _P2, _Rand, _packed_img_ids, _same_as, _seeded_build)
+from conformance_models import (F, Family, H, TEXT_LEN, VH, VW, W, _N2, _P2, _Rand, _packed_img_ids, _same_as,
+                                _seeded_build)
 
 IMAGE_FAMILIES: list[Family] = []
 
@@ -512,15 +513,18 @@ def _ideogram4_uncond_inputs(model, batch, seed):
 # --------------------------------------------------------------------------- JoyImage-Edit
 
 
-def _joyimage_build(seed):
-    from diffusers import JoyImageEditTransformer3DModel
-    n_layers = 2
-    return _seeded_build(seed, lambda: JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=32, mlp_width_ratio=2.0,
-        num_layers=n_layers, rope_dim_list=[4, 6, 6], rope_type="rope", theta=256),
-        # the Wan-style modulation tables start at zero
-        reinit=tuple((f"double_blocks.{i}.{s}_mod.modulate_table", 0.5) for i in range(n_layers)
-                     for s in ("img", "txt")))
+def _joyimage_build_of(cls_name):
+    """JoyImage-Edit and JoyImage-Edit-Plus share their config; the Wan-style modulation tables start
+    at zero."""
+    def build(seed):
+        import diffusers
+        n_layers = 2
+        return _seeded_build(seed, lambda: getattr(diffusers, cls_name)(
+            patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=32,
+            mlp_width_ratio=2.0, num_layers=n_layers, rope_dim_list=[4, 6, 6], rope_type="rope", theta=256),
+            reinit=tuple((f"double_blocks.{i}.{s}_mod.modulate_table", 0.5) for i in range(n_layers)
+                         for s in ("img", "txt")))
+    return build
 
 
 def _joyimage_inputs_with(num_items):
@@ -534,16 +538,6 @@ def _joyimage_inputs_with(num_items):
 
 
 # --------------------------------------------------------------------------- JoyImage-Edit-Plus
-
-
-def _joyimage_plus_build(seed):
-    from diffusers import JoyImageEditPlusTransformer3DModel
-    n_layers = 2
-    return _seeded_build(seed, lambda: JoyImageEditPlusTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=32, mlp_width_ratio=2.0,
-        num_layers=n_layers, rope_dim_list=[4, 6, 6], rope_type="rope", theta=256),
-        reinit=tuple((f"double_blocks.{i}.{s}_mod.modulate_table", 0.5) for i in range(n_layers)
-                     for s in ("img", "txt")))
 
 
 JOY_REF = (4, 8)       # reference image latent (H, W): 2 x 4 = 8 patches
@@ -623,27 +617,31 @@ IMAGE_FAMILIES += [
            "hidden_states", _N2, None, _same_as("hidden_states"),
            notes="the pipeline's unconditional pass (unconditional_transformer, same class): image rows only, "
                  "zero text features, indicator / segment / position ids sliced to the image region"),
-    Family("joyimage", "JoyImageEditTransformer3DModel", _joyimage_build, _joyimage_inputs_with(1),
+    Family("joyimage", "JoyImageEditTransformer3DModel", _joyimage_build_of("JoyImageEditTransformer3DModel"),
+           _joyimage_inputs_with(1),
            "hidden_states", _N2, (1, 2, 2), _same_as("hidden_states"), context_after=TEXT_LEN,
            notes="text-to-image: 6D latent [B, 1, C, 1, H, W] (items, then a Wan-style video latent), Conv3d "
                  "patch embed; double-stream blocks only, joint attention image first then text; fused QKV per "
                  "stream, RMS qk-norm, real RoPE (interleaved pairs) on image tokens only (rope_type 'rope'); "
                  "Wan-style modulation table (zero-init, re-drawn) plus temb; timestep 0..1000"),
-    Family("joyimage_edit", "JoyImageEditTransformer3DModel", _joyimage_build, _joyimage_inputs_with(2),
+    Family("joyimage_edit", "JoyImageEditTransformer3DModel", _joyimage_build_of("JoyImageEditTransformer3DModel"),
+           _joyimage_inputs_with(2),
            "hidden_states", 2 * _N2, (1, 2, 2), _same_as("hidden_states"), context_after=TEXT_LEN,
            notes="editing: items = [reference latent, noise]; the model rotates the noise item to the front "
                  "(cat of two item slices), folds items into the frame axis, so one grid of 2 x h x w tokens "
                  "(reference frame second) attends jointly with text; the output covers both items"),
-    Family("joyimage_plus", "JoyImageEditPlusTransformer3DModel", _joyimage_plus_build,
-           _joyimage_plus_inputs_with(False), "hidden_states", _N2, None, _same_as("hidden_states"),
+    Family("joyimage_plus", "JoyImageEditPlusTransformer3DModel",
+           _joyimage_build_of("JoyImageEditPlusTransformer3DModel"), _joyimage_plus_inputs_with(False), "hidden_states",
+           _N2, None, _same_as("hidden_states"),
            context_after=TEXT_LEN,
            notes="latent passed pre-patchified [B, N, C, pt, ph, pw]; the patch embed is a Conv3d with kernel = "
                  "patch applied to [B * N, C, pt, ph, pw] (token axis folded into the batch) and reshaped to "
                  "[B, N, D]; per-sample RoPE tables from shape_list (a Python list of (t, h, w) per item, "
                  "padded with cos 1 / sin 0 to max_patches); joint attention image first then text with a "
                  "[B, 1, 1, N + L] key mask (image padding mask, text mask); output [B, N, C, pt, ph, pw]"),
-    Family("joyimage_plus_ref", "JoyImageEditPlusTransformer3DModel", _joyimage_plus_build,
-           _joyimage_plus_inputs_with(True), "hidden_states", _N2 + (JOY_REF[0] // 2) * (JOY_REF[1] // 2), None,
+    Family("joyimage_plus_ref", "JoyImageEditPlusTransformer3DModel",
+           _joyimage_build_of("JoyImageEditPlusTransformer3DModel"), _joyimage_plus_inputs_with(True), "hidden_states",
+           _N2 + (JOY_REF[0] // 2) * (JOY_REF[1] // 2), None,
            _same_as("hidden_states"), context_after=TEXT_LEN,
            notes="joyimage_plus with one 4 x 8 reference image: its 8 patches follow the target's 24 in the "
                  "patch axis, RoPE temporal offset 1 for the reference; the output covers both"),
