@@ -40,6 +40,8 @@ class Explanation:
     fusible_projections: list[str] = field(default_factory=list)  # K/V linears fused with the cache write on CUDA
     fused_norms: list[str] = field(default_factory=list)  # those K linears whose per-head q/k-norm is fused too
     recognised_attention: list[str] = field(default_factory=list)  # hand-written attention rewritten as SDPA
+    token_batched_attention: list[str] = field(default_factory=list)  # attention within each token's own row
+    tube_axes: tuple[int, ...] = ()  # latent axes folded into the batch axis: a token spans all of them
 
     @property
     def flop_fraction(self) -> float:
@@ -53,6 +55,9 @@ class Explanation:
             f"{self.model}: {self.num_tokens} image tokens ({latent}), batch {self.batch_size}",
             f"  token source: {self.source}",
         ]
+        if self.tube_axes:
+            lines.append(f"  tubes: latent axis {', '.join(map(str, self.tube_axes))} folded into the batch axis; "
+                         "a token is one patch position in all of them, selected and computed as a whole")
         for value, consumer, reason in self.densified:
             lines.append(f"  densified: {value} before {consumer} ({reason})")
         lines.append("  nodes: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()))
@@ -63,6 +68,9 @@ class Explanation:
                      + (", ".join(self.attention_cached_kv) or "none"))
         if self.cross_attention:
             lines.append(f"  cross-attention, token-wise ({len(self.cross_attention)}): " + ", ".join(self.cross_attention))
+        if self.token_batched_attention:
+            lines.append(f"  attention within each token (the token axis is a batch axis of it), token-wise "
+                         f"({len(self.token_batched_attention)}): " + ", ".join(self.token_batched_attention))
         if self.side_inputs:
             lines.append(f"  side inputs gathered ({len(self.side_inputs)}): " + ", ".join(self.side_inputs))
         kv = sum(1 for name, _, _ in self.caches if name.endswith(("_key", "_value")))
@@ -147,6 +155,8 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         dense_flops=dense_flops, sparse_flops=sparse_flops,
         caches=[(c.name, c.shape, str(c.dtype).replace("torch.", "")) for c in analysis.caches],
         recognised_attention=[str(r) for r in analysis.recognised_attention],
+        token_batched_attention=list(analysis.token_batched_attention),
+        tube_axes=grid.tube_axes if grid else (),
     )
 
 

@@ -379,7 +379,7 @@ def _cogvideox_inputs(model, batch, seed):
 def _latte_build(seed):
     from diffusers import LatteTransformer3DModel
     return _seeded_build(seed, lambda: LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=16, sample_size=VH, patch_size=2, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         caption_channels=32, video_length=F))
@@ -952,7 +952,9 @@ FAMILY_LIST: list[Family] = [
            _P2, _channels_times("hidden_states", 2),
            notes="factorised attention: spatial blocks attend within a frame (num_tokens = tokens per frame, "
                  "batch*frames sequences), temporal blocks attend across the F frames at each position "
-                 "(image_rows returns None for those); cross-attention to text in spatial blocks; learned sigma"),
+                 "(image_rows returns None for those); cross-attention to text in spatial blocks; learned sigma. "
+                 "Frames are folded into the batch before the patch embedding: tokens are tubes (one patch "
+                 "position in every frame); the temporal blocks fold the token axis into the batch"),
     Family("wan", "WanTransformer3DModel", _wan_build, _wan_inputs, "hidden_states", _NV, (1, 2, 2),
            _same_as("hidden_states"),
            notes="self-attention over all video tokens with complex 3D RoPE, cross-attention to text; qk RMS-norm "

@@ -11,6 +11,12 @@ gives the outer atom ``("s0", 2, H/2)`` and the inner atom ``("s0", 1, 2)``.
 The token axis is the first dimension made of exactly the outer atoms of every
 spatial axis in order (row-major patch grid). Nothing here depends on a model
 class: only on shapes and on what the operators do to dimensions.
+
+A model may also fold a grid axis into the batch axis before the patch embedding
+(Latte: ``[B, C, F, H, W] -> [B * F, C, H, W]``, attention within each frame). Read
+with ``tubes=True``, such an axis is a *tube axis*: a token is then one patch position
+in every frame (a tube through the folded axis), and the folded axis counts with the
+channels of that token.
 """
 from __future__ import annotations
 
@@ -129,6 +135,7 @@ class TokenGrid:
     latent_shape: tuple[int, ...]   # the whole latent, batch included
     grid_axes: tuple[int, ...]
     patch_size: tuple[int, ...]     # patch extent per grid axis
+    tube_axes: tuple[int, ...] = ()  # latent dimensions folded into the batch axis: each token spans them
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -152,14 +159,16 @@ def _is_outer(atom: Atom, extents: tuple[int, ...]) -> bool:
     return axis.startswith("s") and stride * size == extents[int(axis[1:])]
 
 
-def find_token_dim(value: GridValue, latent_shape: tuple[int, ...]) -> tuple[int, TokenGrid] | None:
+def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
+                   tubes: bool = False) -> tuple[int, TokenGrid] | None:
     """The dimension holding the row-major patch grid, if this tensor has one.
 
     A candidate is made only of the outermost atoms of distinct latent axes, in axis
     order. Every other dimension holding the outermost atom of some axis must be a
     per-token feature dimension, i.e. also hold the inside of a patch; otherwise that
     axis (frames kept apart, say) still tiles the image and the candidate is only part
-    of the grid.
+    of the grid. With ``tubes``, such an axis may also sit in the batch dimension
+    (behind the samples): it becomes a tube axis of the grid.
     """
     extents = tuple(latent_shape[1:])
     for dim, atoms in enumerate(value.dims):
@@ -168,7 +177,7 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...]) -> tuple[int
         axes = [int(a[0][1:]) for a in atoms]
         if axes != sorted(set(axes)) or prod(a[2] for a in atoms) <= 1:
             continue
-        complete = True
+        complete, tube_axes = True, []
         for other, other_atoms in enumerate(value.dims):
             if other == dim:
                 continue
@@ -176,15 +185,38 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...]) -> tuple[int
             outer += [a for a in other_atoms if a[0].startswith("x")]
             inner = [a for a in other_atoms if a[0].startswith("s") and not _is_outer(a, extents)]
             if outer and not inner:
+                if tubes and other == _batch_holder(value, latent_shape[0]) and _tube_atoms(other_atoms, extents):
+                    tube_axes += [int(a[0][1:]) + 1 for a in outer]
+                    continue
                 complete = False
                 break
         if complete:
-            return dim, TokenGrid(tuple(latent_shape), tuple(a + 1 for a in axes), tuple(a[1] for a in atoms))
+            return dim, TokenGrid(tuple(latent_shape), tuple(a + 1 for a in axes), tuple(a[1] for a in atoms),
+                                  tuple(sorted(tube_axes)))
     return None
 
 
-def find_batch_dim(value: GridValue) -> int | None:
+def _batch_holder(value: GridValue, batch_size: int) -> int | None:
+    """The dimension holding the samples: the one whose first atom is the batch axis (dimension 0
+    for a batch of one, whose size-1 batch axis has no atom)."""
     for dim, atoms in enumerate(value.dims):
-        if atoms and all(axis == "b" for axis, _, _ in atoms) and len(atoms) == 1 and atoms[0][1] == 1:
+        if atoms and atoms[0] == ("b", 1, batch_size):
             return dim
+    return 0 if batch_size == 1 else None
+
+
+def _tube_atoms(atoms: DimAtoms, extents: tuple[int, ...]) -> bool:
+    """Atoms of a batch dimension with grid axes folded in behind the samples: the batch
+    atom (if any) first, then whole latent axes only."""
+    rest = atoms[1:] if atoms and atoms[0][0] == "b" else atoms
+    return bool(rest) and all(_is_outer(a, extents) for a in rest)
+
+
+def find_batch_dim(value: GridValue, grid: TokenGrid) -> tuple[int, int] | None:
+    """``(dim, group)``: the dimension of the samples, and how many consecutive rows of it one
+    sample owns (1, or the size of the grid's tube axes folded in behind the samples)."""
+    tubes = {f"s{a - 1}" for a in grid.tube_axes}
+    for dim, atoms in enumerate(value.dims):
+        if atoms and atoms[0] == ("b", 1, grid.latent_shape[0]) and all(a[0] in tubes for a in atoms[1:]):
+            return dim, prod(a[2] for a in atoms[1:])
     return None

@@ -137,7 +137,10 @@ class _SparseBuilder:
     def sparse_shape(self, node: fx.Node) -> list:
         lay = self.layout(node)
         shape = [int(s) for s in node.meta["val"].shape]
-        shape[lay.token_dim] = self.sparse_length(lay.length)
+        if lay.fold:  # rows (sample, token, inner) of the whole batch
+            shape[lay.token_dim] = self.graph.call_function(operator.mul, (self.k, self.a.batch_size * lay.fold))
+        else:
+            shape[lay.token_dim] = self.sparse_length(lay.length)
         return shape
 
     def densified(self, value: fx.Node) -> fx.Node:
@@ -246,10 +249,14 @@ class _SparseBuilder:
 
         def gather(value):
             # a RoPE or position table meets the token stream in every layer: gather it once
-            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank)
+            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold)
             if key not in self._side_gathers:
-                self._side_gathers[key] = self.graph.call_function(
-                    token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
+                if lay.fold:
+                    self._side_gathers[key] = self.graph.call_function(
+                        token_ops.gather_folded_rows, (value, self.index, lay.token_dim, side.rank, lay.fold))
+                else:
+                    self._side_gathers[key] = self.graph.call_function(
+                        token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))
             return self._side_gathers[key]
 
         if _packet(node) in (aten.cat, aten.stack):

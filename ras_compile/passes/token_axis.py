@@ -37,13 +37,20 @@ class TokenLayout:
     ``batch_group``: how many consecutive rows of the batch axis belong to one sample.
     It is 1 unless a view folded other axes into the batch axis behind it, as
     ``[B, H, N, d] -> [B * H, N, d]`` does (diffusers' classic attention processor,
-    einops' ``(b h) n d``): sample ``b`` then owns rows ``b * H ... b * H + H - 1``."""
+    einops' ``(b h) n d``): sample ``b`` then owns rows ``b * H ... b * H + H - 1``.
+
+    ``fold``: 0, or the token axis is folded into the batch axis (Latte's temporal blocks:
+    ``[B, N, F, D] -> [B * N, F, D]``, attention over the frames of each token). Axis
+    ``token_dim`` then holds the rows ``(sample, token, inner)`` in row-major order,
+    ``fold`` inner rows per token, for the whole batch; ``batch_dim`` is None and the
+    axis holds image tokens only."""
 
     token_dim: int
     batch_dim: int | None
     offset: int
     length: int
     batch_group: int = 1
+    fold: int = 0
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
                 offset: int | None = None, length: int | None = None,
@@ -55,7 +62,12 @@ class TokenLayout:
             self.offset if offset is None else offset,
             self.length if length is None else length,
             1 if batch_dim is None else self.batch_group if batch_group is None else batch_group,
+            self.fold,
         )
+
+    def rows(self, batch_size: int) -> int:
+        """Dense size of axis ``token_dim``."""
+        return batch_size * self.length * self.fold if self.fold else self.length
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class TokenAnalysis:
     counts: dict[str, int] = field(default_factory=dict)
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
     recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
+    token_batched_attention: list[str] = field(default_factory=list)  # SDPA nodes with tokens on a batch axis
 
 
 def _val(node):
@@ -193,8 +206,10 @@ def _regroup_batch_through_view(in_shape, out_shape, batch_dim: int, group: int,
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, latent: fx.Node):
+    def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False):
         self.gm = gm
+        self.tubes = tubes  # the relaxed reading: grid axes folded into the batch are tubes (latent_grid)
+        self.relaxed_used = False  # the relaxed reading found tubes or folded the token axis
         self.latent = latent
         self.grid_values: dict[fx.Node, lg.GridValue] = {}
         self.grid_stops: list[fx.Node] = []  # consumers of the latent's grid that no grid rule follows
@@ -286,14 +301,16 @@ class _Analyzer:
                 self.grid_stops.append(node)
             return
         self.grid_values[node] = out
-        found = lg.find_token_dim(out, _shape(self.latent))
+        found = lg.find_token_dim(out, _shape(self.latent), tubes=self.tubes)
         if found is not None and self.analysis is None:
             token_dim, grid = found
-            batch_dim = lg.find_batch_dim(out)
-            if batch_dim is None and self.batch_size > 1:
+            batch = lg.find_batch_dim(out, grid)
+            if batch is None and self.batch_size > 1:
                 self.refuse(node, "the batch axis of the token sequence could not be identified")
+            batch_dim, group = batch if batch is not None else (None, 1)
+            self.relaxed_used |= bool(grid.tube_axes)
             self.analysis = TokenAnalysis(grid.num_tokens, self.batch_size, grid, self.latent.name, node.name)
-            self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens)
+            self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens, group if batch_dim is not None else 1)
             del self.grid_values[node]
 
     def grid_cat(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
@@ -347,6 +364,10 @@ class _Analyzer:
             handler = _pointwise
         if handler is None:
             self.refuse(node, "no token rule for this operator: the pass cannot tell whether it mixes image tokens")
+        if handler not in _FOLD_RULES and any(self.layout[a].fold for a in annotated):
+            self.refuse(node, "this operator meets a tensor whose token axis is folded into the batch axis "
+                              "(rows are sample x token); only views, token-wise arithmetic, projections, "
+                              "norms and attention over another axis are followed there")
         result = handler(self, node)
         if result is not None:
             self.layout[node] = result
@@ -379,6 +400,9 @@ class _Analyzer:
     # -- sites --------------------------------------------------------------------------
     def add_cache(self, node: fx.Node, kind: str, layout: TokenLayout, reader: fx.Node) -> str:
         a = self.analysis
+        if layout.fold:
+            self.refuse(node, "a value whose token axis is folded into the batch axis would have to be cached "
+                              f"(for {reader.name}); only token-wise operators may follow such a fold")
         if layout.batch_dim is None and self.batch_size > 1:
             self.refuse(node, "the batch axis of this token tensor is merged with another axis; "
                               "rows cannot be cached per sample")
@@ -423,7 +447,8 @@ def _pointwise(an: _Analyzer, node: fx.Node):
         aligned = _align(lay, len(_shape(arg)), out_rank)
         if result is None:
             result = aligned
-        elif (aligned.token_dim, aligned.offset, aligned.length) != (result.token_dim, result.offset, result.length):
+        elif (aligned.token_dim, aligned.offset, aligned.length, aligned.fold) != \
+                (result.token_dim, result.offset, result.length, result.fold):
             an.refuse(node, "operands carry image tokens on different axes or at different offsets")
         elif result.batch_dim is None:
             result = aligned
@@ -433,8 +458,9 @@ def _pointwise(an: _Analyzer, node: fx.Node):
         shape = _shape(arg)
         pos = result.token_dim - (out_rank - len(shape))
         if pos >= 0 and shape[pos] != 1:
-            if shape[pos] != result.length:
-                an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length {result.length}")
+            if shape[pos] != result.rows(an.batch_size):
+                an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length "
+                                f"{result.rows(an.batch_size)}")
             an.side_input(node, i, result, out_rank)
     return result
 
@@ -447,7 +473,13 @@ def _view(an: _Analyzer, node: fx.Node):
     src = node.args[0]
     lay = _layout(an, src)
     in_shape, out_shape = _shape(src), _shape(node)
+    if lay.fold:
+        return _unfold_view(an, node, lay, in_shape, out_shape)
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
+    if token_dim is None and an.tubes:
+        folded = _fold_view(an, lay, in_shape, out_shape)
+        if folded is not None:
+            return folded
     if token_dim is None:
         if lay.offset == 0 and lay.length == an.analysis.num_tokens:
             an.densify(src, node, "the token axis is split back into the latent grid (unpatchify, or a grid operator such as a convolution follows)")
@@ -464,6 +496,43 @@ def _view(an: _Analyzer, node: fx.Node):
                                 "than into samples and a per-sample axis")
             batch_dim, group = regrouped
     return lay.shifted(token_dim=token_dim, batch_dim=batch_dim, batch_group=group)
+
+
+def _start_dim(in_shape, out_shape, dim) -> int | None:
+    """The output axis whose rows start where input axis ``dim`` starts (row-major), if any."""
+    before, running = prod(in_shape[:dim]), 1
+    for j, size in enumerate(out_shape):
+        if running == before and size > 1:
+            return j
+        running *= size
+    return None
+
+
+def _fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLayout | None:
+    """``[B, N, ...] -> [B * N * inner, ...]``: the samples and the image tokens behind them merged
+    into one axis (the token axis folded into the batch axis), or None if the view is not that."""
+    n, batch = lay.length, an.batch_size
+    if lay.batch_dim is None or lay.batch_group != 1 or lay.token_dim != lay.batch_dim + 1 \
+            or lay.offset != 0 or n != an.analysis.num_tokens:
+        return None
+    j = _start_dim(in_shape, out_shape, lay.batch_dim)
+    if j is None or out_shape[j] % (batch * n):
+        return None
+    an.relaxed_used = True
+    return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
+
+
+def _unfold_view(an: _Analyzer, node: fx.Node, lay: TokenLayout, in_shape, out_shape) -> TokenLayout:
+    """A view of a folded token axis: it stays folded (other axes merged into or split off its inner
+    rows), or splits back into samples and tokens ``[B, N, ...]``."""
+    n, batch = lay.length, an.batch_size
+    j = _start_dim(in_shape, out_shape, lay.token_dim)
+    if j is not None and out_shape[j] % (batch * n) == 0:
+        return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
+    if j is not None and out_shape[j] == batch and j + 1 < len(out_shape) and out_shape[j + 1] == n:
+        return TokenLayout(j + 1, j, 0, n)
+    an.refuse(node, "a view that splits a token axis folded into the batch axis other than back into "
+                    "samples and tokens")
 
 
 def _permute_like(an, node, order):
@@ -550,6 +619,8 @@ def _linear(an, node):
         an.refuse(node, "a weight operand carries image tokens")
     if lay.token_dim == len(_shape(node.args[0])) - 1:
         an.refuse(node, "a projection over the token axis mixes image tokens")
+    if lay.batch_dim == len(_shape(node.args[0])) - 1 and an.batch_size > 1:
+        an.refuse(node, "a projection over the batch axis mixes samples, whose active tokens differ")
     return lay
 
 
@@ -583,7 +654,7 @@ def _matmul(an, node):
                         "and not part of an attention the pass recognises (softmax over the last axis of q k^T, "
                         "times v, with only scales, masks and casts between: see docs/how-it-works.md); "
                         "write it with scaled_dot_product_attention")
-    outs = {(r[2].token_dim, r[2].offset, r[2].length) for r in roles}
+    outs = {(r[2].token_dim, r[2].offset, r[2].length, r[2].fold) for r in roles}
     if len(outs) > 1:
         an.refuse(node, "matrix product operands carry image tokens on different axes")
     return roles[0][2]
@@ -631,7 +702,13 @@ def _softmax(an, node):
 
 def _convolution(an, node):
     """A convolution whose input carries tokens mixes neighbouring tokens, and a transposed one is an
-    unpatchify (ACE-Step's ConvTranspose1d): either way, run it on the full input."""
+    unpatchify (ACE-Step's ConvTranspose1d): either way, run it on the full input. Tokens on the
+    convolution's batch axis (a temporal convolution over the frames of each token, ``[B * N, C, F]``)
+    are token-wise."""
+    lay = _layout(an, node.args[0])
+    if lay.token_dim == 0 and lay.batch_dim is None \
+            and all(_layout(an, a) is None for a in node.args[1:] if isinstance(a, fx.Node)):
+        return lay
     an.densify(node.args[0], node, "a convolution over the token axis")
     return None
 
@@ -644,6 +721,8 @@ def _slice_bounds(length, start, end):
 
 def _piece_layout(an, node, lay: TokenLayout, start: int, end: int) -> TokenLayout | None:
     """Layout of rows [start, end) of the token axis (None: no image rows in it)."""
+    if lay.fold:
+        an.refuse(node, "a slice of a token axis folded into the batch axis")
     lo, hi = lay.offset, lay.offset + an.analysis.num_tokens
     if end <= lo or start >= hi:
         return None
@@ -709,6 +788,8 @@ def _cat(an, node):
     annotated = [(i, t) for i, t in enumerate(tensors) if _layout(an, t) is not None]
     first = _layout(an, annotated[0][1])
     if dim == first.token_dim:
+        if first.fold:
+            an.refuse(node, "a concatenation along a token axis folded into the batch axis")
         if len(annotated) > 1:
             an.refuse(node, "two image-token sequences concatenated on the token axis")
         index = annotated[0][0]
@@ -719,7 +800,8 @@ def _cat(an, node):
         if lay is None:
             if _shape(t)[first.token_dim] != 1:
                 an.side_input(node, i, first, rank)
-        elif (lay.token_dim, lay.offset, lay.length) != (first.token_dim, first.offset, first.length):
+        elif (lay.token_dim, lay.offset, lay.length, lay.fold) != (first.token_dim, first.offset, first.length,
+                                                                   first.fold):
             an.refuse(node, "concatenated tensors carry image tokens on different axes")
     return first
 
@@ -735,7 +817,8 @@ def _stack(an, node):
         if lay is None:
             if _shape(t)[first.token_dim] != 1:
                 an.side_input(node, i, first, rank - 1)
-        elif (lay.token_dim, lay.offset, lay.length) != (first.token_dim, first.offset, first.length):
+        elif (lay.token_dim, lay.offset, lay.length, lay.fold) != (first.token_dim, first.offset, first.length,
+                                                                   first.fold):
             an.refuse(node, "stacked tensors carry image tokens on different axes")
     return first.shifted(token_dim=bump(first.token_dim), batch_dim=bump(first.batch_dim))
 
@@ -743,6 +826,8 @@ def _stack(an, node):
 def _sdpa(an: _Analyzer, node: fx.Node):
     q, k, v = node.args[:3]
     lq, lk, lv = _layout(an, q), _layout(an, k), _layout(an, v)
+    if lq is not None and lq.token_dim < len(_shape(q)) - 2:
+        return _token_batched_sdpa(an, node, lq)
     if (lk is None) != (lv is None):
         an.refuse(node, "keys and values disagree on carrying image tokens")
     is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
@@ -762,6 +847,8 @@ def _sdpa(an: _Analyzer, node: fx.Node):
     if lk is not None:
         if lq is not None and lq.token_dim != len(_shape(q)) - 2:
             an.refuse(node, "queries whose token axis is not the sequence axis")
+        if lk.token_dim != len(_shape(k)) - 2:
+            an.refuse(node, "keys whose token axis is not their sequence axis, with queries that carry no tokens")
         an.analysis.attention.append(node.name)
         an.counts["attention_cached_kv"] += 1
         if an.policy_kv_cache:
@@ -772,6 +859,36 @@ def _sdpa(an: _Analyzer, node: fx.Node):
         an.counts["cross_attention"] += 1
     if lq is None:
         return None
+    return lq
+
+
+def _token_batched_sdpa(an: _Analyzer, node: fx.Node, lq: TokenLayout):
+    """Attention whose token axis is one of its batch axes (Latte's temporal attention over the
+    frames of each token, ``[B * N, heads, F, d]``): every token attends within its own row, so it
+    is token-wise. K, V and a mask with that axis are gathered like any operand of a token-wise node."""
+    rank = len(_shape(node.args[0]))
+    want = (lq.token_dim, lq.offset, lq.length, lq.fold)
+    operands = [(1, node.args[1]), (2, node.args[2])]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        if _layout(an, mask) is not None:
+            an.refuse(node, "an attention mask computed from image tokens")
+        operands.append((3, mask))
+    for i, operand in operands:
+        lay = _layout(an, operand)
+        op_rank = len(_shape(operand))
+        if lay is not None:
+            aligned = _align(lay, op_rank, rank)
+            if (aligned.token_dim, aligned.offset, aligned.length, aligned.fold) != want:
+                an.refuse(node, "queries carry image tokens on a batch axis, but keys or values carry them elsewhere")
+            continue
+        pos = lq.token_dim - (rank - op_rank)
+        if pos >= 0 and _shape(operand)[pos] != 1:
+            if _shape(operand)[pos] != lq.rows(an.batch_size):
+                an.refuse(node, f"operand {i} has size {_shape(operand)[pos]} on the token axis of length "
+                                f"{lq.rows(an.batch_size)}")
+            an.side_input(node, i, lq, rank)
+    an.analysis.token_batched_attention.append(node.name)
     return lq
 
 
@@ -798,6 +915,13 @@ _TOKEN_RULES = {
 }
 
 
+# the rules that know a token axis folded into the batch axis (TokenLayout.fold); any other
+# operator meeting one is refused
+_FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _transpose, _unsqueeze, _squeeze, _expand, _linear,
+               _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
+               _stack, _sdpa, _repeat, _complex_view, _convolution, _pad}
+
+
 def _require_static_shapes(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
@@ -815,22 +939,47 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
 
     A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
     1-D signal ``[B, C, L]``; shapes alone cannot tell, so the token reading is tried
-    first and the signal reading if the graph refutes it.
+    first and the signal reading if the graph refutes it. If every reading fails, a
+    relaxed one follows: grid axes folded into the batch axis become tubes, and the token
+    axis may be folded into the batch axis (attention within each frame and over the
+    frames of each token, Latte's factorised blocks). It only runs where the plain
+    readings fail, so a model they accept keeps their analysis.
     """
     _require_static_shapes(gm)
     readings = [True, False] if latent.meta["val"].dim() == 3 else [False]
     errors = []
     for tokens_first in readings:
-        analyzer = _Analyzer(gm, latent)
+        try:
+            return _reading(gm, latent, kv_cache, tokens_first, tubes=False)
+        except UnsupportedModelError as exc:
+            errors.append(exc)
+    relaxed = []
+    for tokens_first in readings:
+        analyzer = _Analyzer(gm, latent, tubes=True)
         analyzer.policy_kv_cache = kv_cache
         try:
             return analyzer.run(tokens_first)
         except UnsupportedModelError as exc:
-            errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    first, second = errors
+            if analyzer.relaxed_used:
+                relaxed.append(exc)
     where = lambda e: f" (node '{e.node}', {e.op})" if e.node is not None else ""  # noqa: E731
-    raise UnsupportedModelError(
-        f"read as tokens [B, N, C]: {first.reason}{where(first)}; read as a signal "
-        f"[B, C, L]: {second.reason}{where(second)}", node=first.node or second.node, op=first.op or second.op)
+    if len(errors) == 1:
+        error = errors[0]
+    else:
+        first, second = errors
+        error = UnsupportedModelError(
+            f"read as tokens [B, N, C]: {first.reason}{where(first)}; read as a signal "
+            f"[B, C, L]: {second.reason}{where(second)}", node=first.node or second.node, op=first.op or second.op)
+    if relaxed:  # the relaxed reading got further: its reason comes first
+        tubes = relaxed[0]
+        error = UnsupportedModelError(
+            "read with the axes folded into the batch axis as tubes (one token = one patch position in every "
+            f"folded frame): {tubes.reason}; read without tubes: {error.reason}{where(error)}",
+            node=tubes.node, op=tubes.op)
+    raise error
+
+
+def _reading(gm, latent, kv_cache: bool, tokens_first: bool, tubes: bool) -> TokenAnalysis:
+    analyzer = _Analyzer(gm, latent, tubes=tubes)
+    analyzer.policy_kv_cache = kv_cache
+    return analyzer.run(tokens_first)
