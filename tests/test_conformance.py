@@ -48,6 +48,8 @@ _modules: dict[str, tuple] = {}
 
 
 def _prediction(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):  # plain-PyTorch models return the prediction itself
+        return out
     return out[0] if isinstance(out, tuple) else out.sample
 
 

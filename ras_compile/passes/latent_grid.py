@@ -63,6 +63,21 @@ def concatenated_atoms(size: int) -> DimAtoms:
     return ((f"x{_fresh_counter[0]}", 1, size),)
 
 
+def is_batch_dim(atoms: DimAtoms) -> bool:
+    """The latent's batch axis, or batch slots taken from it (``batch_part_atoms``)."""
+    return len(atoms) == 1 and atoms[0][1] == 1 and (atoms[0][0] == "b" or atoms[0][0].startswith("bpart"))
+
+
+def batch_part_atoms(size: int, batch_size: int) -> DimAtoms:
+    """A batch dimension made of rows of the latent's batch (a slice of it, or slices concatenated):
+    the batch axis again when it has the latent's batch size (its row ``i`` is then treated as sample
+    ``i``), else ``bpart<n>`` slots, which no token source can have as its batch."""
+    if size == batch_size:
+        return (("b", 1, size),) if size > 1 else ()
+    _fresh_counter[0] += 1  # (a size-1 slot keeps its atom: a bare size-1 dim would read as any other axis)
+    return ((f"bpart{_fresh_counter[0]}", 1, size),)
+
+
 def regroup(value: GridValue, out_shape: tuple[int, ...]) -> GridValue | None:
     """Atoms after a view/reshape/flatten to ``out_shape`` (None if not traceable)."""
     queue = [atom for dim in value.dims for atom in dim]

@@ -213,6 +213,7 @@ class _Analyzer:
         self.latent = latent
         self.grid_values: dict[fx.Node, lg.GridValue] = {}
         self.grid_stops: list[fx.Node] = []  # consumers of the latent's grid that no grid rule follows
+        self.batch_regrouped: list[fx.Node] = []  # grid-phase slices / cats along the batch axis
         self.layout: dict[fx.Node, object] = {}
         shape = _shape(latent)
         self.batch_size = shape[0]
@@ -296,6 +297,8 @@ class _Analyzer:
             out = lg.GridValue(value.dims[:-1] + (lg.fresh_atoms(out_shape[-1]),))
         elif packet is aten.cat:
             out = self.grid_cat(node, value)
+        elif packet is aten.slice:
+            out = self.grid_batch_slice(node, value)
         if out is None:  # the latent is used by something else; that value stays dense
             if self.analysis is None:
                 self.grid_stops.append(node)
@@ -306,12 +309,32 @@ class _Analyzer:
             token_dim, grid = found
             batch = lg.find_batch_dim(out, grid)
             if batch is None and self.batch_size > 1:
+                if self.batch_regrouped:
+                    names = ", ".join(f"'{n.name}'" for n in self.batch_regrouped[:3])
+                    self.refuse(node, f"the token sequence's batch is not the latent's batch of {self.batch_size}: "
+                                      f"it was cut or joined along the batch axis before the patch embedding "
+                                      f"({names}; a batch doubled or halved inside the forward); RAS keeps one "
+                                      "active set per latent sample, so the token rows must be the latent's samples")
                 self.refuse(node, "the batch axis of the token sequence could not be identified")
             batch_dim, group = batch if batch is not None else (None, 1)
             self.relaxed_used |= bool(grid.tube_axes)
             self.analysis = TokenAnalysis(grid.num_tokens, self.batch_size, grid, self.latent.name, node.name)
             self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens, group if batch_dim is not None else 1)
             del self.grid_values[node]
+
+    def grid_batch_slice(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
+        """Rows of the batch axis taken before the token source (DiT's ``forward_with_cfg``:
+        ``half = x[: len(x) // 2]``, then ``cat([half, half])``). Only the batch dimension
+        changes; its rows become *batch slots* (``lg.batch_part_atoms``) until a concatenation
+        along it gives back a dimension of the latent's batch size. Everything before the token
+        source runs on the full latent, so which sample a slot holds does not matter to the
+        rewrite: the token source's row ``i`` is gathered, cached and scattered as sample ``i``."""
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(value.dims))
+        if not lg.is_batch_dim(value.dims[dim]):
+            return None
+        size = _shape(node)[dim]
+        self.batch_regrouped.append(node)
+        return lg.GridValue(value.dims[:dim] + (lg.batch_part_atoms(size, self.batch_size),) + value.dims[dim + 1:])
 
     def grid_cat(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
         """The latent concatenated with other tensors (conditioning channels before the patch
@@ -320,6 +343,16 @@ class _Analyzer:
         need no gather. Not followed: a concatenation along the batch axis, or of two latent-derived
         tensors whose other dimensions differ."""
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(value.dims))
+        if lg.is_batch_dim(value.dims[dim]):
+            # batch slots joined again (cat([half, half])): every operand must be latent-derived with the
+            # same atoms elsewhere, so each row of the result is one latent sample's full grid
+            rest = lambda v: v.dims[:dim] + v.dims[dim + 1:]  # noqa: E731
+            if not all(t in self.grid_values and lg.is_batch_dim(self.grid_values[t].dims[dim])
+                       and rest(self.grid_values[t]) == rest(value) for t in node.args[0]):
+                return None
+            size = _shape(node)[dim]
+            self.batch_regrouped.append(node)
+            return lg.GridValue(value.dims[:dim] + (lg.batch_part_atoms(size, self.batch_size),) + value.dims[dim + 1:])
         if any(axis == "b" for axis, _, _ in value.dims[dim]):
             return None
         rest = lambda v: v.dims[:dim] + v.dims[dim + 1:]  # noqa: E731
