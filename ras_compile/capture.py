@@ -110,7 +110,8 @@ def model_frame(exc: BaseException) -> str:
         return ""
     frame = frames[-1]
     line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-    return f" at {os.path.basename(frame.filename)}:{frame.lineno} `{line}`"
+    where = f" at {os.path.basename(frame.filename)}:{frame.lineno}"
+    return f"{where} `{line}`" if line else where  # (a source file edited since it was loaded reads blank)
 
 
 _PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
@@ -151,11 +152,24 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
     finally:
         forget_capture_memos(memos)  # tables the forward memoised while tracing hold fake tensors
     sys.stderr.write(printed.getvalue())
+    program = _inline_autocast(program)
     bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
     if bad:
         raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "
                                     "a stateless forward is required")
     return program
+
+
+def _inline_autocast(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A forward that runs (part of) itself under ``torch.autocast`` is exported with that region as one
+    ``wrap_with_autocast`` higher-order op around a submodule: the analysis would see one opaque node where the
+    latent enters. Lowering to the inference IR with no decompositions inlines the region, the casts autocast
+    makes becoming explicit ``_to_copy`` nodes (values unchanged); other graphs are left as exported."""
+    hops = (torch.ops.higher_order.wrap_with_autocast,)
+    if not any(n.op == "call_function" and n.target in hops for n in program.graph.nodes):
+        return program
+    with torch.no_grad():
+        return program.run_decompositions({})
 
 
 def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:

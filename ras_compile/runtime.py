@@ -140,6 +140,7 @@ class RASModule(torch.nn.Module):
         self._captures: dict = {}
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
         self._warned_recapture = False
+        self._warned_timestep = False
 
     @property
     def ras_controller(self) -> RASController:
@@ -157,6 +158,7 @@ class RASModule(torch.nn.Module):
         key = signature_key(call)
         captured = self._captures.pop(key, None)
         if captured is None:
+            self._warn_number_timestep(call)
             self._warn_recapture(key, call)
             captured = self._capture(key, call)
             while len(self._captures) >= MAX_CAPTURES:  # forget the least recently used signature
@@ -176,6 +178,18 @@ class RASModule(torch.nn.Module):
             "capture and compile, and the first step on it runs dense with empty caches. Keep non-tensor "
             "arguments fixed over a generation (pass a fresh copy of a dict the forward mutates), or pass "
             "a value that changes every step as a tensor.", stacklevel=4)
+
+    def _warn_number_timestep(self, call: dict) -> None:
+        """Once per module, at the first capture: a timestep passed as a Python number is a constant of
+        the captured graph, so every step would capture again and run dense."""
+        t = call.get(self._timestep_arg) if self._timestep_arg is not None else None
+        if self._warned_timestep or isinstance(t, bool) or not isinstance(t, (int, float)):
+            return
+        self._warned_timestep = True
+        warnings.warn(
+            f"the timestep argument '{self._timestep_arg}' is a Python number ({t!r}): a captured graph holds it "
+            "as a constant, so every new value is a new capture and compile whose first step runs dense, and "
+            f"RAS never runs a sparse step. Pass it as a tensor (e.g. torch.full((batch,), {t!r})).", stacklevel=4)
 
     def _capture(self, key, call: dict) -> Captured:
         latent = call.get(self._latent_arg)

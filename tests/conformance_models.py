@@ -1104,9 +1104,15 @@ BASE_FAMILY_NAMES = tuple(f.name for f in FAMILY_LIST)  # the families of this m
 # the families of newer diffusers classes live in their own modules, which import the helpers above
 from conformance_audio import AUDIO_FAMILIES  # noqa: E402
 from conformance_image import IMAGE_FAMILIES  # noqa: E402
+from conformance_plain_dit import PLAIN_DIT_FAMILIES  # noqa: E402
+from conformance_plain_mmdit import PLAIN_MMDIT_FAMILIES  # noqa: E402
+from conformance_plain_ops import PLAIN_OPS_FAMILIES  # noqa: E402
+from conformance_plain_video import PLAIN_VIDEO_FAMILIES  # noqa: E402
 from conformance_video import VIDEO_FAMILIES  # noqa: E402
 
-FAMILY_LIST += IMAGE_FAMILIES + VIDEO_FAMILIES + AUDIO_FAMILIES
+# and DiTs written in plain PyTorch as research code writes them (no diffusers class)
+FAMILY_LIST += (IMAGE_FAMILIES + VIDEO_FAMILIES + AUDIO_FAMILIES
+                + PLAIN_DIT_FAMILIES + PLAIN_MMDIT_FAMILIES + PLAIN_OPS_FAMILIES + PLAIN_VIDEO_FAMILIES)
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
 assert len(FAMILIES) == len(FAMILY_LIST), "two families share a name"
 

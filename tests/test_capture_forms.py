@@ -273,6 +273,27 @@ def test_a_python_value_that_changes_between_calls_is_named_when_it_forces_a_new
         ras(**step(800.0), scale=0.5)
 
 
+def test_a_timestep_passed_as_a_python_number_is_warned_at_the_first_capture():
+    """A float timestep is a constant of the captured graph: every step would capture again, dense."""
+
+    class FloatTime(FormDiT):
+        def forward(self, hidden_states, timestep: float):
+            return super().forward(hidden_states, torch.full((hidden_states.shape[0],), timestep))
+
+    ras = ras_compile(FloatTime("qkv_select").eval(), POLICY, backend=None)
+    x = _inputs("qkv_select")["hidden_states"]
+    with pytest.warns(UserWarning, match=r"the timestep argument 'timestep' is a Python number \(999.0\)"):
+        ras(x, 999.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ras(x, 900.0)  # the next step: a new capture, and the warning is not repeated
+    assert not [w for w in seen if "Python number" in str(w.message)]
+    timed = ras_compile(FormDiT("qkv_select").eval(), POLICY, backend=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        timed(**_inputs("qkv_select"))  # a tensor timestep: no warning
+
+
 def test_a_dict_argument_that_gains_entries_is_named_when_it_forces_a_new_capture():
     """A dict argument that gains keys between calls (AnyFlow-FAR's forward adds two to its
     kv_cache_flag when it runs eagerly, so a loop reusing one dict changes it after the first call)."""

@@ -17,7 +17,6 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 
 # family -> (node or op named in the refusal, words of the reason)
 REFUSED = {
-    "latte": (None, "no token sequence found"),  # spatial attention per frame: tokens merged with the batch
     "lumina2": (None, "torch.export could not capture"),
     "mochi": ("aten.nonzero.default", "depends on tensor values"),
     "hidream": (None, "torch.export could not capture"),  # MoE dispatch reads expert counts on the host
@@ -36,6 +35,9 @@ REFUSED = {
     "motif_video_decoder": ("aten.cat.default", "two image-token sequences"),  # decoder attends [new, encoder] image
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
+    # plain-PyTorch research DiTs (conformance_plain_*)
+    "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
+    "plain_stdit": (None, "the token stream ends where"),  # frames folded into the batch after the token sequence
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:
@@ -50,6 +52,8 @@ _modules: dict[str, tuple] = {}
 def _prediction(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):  # plain-PyTorch models return the prediction itself
         return out
+    if isinstance(out, dict):  # or a dict of outputs, the prediction first
+        return next(iter(out.values()))
     return out[0] if isinstance(out, tuple) else out.sample
 
 

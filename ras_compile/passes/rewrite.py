@@ -249,11 +249,12 @@ class _SparseBuilder:
 
         def gather(value):
             # a RoPE or position table meets the token stream in every layer: gather it once
-            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold)
+            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold, lay.token_major)
             if key not in self._side_gathers:
                 if lay.fold:
                     self._side_gathers[key] = self.graph.call_function(
-                        token_ops.gather_folded_rows, (value, self.index, lay.token_dim, side.rank, lay.fold))
+                        token_ops.gather_folded_rows,
+                        (value, self.index, lay.token_dim, side.rank, lay.fold, lay.token_major))
                 else:
                     self._side_gathers[key] = self.graph.call_function(
                         token_ops.gather_tokens, (value, self.positions(lay), lay.batch_dim, lay.token_dim, side.rank))

@@ -43,7 +43,8 @@ class TokenLayout:
     ``[B, N, F, D] -> [B * N, F, D]``, attention over the frames of each token). Axis
     ``token_dim`` then holds the rows ``(sample, token, inner)`` in row-major order,
     ``fold`` inner rows per token, for the whole batch; ``batch_dim`` is None and the
-    axis holds image tokens only."""
+    axis holds image tokens only. ``token_major``: the rows are ``(token, sample, inner)``
+    instead (sequence-first code: ``[N, B, D] -> [N * B, D]``)."""
 
     token_dim: int
     batch_dim: int | None
@@ -51,6 +52,7 @@ class TokenLayout:
     length: int
     batch_group: int = 1
     fold: int = 0
+    token_major: bool = False
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
                 offset: int | None = None, length: int | None = None,
@@ -63,7 +65,13 @@ class TokenLayout:
             self.length if length is None else length,
             1 if batch_dim is None else self.batch_group if batch_group is None else batch_group,
             self.fold,
+            self.token_major,
         )
+
+    @property
+    def axis(self) -> tuple:
+        """What two operands must share to carry their tokens on the same axis the same way."""
+        return self.token_dim, self.offset, self.length, self.fold, self.token_major
 
     def rows(self, batch_size: int) -> int:
         """Dense size of axis ``token_dim``."""
@@ -195,6 +203,19 @@ def _regroup_batch_through_view(in_shape, out_shape, batch_dim: int, group: int,
                 merged *= in_shape[end]
                 if merged == size:
                     return j, group * (merged // in_shape[batch_dim])
+            # fold with the outer factor of the next axis: [.., B, H * d] -> [.., B * H, d] in one view
+            # (nn.MultiheadAttention's ``q.view(L, B * heads, head_dim)``)
+            nxt = batch_dim + 1
+            if size % in_shape[batch_dim] == 0 and nxt < len(in_shape) and nxt != token_dim:
+                f = size // in_shape[batch_dim]
+                if f > 1 and in_shape[nxt] % f == 0:
+                    rest, acc = in_shape[nxt] // f, 1
+                    for s in out_shape[j + 1:]:
+                        if acc >= rest:
+                            break
+                        acc *= s
+                    if acc == rest:
+                        return j, group * f
             # split: input axis batch_dim becomes output axes j, j+1, ... with samples in axis j
             if in_shape[batch_dim] % size == 0 and size % batch_size == 0 and size != in_shape[batch_dim]:
                 return j, size // batch_size
@@ -253,8 +274,14 @@ class _Analyzer:
         a.layouts = {n.name: v for n, v in self.layout.items()}
         a.counts = dict(self.counts)
         if not a.attention and not a.cross_attention:
-            raise UnsupportedModelError("the token stream reaches no scaled_dot_product_attention node; "
-                                        "nothing would be saved by RAS")
+            where = ""
+            if a.densify_reasons:  # the stream ended at a densified value: say where, and why
+                site, reason = next(iter(a.densify_reasons.items()))
+                consumer, value = site.split(":", 1)
+                where = (f": the token stream ends where '{value}' is densified before '{consumer}' ({reason}), "
+                         "and everything after it runs on the full tensor")
+            raise UnsupportedModelError("the token stream reaches no scaled_dot_product_attention node" + where
+                                        + "; nothing would be saved by RAS")
         return a
 
     # -- grid phase ---------------------------------------------------------------------
@@ -480,8 +507,7 @@ def _pointwise(an: _Analyzer, node: fx.Node):
         aligned = _align(lay, len(_shape(arg)), out_rank)
         if result is None:
             result = aligned
-        elif (aligned.token_dim, aligned.offset, aligned.length, aligned.fold) != \
-                (result.token_dim, result.offset, result.length, result.fold):
+        elif aligned.axis != result.axis:
             an.refuse(node, "operands carry image tokens on different axes or at different offsets")
         elif result.batch_dim is None:
             result = aligned
@@ -511,6 +537,10 @@ def _view(an: _Analyzer, node: fx.Node):
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
     if token_dim is None and an.tubes:
         folded = _fold_view(an, lay, in_shape, out_shape)
+        if folded is not None:
+            return folded
+    if token_dim is None and an.tubes:
+        folded = _token_major_fold_view(an, lay, in_shape, out_shape)
         if folded is not None:
             return folded
     if token_dim is None:
@@ -555,11 +585,34 @@ def _fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLay
     return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
 
 
+def _token_major_fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLayout | None:
+    """``[N, B, ...] -> [N * B * inner, ...]``: the image tokens and the samples behind them merged into
+    one axis (sequence-first code, nn.MultiheadAttention's out-projection over ``L * B`` rows): every
+    row still belongs to one (token, sample); only row-wise operators may follow until a view splits
+    it back into ``[N, B, ...]``."""
+    n, batch = lay.length, an.batch_size
+    if lay.batch_dim is None or lay.batch_group != 1 or lay.batch_dim != lay.token_dim + 1 \
+            or lay.offset != 0 or n != an.analysis.num_tokens:
+        return None
+    j = _start_dim(in_shape, out_shape, lay.token_dim)
+    if j is None or out_shape[j] % (batch * n):
+        return None
+    an.relaxed_used = True
+    return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=True)
+
+
 def _unfold_view(an: _Analyzer, node: fx.Node, lay: TokenLayout, in_shape, out_shape) -> TokenLayout:
     """A view of a folded token axis: it stays folded (other axes merged into or split off its inner
-    rows), or splits back into samples and tokens ``[B, N, ...]``."""
+    rows), or splits back into samples and tokens ``[B, N, ...]`` (``[N, B, ...]`` for a token-major fold)."""
     n, batch = lay.length, an.batch_size
     j = _start_dim(in_shape, out_shape, lay.token_dim)
+    if lay.token_major:
+        if j is not None and out_shape[j] % (batch * n) == 0:
+            return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=True)
+        if j is not None and out_shape[j] == n and j + 1 < len(out_shape) and out_shape[j + 1] == batch:
+            return TokenLayout(j, j + 1, 0, n)
+        an.refuse(node, "a view that splits a token axis merged with the batch axis (rows token x sample) "
+                        "other than back into tokens and samples")
     if j is not None and out_shape[j] % (batch * n) == 0:
         return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
     if j is not None and out_shape[j] == batch and j + 1 < len(out_shape) and out_shape[j + 1] == n:
@@ -687,7 +740,7 @@ def _matmul(an, node):
                         "and not part of an attention the pass recognises (softmax over the last axis of q k^T, "
                         "times v, with only scales, masks and casts between: see docs/how-it-works.md); "
                         "write it with scaled_dot_product_attention")
-    outs = {(r[2].token_dim, r[2].offset, r[2].length, r[2].fold) for r in roles}
+    outs = {r[2].axis for r in roles}
     if len(outs) > 1:
         an.refuse(node, "matrix product operands carry image tokens on different axes")
     return roles[0][2]
@@ -833,8 +886,7 @@ def _cat(an, node):
         if lay is None:
             if _shape(t)[first.token_dim] != 1:
                 an.side_input(node, i, first, rank)
-        elif (lay.token_dim, lay.offset, lay.length, lay.fold) != (first.token_dim, first.offset, first.length,
-                                                                   first.fold):
+        elif lay.axis != first.axis:
             an.refuse(node, "concatenated tensors carry image tokens on different axes")
     return first
 
@@ -850,8 +902,7 @@ def _stack(an, node):
         if lay is None:
             if _shape(t)[first.token_dim] != 1:
                 an.side_input(node, i, first, rank - 1)
-        elif (lay.token_dim, lay.offset, lay.length, lay.fold) != (first.token_dim, first.offset, first.length,
-                                                                   first.fold):
+        elif lay.axis != first.axis:
             an.refuse(node, "stacked tensors carry image tokens on different axes")
     return first.shifted(token_dim=bump(first.token_dim), batch_dim=bump(first.batch_dim))
 
@@ -900,7 +951,7 @@ def _token_batched_sdpa(an: _Analyzer, node: fx.Node, lq: TokenLayout):
     frames of each token, ``[B * N, heads, F, d]``): every token attends within its own row, so it
     is token-wise. K, V and a mask with that axis are gathered like any operand of a token-wise node."""
     rank = len(_shape(node.args[0]))
-    want = (lq.token_dim, lq.offset, lq.length, lq.fold)
+    want = lq.axis
     operands = [(1, node.args[1]), (2, node.args[2])]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if isinstance(mask, fx.Node):
@@ -912,7 +963,7 @@ def _token_batched_sdpa(an: _Analyzer, node: fx.Node, lq: TokenLayout):
         op_rank = len(_shape(operand))
         if lay is not None:
             aligned = _align(lay, op_rank, rank)
-            if (aligned.token_dim, aligned.offset, aligned.length, aligned.fold) != want:
+            if aligned.axis != want:
                 an.refuse(node, "queries carry image tokens on a batch axis, but keys or values carry them elsewhere")
             continue
         pos = lq.token_dim - (rank - op_rank)
@@ -923,6 +974,108 @@ def _token_batched_sdpa(an: _Analyzer, node: fx.Node, lq: TokenLayout):
             an.side_input(node, i, lq, rank)
     an.analysis.token_batched_attention.append(node.name)
     return lq
+
+
+def _dim_arg(node, index, default):
+    if len(node.args) > index:
+        return node.args[index]
+    name = node.target._schema.arguments[index].name if isinstance(node.target, torch._ops.OpOverload) else "dim"
+    return node.kwargs.get(name, default)
+
+
+def _index_reduction(an, node):
+    """argmax / argmin over an axis other than the token axis (a router's expert choice): token-wise.
+    Over the token axis, or over the flattened tensor (dim=None), it mixes tokens: densified."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    dim = _dim_arg(node, 1, None)
+    if dim is None or _norm_dim(dim, rank) == lay.token_dim:
+        an.densify(node.args[0], node, "an argmax / argmin over the token axis")
+        return None
+    dim = _norm_dim(dim, rank)
+    if len(_shape(node)) == rank:  # keepdim
+        return lay
+    drop = lambda x: None if x is None else (x - 1 if x > dim else x)
+    return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
+
+
+def _sort_like(an, node):
+    """topk / sort (values, indices) along an axis other than the token axis (top-k routing over
+    experts): token-wise, both outputs keep the input's layout. Along the token axis: densified."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    dim = _dim_arg(node, 2 if _packet(node) is aten.topk else 1, -1)
+    if _norm_dim(dim, rank) == lay.token_dim:
+        an.densify(node.args[0], node, "a topk / sort along the token axis")
+        return [None for _ in node.meta["val"]]
+    return [lay for _ in node.meta["val"]]
+
+
+def _gather_scatter(an, node):
+    """gather / scatter / scatter_add along an axis other than the token axis (picking or placing
+    experts per token): token-wise when every tensor operand that carries tokens carries them on the
+    same axis; an operand without tokens but with a token-sized axis there is a side input. Along the
+    token axis it moves values between tokens: refused."""
+    out_rank = len(_shape(node))
+    dim = _norm_dim(node.args[1], out_rank)
+    result = None
+    for i, arg in enumerate(node.args):
+        lay = _layout(an, arg)
+        if lay is None:
+            continue
+        if len(_shape(arg)) != out_rank:
+            an.refuse(node, "a gather / scatter operand of another rank carries image tokens")
+        if result is None:
+            result = lay
+        elif lay.axis != result.axis:
+            an.refuse(node, "gather / scatter operands carry image tokens on different axes")
+        elif result.batch_dim is None:
+            result = lay
+    if dim == result.token_dim:
+        an.refuse(node, "a gather / scatter along the token axis moves values between image tokens")
+    rows = result.rows(an.batch_size)
+    if _shape(node)[result.token_dim] != rows:
+        an.refuse(node, "a gather whose index covers part of the token axis")
+    for i, arg in enumerate(node.args):
+        if _is_tensor(arg) and _layout(an, arg) is None and len(_shape(arg)) == out_rank \
+                and _shape(arg)[result.token_dim] != 1:
+            if _shape(arg)[result.token_dim] != rows:
+                an.refuse(node, f"operand {i} has size {_shape(arg)[result.token_dim]} on the token axis of "
+                                f"length {rows}")
+            an.side_input(node, i, result, out_rank)
+    return result
+
+
+def _one_hot(an, node):
+    """one_hot appends the class axis: the token axis stays where it was."""
+    return _layout(an, node.args[0])
+
+
+_FFT_ONE = {aten.fft_fft, aten.fft_ifft, aten.fft_rfft, aten.fft_irfft, aten.fft_hfft, aten.fft_ihfft}
+_FFT_TWO = {aten.fft_fft2, aten.fft_ifft2, aten.fft_rfft2, aten.fft_irfft2}
+_FFT_N = {aten.fft_fftn, aten.fft_ifftn, aten.fft_rfftn, aten.fft_irfftn}
+
+
+def _fft(an, node):
+    """A discrete Fourier transform mixes every position of the axes it transforms: over the token
+    axis (FNet, a GFNet/AFNO filter on [B, N, C]) it runs on the full input (densified); over other
+    axes only it is token-wise (the token axis keeps its place and size)."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    packet = _packet(node)
+    if packet in _FFT_ONE:
+        dims = [_dim_arg(node, 2, -1)]
+    elif packet in _FFT_TWO:
+        dims = list(_dim_arg(node, 2, (-2, -1)))
+    else:
+        dims = _dim_arg(node, 2, None)
+        s = _dim_arg(node, 1, None)
+        dims = list(dims) if dims is not None else (list(range(rank - len(s), rank)) if s is not None
+                                                    else list(range(rank)))
+    if lay.token_dim in {_norm_dim(d, rank) for d in dims}:
+        an.densify(node.args[0], node, "a Fourier transform over the token axis")
+        return None
+    return lay
 
 
 _TOKEN_RULES = {
@@ -942,6 +1095,11 @@ _TOKEN_RULES = {
     aten.repeat: _repeat, aten.repeat_interleave: _repeat,
     aten.view_as_complex: _complex_view, aten.view_as_real: _complex_view,
     aten.scaled_dot_product_attention: _sdpa,
+    aten.argmax: _index_reduction, aten.argmin: _index_reduction,
+    aten.topk: _sort_like, aten.sort: _sort_like,
+    aten.gather: _gather_scatter, aten.scatter: _gather_scatter, aten.scatter_add: _gather_scatter,
+    aten.one_hot: _one_hot, aten.real: _same_shape, aten.imag: _same_shape,
+    **{p: _fft for p in _FFT_ONE | _FFT_TWO | _FFT_N},
     **{p: _reduction for p in _REDUCTIONS},
     **{p: _softmax for p in _SOFTMAX},
     **{p: _same_shape for p in _SAME_SHAPE},
@@ -952,7 +1110,8 @@ _TOKEN_RULES = {
 # operator meeting one is refused
 _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _transpose, _unsqueeze, _squeeze, _expand, _linear,
                _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
-               _stack, _sdpa, _repeat, _complex_view, _convolution, _pad}
+               _stack, _sdpa, _repeat, _complex_view, _convolution, _pad,
+               _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft}
 
 
 def _require_static_shapes(gm: fx.GraphModule) -> None:
@@ -972,18 +1131,21 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
 
     A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
     1-D signal ``[B, C, L]``; shapes alone cannot tell, so the token reading is tried
-    first and the signal reading if the graph refutes it. If every reading fails, a
-    relaxed one follows: grid axes folded into the batch axis become tubes, and the token
-    axis may be folded into the batch axis (attention within each frame and over the
-    frames of each token, Latte's factorised blocks). It only runs where the plain
-    readings fail, so a model they accept keeps their analysis.
+    first and the signal reading if the graph refutes it. A relaxed reading follows: grid
+    axes folded into the batch axis become tubes, and the token axis may be folded into
+    the batch axis (attention within each frame and over the frames of each token,
+    Latte's factorised blocks; sequence-first ``[N * B, D]`` rows). It replaces an
+    accepted plain reading only where it runs more nodes on the active rows, so a model
+    the plain reading serves as well keeps that analysis.
     """
     _require_static_shapes(gm)
     readings = [True, False] if latent.meta["val"].dim() == 3 else [False]
-    errors = []
+    errors, plain = [], None
     for tokens_first in readings:
         try:
-            return _reading(gm, latent, kv_cache, tokens_first, tubes=False)
+            plain = _reading(gm, latent, kv_cache, tokens_first, tubes=False)
+            readings = [tokens_first]  # the relaxed reading keeps the plain one's reading of the latent
+            break
         except UnsupportedModelError as exc:
             errors.append(exc)
     relaxed = []
@@ -991,10 +1153,18 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
         analyzer = _Analyzer(gm, latent, tubes=True)
         analyzer.policy_kv_cache = kv_cache
         try:
-            return analyzer.run(tokens_first)
+            found = analyzer.run(tokens_first)
         except UnsupportedModelError as exc:
             if analyzer.relaxed_used:
                 relaxed.append(exc)
+            continue
+        # the relaxed reading replaces an accepted plain one only where it runs more of the graph on
+        # the active rows (a fold the plain reading had to densify at)
+        if plain is None or (analyzer.relaxed_used and found.counts["token_wise"] > plain.counts["token_wise"]):
+            return found
+        break
+    if plain is not None:
+        return plain
     where = lambda e: f" (node '{e.node}', {e.op})" if e.node is not None else ""  # noqa: E731
     if len(errors) == 1:
         error = errors[0]

@@ -64,17 +64,22 @@ def gather_tokens(x: torch.Tensor, pos: torch.Tensor, batch_dim: int | None, tok
     return gathered.movedim((0, 1), (batch_dim, token_dim))
 
 
-def gather_folded_rows(x: torch.Tensor, index: torch.Tensor, dim: int, rank: int, inner: int) -> torch.Tensor:
+def gather_folded_rows(x: torch.Tensor, index: torch.Tensor, dim: int, rank: int, inner: int,
+                       token_major: bool = False) -> torch.Tensor:
     """The active rows of ``x`` along an axis that folds the token axis into the batch axis:
-    axis ``dim`` holds rows ``(sample, token, inner)`` row-major (``inner`` rows per token), and
-    the result keeps rows ``(b, index[b, i], j)`` for every ``j`` in the same order.
+    axis ``dim`` holds rows ``(sample, token, inner)`` row-major (``inner`` rows per token;
+    ``(token, sample, inner)`` if ``token_major``), and the result keeps rows
+    ``(b, index[b, i], j)`` in the same order.
 
     ``x`` is first given ``rank`` dimensions (a side input broadcast against the token tensor)."""
     while x.dim() < rank:
         x = x.unsqueeze(0)
     batch, num_tokens = index.shape[0], x.shape[dim] // (index.shape[0] * inner)
     sample = torch.arange(batch, device=index.device, dtype=index.dtype).unsqueeze(1)
-    token_rows = (sample * num_tokens + index).unsqueeze(2) * inner
+    if token_major:  # sparse rows (i, b): dense row index[b, i] * B + b
+        token_rows = (index * batch + sample).t().unsqueeze(2) * inner
+    else:            # sparse rows (b, i): dense row b * N + index[b, i]
+        token_rows = (sample * num_tokens + index).unsqueeze(2) * inner
     rows = (token_rows + torch.arange(inner, device=index.device, dtype=index.dtype)).reshape(-1)
     return x.index_select(dim, rows)
 
