@@ -161,15 +161,65 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
 
 
 def _inline_autocast(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """A forward that runs (part of) itself under ``torch.autocast`` is exported with that region as one
-    ``wrap_with_autocast`` higher-order op around a submodule: the analysis would see one opaque node where the
-    latent enters. Lowering to the inference IR with no decompositions inlines the region, the casts autocast
-    makes becoming explicit ``_to_copy`` nodes (values unchanged); other graphs are left as exported."""
-    hops = (torch.ops.higher_order.wrap_with_autocast,)
-    if not any(n.op == "call_function" and n.target in hops for n in program.graph.nodes):
-        return program
-    with torch.no_grad():
-        return program.run_decompositions({})
+    """A forward that runs part of itself under ``torch.autocast`` is exported with that region as one
+    ``wrap_with_autocast`` higher-order op around a submodule: the analysis would see one opaque node
+    where the region meets the tokens.
+
+    * A region that switches autocast off (``enabled=False``: fp32 islands for RoPE or norms, with no
+      autocast around the capture) changes nothing: its body is inlined as it is.
+    * A region that switches it on: lowering to the inference IR with no decompositions inlines it,
+      the casts autocast makes becoming explicit ``_to_copy`` nodes (values unchanged). That lowering
+      also functionalises in-place updates (into ``slice_scatter`` and the like), so it is kept to
+      the graphs that need it.
+    """
+    gm = program.graph_module
+    while True:
+        off = [n for n in gm.graph.nodes if _autocast_region(n) and not n.args[2]]
+        if not off:
+            break
+        for node in off:
+            _inline_region(gm, node)
+    gm.recompile()
+    if any(_autocast_region(n) for n in gm.graph.nodes):
+        with torch.no_grad():
+            return program.run_decompositions({})
+    return program
+
+
+def _autocast_region(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.higher_order.wrap_with_autocast
+
+
+def _inline_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Replace ``wrap_with_autocast(device, dtype, enabled, cache, body, *operands)`` by the nodes of
+    ``body``; its ``getitem`` readers read the body's outputs."""
+    body_attr = node.args[4]
+    body = getattr(gm, body_attr.target)
+    env: dict = {}
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    for placeholder, operand in zip(placeholders, node.args[5:]):
+        env[placeholder] = operand
+    outputs = ()
+    with gm.graph.inserting_before(node):
+        for inner in body.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                outputs = inner.args[0]
+                break
+            if inner.op == "get_attr":  # a nested region's body (or a constant) moves to the outer module
+                name = f"{body_attr.target}_{inner.target}"
+                setattr(gm, name, getattr(body, inner.target))
+                env[inner] = gm.graph.get_attr(name)
+                env[inner].meta = dict(inner.meta)
+                continue
+            env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+    for user in list(node.users):
+        user.replace_all_uses_with(env[outputs[user.args[1]]])
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    if not body_attr.users:
+        gm.graph.erase_node(body_attr)
 
 
 def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:

@@ -16,7 +16,9 @@ A small DiT in plain PyTorch (``FormDiT``) written in one of :data:`FORMS`:
   NucleusMoE), which a capture must not leave holding fake tensors (fake_leaks.py);
 - ``channel_cat``: conditioning channels concatenated to the latent before the patch
   embedding (MiniMax-Music-3, ACE-Step);
-- ``conv_transpose_out``: the unpatchify as a transposed convolution (ACE-Step).
+- ``conv_transpose_out``: the unpatchify as a transposed convolution (ACE-Step);
+- ``fp32_island``: the attention inside ``torch.autocast(enabled=False)`` (Helios computes its
+  RoPE grid so), exported as one higher-order region node, which the capture inlines.
 
 Each keeps the properties every supported model keeps: the compiled dense step equals the
 model, and a sparse step right after a dense step equals it for any active set.
@@ -38,7 +40,7 @@ from ras_compile.fake_leaks import forget_capture_memos, snapshot
 from ras_compile.passes.einsum_permute import lower_einsum_permutes
 
 FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
-         "channel_cat", "conv_transpose_out")
+         "channel_cat", "conv_transpose_out", "fp32_island")
 COND = 2  # conditioning channels of channel_cat
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 C, P, D, HEADS = 4, 2, 16, 2
@@ -99,6 +101,9 @@ class FormDiT(nn.Module):
         if self.form == "flex":
             from torch.nn.attention.flex_attention import flex_attention
             a = flex_attention(q, k, v)
+        elif self.form == "fp32_island":
+            with torch.autocast(q.device.type, enabled=False):
+                a = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         else:
             a = F.scaled_dot_product_attention(q, k, v)
         return self.out(a.transpose(1, 2).reshape(b, n, D))

@@ -16,14 +16,10 @@ from conformance_models import FAMILIES
 from families import Case, flow_sigmas, prediction_of, timestep_for
 from ras_compile import RASPolicy, ras_compile
 from ras_compile.passes import token_ops
-from test_conformance import SUPPORTED, _euler_step, _timestep
+from test_conformance import SUPPORTED, _euler_step, _prediction, _timestep
 
 BATCH = 2
 _modules: dict = {}
-
-
-def _out(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out.sample
 
 
 def _pair(name: str):
@@ -49,9 +45,9 @@ def test_fused_sparse_step_equals_the_unfused_one_and_the_dense_output(name, dat
     results = []
     for ras in (plain, fused):
         ras.ras_controller.reset()
-        dense = _out(ras(**kwargs))
+        dense = _prediction(ras(**kwargs))
         ras.ras_controller.override_next_step("sparse", index)
-        results.append((dense, _out(ras(**kwargs))))
+        results.append((dense, _prediction(ras(**kwargs))))
     (dense, unfused), (dense_f, sparse_f) = results
     torch.testing.assert_close(dense_f, dense, rtol=0, atol=0)
     torch.testing.assert_close(sparse_f, unfused, rtol=0, atol=0)
@@ -154,9 +150,9 @@ def test_normed_k_fused_sparse_step_after_dense_returns_the_dense_output_under_a
     k = data.draw(st.integers(1, n), label="k")
     index = torch.tensor([sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)])
     ras.ras_controller.reset()
-    dense = _out(ras(**kwargs))
+    dense = _prediction(ras(**kwargs))
     ras.ras_controller.override_next_step("sparse", index)
-    sparse = _out(ras(**kwargs))
+    sparse = _prediction(ras(**kwargs))
     assert ras.ras_controller.stats[-1].mode == "sparse"
     assert ras.ras_analysis(**kwargs).counts["kv_norms_fused"] > 0
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
@@ -171,8 +167,8 @@ def test_normed_k_fused_ratio_one_equals_the_dense_model_under_aot_eager(name):
     with torch.no_grad():
         for step in range(3):
             t = _timestep(kwargs[t_arg], step, 3)
-            want = _out(model(**dict(kwargs, **{latent: dense_latent, t_arg: t})))
-            got = _out(ras(**dict(kwargs, **{latent: ras_latent, t_arg: t})))
+            want = _prediction(model(**dict(kwargs, **{latent: dense_latent, t_arg: t})))
+            got = _prediction(ras(**dict(kwargs, **{latent: ras_latent, t_arg: t})))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             dense_latent, ras_latent = _euler_step(dense_latent, want), _euler_step(ras_latent, got)
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]

@@ -512,16 +512,20 @@ def _pointwise(an: _Analyzer, node: fx.Node):
         elif result.batch_dim is None:
             result = aligned
     for i, arg in operands:
-        if _layout(an, arg) is not None:
-            continue
-        shape = _shape(arg)
-        pos = result.token_dim - (out_rank - len(shape))
-        if pos >= 0 and shape[pos] != 1:
-            if shape[pos] != result.rows(an.batch_size):
-                an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length "
-                                f"{result.rows(an.batch_size)}")
-            an.side_input(node, i, result, out_rank)
+        if _layout(an, arg) is None:
+            _side_operand(an, node, i, arg, result, out_rank)
     return result
+
+
+def _side_operand(an, node, i: int, arg: fx.Node, lay: TokenLayout, rank: int) -> None:
+    """Operand ``i`` carries no tokens but broadcasts against a result laid out as ``lay`` (of
+    ``rank`` dimensions): a side input to gather where it has the token axis at full size."""
+    shape = _shape(arg)
+    pos = lay.token_dim - (rank - len(shape))
+    if pos >= 0 and shape[pos] != 1:
+        if shape[pos] != lay.rows(an.batch_size):
+            an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length {lay.rows(an.batch_size)}")
+        an.side_input(node, i, lay, rank)
 
 
 def _same_shape(an, node):
@@ -966,12 +970,7 @@ def _token_batched_sdpa(an: _Analyzer, node: fx.Node, lq: TokenLayout):
             if aligned.axis != want:
                 an.refuse(node, "queries carry image tokens on a batch axis, but keys or values carry them elsewhere")
             continue
-        pos = lq.token_dim - (rank - op_rank)
-        if pos >= 0 and _shape(operand)[pos] != 1:
-            if _shape(operand)[pos] != lq.rows(an.batch_size):
-                an.refuse(node, f"operand {i} has size {_shape(operand)[pos]} on the token axis of length "
-                                f"{lq.rows(an.batch_size)}")
-            an.side_input(node, i, lq, rank)
+        _side_operand(an, node, i, operand, lq, rank)
     an.analysis.token_batched_attention.append(node.name)
     return lq
 
@@ -1037,12 +1036,8 @@ def _gather_scatter(an, node):
     if _shape(node)[result.token_dim] != rows:
         an.refuse(node, "a gather whose index covers part of the token axis")
     for i, arg in enumerate(node.args):
-        if _is_tensor(arg) and _layout(an, arg) is None and len(_shape(arg)) == out_rank \
-                and _shape(arg)[result.token_dim] != 1:
-            if _shape(arg)[result.token_dim] != rows:
-                an.refuse(node, f"operand {i} has size {_shape(arg)[result.token_dim]} on the token axis of "
-                                f"length {rows}")
-            an.side_input(node, i, result, out_rank)
+        if _is_tensor(arg) and _layout(an, arg) is None and len(_shape(arg)) == out_rank:
+            _side_operand(an, node, i, arg, result, out_rank)
     return result
 
 
