@@ -208,3 +208,43 @@ def test_a_model_the_plain_reading_accepts_never_reads_tubes():
     assert analysis.num_tokens == FRAMES * N
     assert analysis.grid.tube_axes == ()
     assert not analysis.token_batched_attention
+
+
+def test_a_token_axis_flattened_with_the_batch_stays_token_wise():
+    """``x.reshape(B * N, D)`` around a projection (MoE and MLP code): the plain reading densifies at the
+    view and runs the rest on all tokens; the relaxed reading folds the token axis into the batch and
+    keeps the stream on the active rows, so it replaces the plain one."""
+
+    class Flattened(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(C, D, P, stride=P)
+            self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+            self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+            self.final = nn.Linear(D, P * P * C)
+
+        def forward(self, hidden_states, timestep):
+            b, c, h, w = hidden_states.shape
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            n = x.shape[1]
+            q, k, v = FactorisedDiT._heads(x, self.qkv)
+            x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, D))
+            x = x + self.mlp(x.reshape(b * n, D)).reshape(b, n, D)
+            q, k, v = FactorisedDiT._heads(x, self.qkv)
+            x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, D))
+            x = self.final(x).reshape(b, h // P, w // P, P, P, c).permute(0, 5, 1, 3, 2, 4)
+            return x.reshape(b, c, h, w) * timestep.reshape(-1, 1, 1, 1) / 1000.0
+
+    torch.manual_seed(0)
+    model = Flattened().eval()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, C, HEIGHT, WIDTH, generator=g), timestep=torch.tensor([999.0, 500.0]))
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert len(analysis.attention) == 2 and analysis.counts["densified"] == 1  # only the unpatchify
+    assert analysis.grid.tube_axes == ()
+    dense = ras(**kw)
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[1, 4, 9], [0, 2, 23]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
