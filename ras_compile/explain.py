@@ -15,7 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .passes.fuse_projection import fuse_kv_projections
-from .passes.token_axis import TokenAnalysis
+from .passes.split_projection import split_packed_projections
+from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
 
 
@@ -160,6 +161,23 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
     )
 
 
+def _fusible_on_cuda(captured, policy: RASPolicy) -> list:
+    """The K/V projections a CUDA capture fuses with their cache write: on a copy of the graph, packed
+    q/k/v projections split into one per part, then the fusion pass (runtime.RASModule._capture)."""
+    gm = captured.program.graph_module
+    if captured.analysis.fused_projections:  # the capture fused already (a CUDA model)
+        return list(captured.analysis.fused_projections)
+    graph = torch.fx.Graph()
+    nodes = {}
+    graph.output(graph.graph_copy(gm.graph, nodes))
+    copy = torch.fx.GraphModule(gm, graph)
+    analysis = captured.analysis
+    if split_packed_projections(copy, analysis):
+        latent = next(n for n in copy.graph.nodes if n.op == "placeholder" and n.name == captured.latent_node)
+        analysis = analyze_tokens(copy, latent, kv_cache=policy.kv_cache)
+    return fuse_kv_projections(copy, analysis).fused_projections
+
+
 def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | None = None, *,
             ratio: float | None = None, latent_arg: str | None = None, timestep_arg: str | None = None,
             verbose: bool = True) -> Explanation:
@@ -178,7 +196,7 @@ def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | No
     captured = module.ras_captured(call_arguments(module._signature, (), dict(example_inputs)))
     result = explanation_of(type(model).__name__, captured.analysis, captured.dense, captured.sparse, policy,
                             policy.sample_ratio if ratio is None else ratio)
-    fused = fuse_kv_projections(captured.program.graph_module, captured.analysis).fused_projections
+    fused = _fusible_on_cuda(captured, policy)
     result.fusible_projections = [f.linear for f in fused]
     result.fused_norms = [f.linear for f in fused if f.norm is not None]
     if verbose:

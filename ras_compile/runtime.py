@@ -22,6 +22,7 @@ from .passes.attention_pattern import recognise_attention
 from .passes.einsum_permute import lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
+from .passes.split_projection import split_packed_projections
 from .passes.masked_update import rewrite_masked_updates
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
@@ -211,9 +212,11 @@ class RASModule(torch.nn.Module):
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
             analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
-            analysis.recognised_attention = recognised
             if self._fuses(latent.device):
+                if split_packed_projections(gm, analysis):  # one linear per part of a packed q/k/v
+                    analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
                 analysis = fuse_kv_projections(gm, analysis)
+            analysis.recognised_attention = recognised
         except UnsupportedModelError as exc:
             if self.ras_policy.on_unsupported != "fallback":
                 raise

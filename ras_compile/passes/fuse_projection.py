@@ -41,7 +41,7 @@ from .token_axis import CacheSite, TokenAnalysis, TokenLayout, _packet, _readers
 aten = torch.ops.aten
 
 _LAYOUT_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.unsqueeze,
-                aten.unflatten, aten.alias}
+                aten.squeeze, aten.unflatten, aten.alias}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,11 @@ def _chain_input(node: fx.Node, analysis: TokenAnalysis) -> fx.Node | None:
     packet = _packet(node) if node.op == "call_function" else None
     if packet in _LAYOUT_ONLY and isinstance(node.args[0], fx.Node):
         return node.args[0]
+    if packet is aten.select and node.args[0].meta["val"].shape[node.args[1]] == 1:
+        return node.args[0]  # the one part of a split packed projection (passes/split_projection.py)
+    if packet in (aten.to, aten._to_copy) and node.meta["val"].dtype == node.args[0].meta["val"].dtype \
+            and node.meta["val"].device == node.args[0].meta["val"].device:
+        return node.args[0]  # .float() of a float tensor
     if packet is aten.cat:
         lay = _layout(analysis, node)
         rank = node.meta["val"].dim()
@@ -176,7 +181,7 @@ def _aligned_heads(linear: fx.Node, pre_norm: list[fx.Node], head_dim: int) -> b
     probe = torch.empty(tuple(int(s) for s in val.shape), dtype=val.dtype, device="meta")
     out = probe
     for node in pre_norm:
-        if _packet(node) not in _LAYOUT_ONLY or any(isinstance(a, fx.Node) for a in node.args[1:]):
+        if _packet(node) not in _LAYOUT_ONLY | {aten.select} or any(isinstance(a, fx.Node) for a in node.args[1:]):
             return False  # a concatenation (text rows un-normalised in the replay) or a traced shape
         try:
             out = node.target(out, *node.args[1:], **node.kwargs)
