@@ -29,7 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from plain_dits import PlainDiT
 from ras_compile import RASPolicy, UnsupportedModelError, explain, ras_compile
+from ras_compile.passes import token_axis
+from ras_compile.passes.latent_grid import find_token_dim as _find_token_dim
 
 C, P, D, HEADS, FRAMES = 4, 2, 16, 2, 3
 HEIGHT, WIDTH = 8, 12
@@ -248,3 +251,21 @@ def test_a_token_axis_flattened_with_the_batch_stays_token_wise():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failure_inside_the_relaxed_reading_never_costs_the_plain_one(monkeypatch):
+    """The relaxed reading runs on every capture: an exception inside it (a bug, an operator it
+    trips on) leaves the plain reading's analysis, or its precise refusal, as it was."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the relaxed reading")
+
+    monkeypatch.setattr(token_axis, "_fold_view", broken)
+    monkeypatch.setattr(token_axis.lg, "find_token_dim",
+                        lambda value, shape, tubes=False: broken() if tubes else _find_token_dim(value, shape))
+    torch.manual_seed(0)
+    plain = ras_compile(FactorisedDiT().eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError, match="no token sequence found"):  # Latte-style: plain refuses
+        plain.ras_analysis(**_inputs())
+    dit = ras_compile(PlainDiT().eval(), POLICY, backend=None)
+    analysis = dit.ras_analysis(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.full((2,), 999.0))
+    assert len(analysis.attention) == 2

@@ -1153,6 +1153,8 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
             if analyzer.relaxed_used:
                 relaxed.append(exc)
             continue
+        except Exception:  # noqa: BLE001 - a failure of the relaxed reading never costs the plain one
+            continue        # (or its precise refusal) the model it reads
         # the relaxed reading replaces an accepted plain one only where it runs more of the graph on
         # the active rows (a fold the plain reading had to densify at)
         if plain is None or (analyzer.relaxed_used and found.counts["token_wise"] > plain.counts["token_wise"]):
