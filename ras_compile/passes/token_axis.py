@@ -540,11 +540,7 @@ def _view(an: _Analyzer, node: fx.Node):
         return _unfold_view(an, node, lay, in_shape, out_shape)
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
     if token_dim is None and an.tubes:
-        folded = _fold_view(an, lay, in_shape, out_shape)
-        if folded is not None:
-            return folded
-    if token_dim is None and an.tubes:
-        folded = _token_major_fold_view(an, lay, in_shape, out_shape)
+        folded = _fold_view(an, lay, in_shape, out_shape, False) or _fold_view(an, lay, in_shape, out_shape, True)
         if folded is not None:
             return folded
     if token_dim is None:
@@ -575,34 +571,22 @@ def _start_dim(in_shape, out_shape, dim) -> int | None:
     return None
 
 
-def _fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLayout | None:
+def _fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape, token_major: bool) -> TokenLayout | None:
     """``[B, N, ...] -> [B * N * inner, ...]``: the samples and the image tokens behind them merged
-    into one axis (the token axis folded into the batch axis), or None if the view is not that."""
+    into one axis (the token axis folded into the batch axis); with ``token_major``
+    ``[N, B, ...] -> [N * B * inner, ...]`` (sequence-first code, nn.MultiheadAttention's
+    out-projection over ``L * B`` rows). Every row still belongs to one (sample, token); only
+    row-wise operators may follow until a view splits it back. None if the view is not that."""
     n, batch = lay.length, an.batch_size
-    if lay.batch_dim is None or lay.batch_group != 1 or lay.token_dim != lay.batch_dim + 1 \
+    outer, inner = (lay.token_dim, lay.batch_dim) if token_major else (lay.batch_dim, lay.token_dim)
+    if lay.batch_dim is None or lay.batch_group != 1 or inner != outer + 1 \
             or lay.offset != 0 or n != an.analysis.num_tokens:
         return None
-    j = _start_dim(in_shape, out_shape, lay.batch_dim)
+    j = _start_dim(in_shape, out_shape, outer)
     if j is None or out_shape[j] % (batch * n):
         return None
     an.relaxed_used = True
-    return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
-
-
-def _token_major_fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLayout | None:
-    """``[N, B, ...] -> [N * B * inner, ...]``: the image tokens and the samples behind them merged into
-    one axis (sequence-first code, nn.MultiheadAttention's out-projection over ``L * B`` rows): every
-    row still belongs to one (token, sample); only row-wise operators may follow until a view splits
-    it back into ``[N, B, ...]``."""
-    n, batch = lay.length, an.batch_size
-    if lay.batch_dim is None or lay.batch_group != 1 or lay.batch_dim != lay.token_dim + 1 \
-            or lay.offset != 0 or n != an.analysis.num_tokens:
-        return None
-    j = _start_dim(in_shape, out_shape, lay.token_dim)
-    if j is None or out_shape[j] % (batch * n):
-        return None
-    an.relaxed_used = True
-    return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=True)
+    return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=token_major)
 
 
 def _unfold_view(an: _Analyzer, node: fx.Node, lay: TokenLayout, in_shape, out_shape) -> TokenLayout:
@@ -610,17 +594,11 @@ def _unfold_view(an: _Analyzer, node: fx.Node, lay: TokenLayout, in_shape, out_s
     rows), or splits back into samples and tokens ``[B, N, ...]`` (``[N, B, ...]`` for a token-major fold)."""
     n, batch = lay.length, an.batch_size
     j = _start_dim(in_shape, out_shape, lay.token_dim)
-    if lay.token_major:
-        if j is not None and out_shape[j] % (batch * n) == 0:
-            return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=True)
-        if j is not None and out_shape[j] == n and j + 1 < len(out_shape) and out_shape[j + 1] == batch:
-            return TokenLayout(j, j + 1, 0, n)
-        an.refuse(node, "a view that splits a token axis merged with the batch axis (rows token x sample) "
-                        "other than back into tokens and samples")
     if j is not None and out_shape[j] % (batch * n) == 0:
-        return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n))
-    if j is not None and out_shape[j] == batch and j + 1 < len(out_shape) and out_shape[j + 1] == n:
-        return TokenLayout(j + 1, j, 0, n)
+        return TokenLayout(j, None, 0, n, 1, out_shape[j] // (batch * n), token_major=lay.token_major)
+    first, second = (n, batch) if lay.token_major else (batch, n)
+    if j is not None and out_shape[j] == first and j + 1 < len(out_shape) and out_shape[j + 1] == second:
+        return TokenLayout(j, j + 1, 0, n) if lay.token_major else TokenLayout(j + 1, j, 0, n)
     an.refuse(node, "a view that splits a token axis folded into the batch axis other than back into "
                     "samples and tokens")
 
