@@ -42,7 +42,8 @@ class Explanation:
     fused_norms: list[str] = field(default_factory=list)  # those K linears whose per-head q/k-norm is fused too
     recognised_attention: list[str] = field(default_factory=list)  # hand-written attention rewritten as SDPA
     token_batched_attention: list[str] = field(default_factory=list)  # attention within each token's own row
-    tube_axes: tuple[int, ...] = ()  # latent axes folded into the batch axis: a token spans all of them
+    tube_axes: tuple[int, ...] = ()  # latent axes a token spans whole (in the batch axis, or leading the sequence)
+    tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
 
     @property
     def flop_fraction(self) -> float:
@@ -57,8 +58,10 @@ class Explanation:
             f"  token source: {self.source}",
         ]
         if self.tube_axes:
-            lines.append(f"  tubes: latent axis {', '.join(map(str, self.tube_axes))} folded into the batch axis; "
-                         "a token is one patch position in all of them, selected and computed as a whole")
+            where = (f"kept in the token sequence ({self.tube_rows} rows per token)" if self.tube_rows > 1
+                     else "folded into the batch axis")
+            lines.append(f"  tubes: latent axis {', '.join(map(str, self.tube_axes))} is part of every token, {where}; "
+                         "a token is one patch position along all of it, selected and computed as a whole")
         for value, consumer, reason in self.densified:
             lines.append(f"  densified: {value} before {consumer} ({reason})")
         lines.append("  nodes: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()))
@@ -158,6 +161,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         recognised_attention=[str(r) for r in analysis.recognised_attention],
         token_batched_attention=list(analysis.token_batched_attention),
         tube_axes=grid.tube_axes if grid else (),
+        tube_rows=analysis.layouts[analysis.source].outer,
     )
 
 

@@ -4,8 +4,8 @@ CogVideoX-plain), Latte's factorised blocks (frames folded into the batch: token
 ACE-Step-style 1D DiTs (a ConvTranspose1d or a reshape unpatchify), a DiT on channels-last audio tokens,
 forwards that return a dict or a tuple with a per-sample auxiliary output, run under ``torch.autocast``, or
 interpolate their position table to the latent's size; and Open-Sora's STDiT, whose frames are folded into
-the batch only after the token sequence exists (refused as written, supported but densified with positions
-added on the flat sequence).
+the batch only after the token sequence exists (tokens are tubes led by the frames: one ``[B, F * S, D]``
+sequence, rows ``(frame, token)``).
 
 Same record, helpers and rules as tests/conformance_models.py, which appends these entries.
 """
@@ -468,11 +468,12 @@ class STDiT(nn.Module):
 
 PLAIN_VIDEO_FAMILIES.append(
     Family("plain_stdit", "hpcaitech/Open-Sora STDiT (sequence first, then (B T) S / (B S) T folds)", _build(STDiT),
-           _video_inputs, "hidden_states", _NV3, (1, 2, 2), _same_as("hidden_states"),
+           _video_inputs, "hidden_states", (VH // 2) * (VW // 2), (2, 2), _same_as("hidden_states"),
            notes="tokens [B, T*S, D] from the patch embedding; spatial / temporal attention fold part of the token "
-                 "axis into the batch"))
+                 "axis into the batch: tokens are tubes through the frames (num_tokens = tokens per frame), "
+                 "the sequence holds rows (frame, token)"))
 
 PLAIN_VIDEO_FAMILIES.append(
     Family("plain_stdit_flatpos", "Open-Sora STDiT, positions added on the flat [B, T*S, D] sequence",
-           _build(lambda: STDiT(pos_split=False)), _video_inputs, "hidden_states", _NV3, (1, 2, 2),
-           _same_as("hidden_states")))
+           _build(lambda: STDiT(pos_split=False)), _video_inputs, "hidden_states", (VH // 2) * (VW // 2), (2, 2),
+           _same_as("hidden_states"), notes="the flat position table is a side input gathered at the tube rows"))

@@ -37,7 +37,6 @@ REFUSED = {
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
-    "plain_stdit": (None, "the token stream ends where"),  # frames folded into the batch after the token sequence
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:

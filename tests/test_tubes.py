@@ -121,7 +121,7 @@ def test_tokens_are_tubes_through_the_folded_frames(temporal):
 
 def test_explain_names_the_tubes_and_the_attention_within_each_token():
     text = str(explain(_model("sdpa"), _inputs(), POLICY, verbose=False))
-    assert "tubes: latent axis 2 folded into the batch axis" in text
+    assert "tubes: latent axis 2 is part of every token, folded into the batch axis" in text
     assert "attention within each token (the token axis is a batch axis of it), token-wise (2)" in text
 
 
@@ -181,7 +181,7 @@ def test_a_reduction_over_a_folded_token_axis_is_refused_and_falls_back():
         ras_compile(model, POLICY, backend=None).ras_analysis(**_inputs())
     message = str(info.value)
     tubes, plain = message.split("; read without tubes: ")  # the relaxed reading's reason, then the plain one's
-    assert "read with the axes folded into the batch axis as tubes" in tubes
+    assert "read with tubes (one token = one patch position in every frame" in tubes
     assert "token axis is folded into the batch axis would have to be cached (for mean)" in tubes
     assert "no token sequence found" in plain
     ras = ras_compile(model, RASPolicy(sample_ratio=0.5, on_unsupported="fallback"), backend=None)
@@ -260,8 +260,9 @@ def test_a_failure_inside_the_relaxed_reading_never_costs_the_plain_one(monkeypa
         raise RuntimeError("a bug in the relaxed reading")
 
     monkeypatch.setattr(token_axis, "_fold_view", broken)
+    monkeypatch.setattr(token_axis, "_merge_view", broken)
     monkeypatch.setattr(token_axis.lg, "find_token_dim",
-                        lambda value, shape, tubes=False: broken() if tubes else _find_token_dim(value, shape))
+                        lambda value, shape, tubes=False, **_: broken() if tubes else _find_token_dim(value, shape))
     torch.manual_seed(0)
     plain = ras_compile(FactorisedDiT().eval(), POLICY, backend=None)
     with pytest.raises(UnsupportedModelError, match="no token sequence found"):  # Latte-style: plain refuses

@@ -16,7 +16,11 @@ A model may also fold a grid axis into the batch axis before the patch embedding
 (Latte: ``[B, C, F, H, W] -> [B * F, C, H, W]``, attention within each frame). Read
 with ``tubes=True``, such an axis is a *tube axis*: a token is then one patch position
 in every frame (a tube through the folded axis), and the folded axis counts with the
-channels of that token.
+channels of that token. A model may instead keep the frames in the token sequence and fold
+them into the batch only later (Open-Sora's STDiT: one ``[B, F * S, D]`` sequence, then
+``(B F) S`` and ``(B S) F`` views): read with ``lead_tube=True``, the leading axis of a
+token sequence over three or more grid axes is a tube axis kept *in* the sequence, whose
+rows are then ``(frame, token)``.
 """
 from __future__ import annotations
 
@@ -150,7 +154,8 @@ class TokenGrid:
     latent_shape: tuple[int, ...]   # the whole latent, batch included
     grid_axes: tuple[int, ...]
     patch_size: tuple[int, ...]     # patch extent per grid axis
-    tube_axes: tuple[int, ...] = ()  # latent dimensions folded into the batch axis: each token spans them
+    tube_axes: tuple[int, ...] = ()  # latent dimensions each token spans whole (tubes: folded into the batch
+                                     # axis, or kept in the sequence as its leading rows)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -175,7 +180,7 @@ def _is_outer(atom: Atom, extents: tuple[int, ...]) -> bool:
 
 
 def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
-                   tubes: bool = False) -> tuple[int, TokenGrid] | None:
+                   tubes: bool = False, lead_tube: bool = False) -> tuple[int, TokenGrid] | None:
     """The dimension holding the row-major patch grid, if this tensor has one.
 
     A candidate is made only of the outermost atoms of distinct latent axes, in axis
@@ -183,7 +188,9 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
     per-token feature dimension, i.e. also hold the inside of a patch; otherwise that
     axis (frames kept apart, say) still tiles the image and the candidate is only part
     of the grid. With ``tubes``, such an axis may also sit in the batch dimension
-    (behind the samples): it becomes a tube axis of the grid.
+    (behind the samples): it becomes a tube axis of the grid. With ``lead_tube``, the
+    first axis of a candidate over three or more axes becomes a tube axis too: the
+    dimension then holds ``(tube row, token)`` rows (``size // grid.num_tokens`` tube rows).
     """
     extents = tuple(latent_shape[1:])
     for dim, atoms in enumerate(value.dims):
@@ -205,6 +212,9 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
                     continue
                 complete = False
                 break
+        if complete and lead_tube and len(atoms) >= 3:
+            return dim, TokenGrid(tuple(latent_shape), tuple(a + 1 for a in axes[1:]), tuple(a[1] for a in atoms[1:]),
+                                  tuple(sorted(tube_axes + [axes[0] + 1])))
         if complete:
             return dim, TokenGrid(tuple(latent_shape), tuple(a + 1 for a in axes), tuple(a[1] for a in atoms),
                                   tuple(sorted(tube_axes)))

@@ -120,9 +120,12 @@ class _SparseBuilder:
         """The ``[rows, k]`` dense positions of the active tokens on an axis laid out as ``lay``
         (one row per sample, repeated ``batch_group`` times where axes are folded into the batch)."""
         group = lay.batch_group if lay.batch_dim is not None else 1
-        key = (lay.offset, lay.length, group)
+        key = (lay.offset, lay.length, group, lay.outer)
         if key not in self._pos:
-            if group == 1:
+            if group == 1 and lay.outer > 1:  # rows (o, token): every block's active rows, blocks in order
+                self._pos[key] = self.graph.call_function(
+                    token_ops.tube_positions, (self.index, lay.outer, self.a.num_tokens))
+            elif group == 1:
                 self._pos[key] = self.graph.call_function(
                     token_ops.dense_positions, (self.index, lay.offset, lay.length, self.a.num_tokens))
             else:
@@ -139,6 +142,8 @@ class _SparseBuilder:
         shape = [int(s) for s in node.meta["val"].shape]
         if lay.fold:  # rows (sample, token, inner) of the whole batch
             shape[lay.token_dim] = self.graph.call_function(operator.mul, (self.k, self.a.batch_size * lay.fold))
+        elif lay.outer > 1:  # rows (o, token): k active rows in each of the outer blocks
+            shape[lay.token_dim] = self.graph.call_function(operator.mul, (self.k, lay.outer))
         else:
             shape[lay.token_dim] = self.sparse_length(lay.length)
         return shape
@@ -249,7 +254,8 @@ class _SparseBuilder:
 
         def gather(value):
             # a RoPE or position table meets the token stream in every layer: gather it once
-            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold, lay.token_major)
+            key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold, lay.token_major,
+                   lay.outer)
             if key not in self._side_gathers:
                 if lay.fold:
                     self._side_gathers[key] = self.graph.call_function(

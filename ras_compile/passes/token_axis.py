@@ -12,8 +12,9 @@ axis through every node, and classifies what the rewrite must do:
 
 Invariants the rewrite relies on (checked here, or refused with the node's name):
 every annotated tensor has exactly one token axis whose image rows are the
-contiguous range ``[offset, offset + num_tokens)``; no operator reduces, sorts or
-convolves along that axis; the batch axis is known wherever rows move.
+contiguous range ``[offset, offset + num_tokens)`` (or, read with tubes led by the frames,
+``outer`` blocks of them and nothing else: ``TokenLayout.outer``); no operator reduces,
+sorts or convolves along that axis; the batch axis is known wherever rows move.
 """
 from __future__ import annotations
 
@@ -44,7 +45,13 @@ class TokenLayout:
     ``token_dim`` then holds the rows ``(sample, token, inner)`` in row-major order,
     ``fold`` inner rows per token, for the whole batch; ``batch_dim`` is None and the
     axis holds image tokens only. ``token_major``: the rows are ``(token, sample, inner)``
-    instead (sequence-first code: ``[N, B, D] -> [N * B, D]``)."""
+    instead (sequence-first code: ``[N, B, D] -> [N * B, D]``).
+
+    ``outer``: 1, or axis ``token_dim`` holds ``outer`` blocks of the image tokens, rows
+    ``(o, token)`` in row-major order (``length == outer * N``, image tokens only): the frames
+    of a video kept in the sequence while each token is a tube through them (Open-Sora's
+    ``[B, F * S, D]``), or any per-sample axis merged in front of the token axis by a view.
+    Every block holds the same active tokens."""
 
     token_dim: int
     batch_dim: int | None
@@ -53,6 +60,7 @@ class TokenLayout:
     batch_group: int = 1
     fold: int = 0
     token_major: bool = False
+    outer: int = 1
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
                 offset: int | None = None, length: int | None = None,
@@ -66,12 +74,13 @@ class TokenLayout:
             1 if batch_dim is None else self.batch_group if batch_group is None else batch_group,
             self.fold,
             self.token_major,
+            self.outer,
         )
 
     @property
     def axis(self) -> tuple:
         """What two operands must share to carry their tokens on the same axis the same way."""
-        return self.token_dim, self.offset, self.length, self.fold, self.token_major
+        return self.token_dim, self.offset, self.length, self.fold, self.token_major, self.outer
 
     def rows(self, batch_size: int) -> int:
         """Dense size of axis ``token_dim``."""
@@ -226,10 +235,15 @@ def _regroup_batch_through_view(in_shape, out_shape, batch_dim: int, group: int,
     return None
 
 
+class _NotThisReading(Exception):
+    """A relaxed reading that does not apply to this graph (it would repeat another reading)."""
+
+
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False):
+    def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False, lead_tube: bool = False):
         self.gm = gm
         self.tubes = tubes  # the relaxed reading: grid axes folded into the batch are tubes (latent_grid)
+        self.lead_tube = lead_tube  # and the leading grid axis of a video token sequence is one (latent_grid)
         self.relaxed_used = False  # the relaxed reading found tubes or folded the token axis
         self.latent = latent
         self.grid_values: dict[fx.Node, lg.GridValue] = {}
@@ -331,7 +345,7 @@ class _Analyzer:
                 self.grid_stops.append(node)
             return
         self.grid_values[node] = out
-        found = lg.find_token_dim(out, _shape(self.latent), tubes=self.tubes)
+        found = lg.find_token_dim(out, _shape(self.latent), tubes=self.tubes, lead_tube=self.lead_tube)
         if found is not None and self.analysis is None:
             token_dim, grid = found
             batch = lg.find_batch_dim(out, grid)
@@ -346,7 +360,11 @@ class _Analyzer:
             batch_dim, group = batch if batch is not None else (None, 1)
             self.relaxed_used |= bool(grid.tube_axes)
             self.analysis = TokenAnalysis(grid.num_tokens, self.batch_size, grid, self.latent.name, node.name)
-            self.layout[node] = TokenLayout(token_dim, batch_dim, 0, grid.num_tokens, group if batch_dim is not None else 1)
+            rows = out_shape[token_dim]  # outer * N: tube rows kept in the sequence (lead_tube)
+            if self.lead_tube and rows == grid.num_tokens:
+                raise _NotThisReading  # no leading tube axis here: the other relaxed reading covers it
+            self.layout[node] = TokenLayout(token_dim, batch_dim, 0, rows, group if batch_dim is not None else 1,
+                                            outer=rows // grid.num_tokens)
             del self.grid_values[node]
 
     def grid_batch_slice(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
@@ -538,9 +556,15 @@ def _view(an: _Analyzer, node: fx.Node):
     in_shape, out_shape = _shape(src), _shape(node)
     if lay.fold:
         return _unfold_view(an, node, lay, in_shape, out_shape)
+    if an.tubes and _map_dim_through_view(in_shape, out_shape, lay.token_dim) is None:
+        # the view moves rows between the token axis and its neighbours: read it from the shape with
+        # the tube rows and the batch's per-sample rows split out as axes of their own (the same
+        # row-major memory, so the same view)
+        lay, in_shape = _split_rows(lay, in_shape, an.batch_size)
     token_dim = _map_dim_through_view(in_shape, out_shape, lay.token_dim)
     if token_dim is None and an.tubes:
-        folded = _fold_view(an, lay, in_shape, out_shape, False) or _fold_view(an, lay, in_shape, out_shape, True)
+        folded = (_fold_view(an, lay, in_shape, out_shape, False) or _fold_view(an, lay, in_shape, out_shape, True)
+                  or _merge_view(an, lay, in_shape, out_shape))
         if folded is not None:
             return folded
     if token_dim is None:
@@ -559,6 +583,47 @@ def _view(an: _Analyzer, node: fx.Node):
                                 "than into samples and a per-sample axis")
             batch_dim, group = regrouped
     return lay.shifted(token_dim=token_dim, batch_dim=batch_dim, batch_group=group)
+
+
+def _split_rows(lay: TokenLayout, in_shape, batch_size: int) -> tuple[TokenLayout, tuple[int, ...]]:
+    """The same tensor read with more axes: a token axis of ``outer`` blocks as ``[outer, N]``
+    and a batch axis of ``batch_group`` rows per sample as ``[B, group]``."""
+    shape, token_dim, batch_dim = list(in_shape), lay.token_dim, lay.batch_dim
+    if lay.outer > 1:
+        n = lay.length // lay.outer
+        shape[token_dim:token_dim + 1] = [lay.outer, n]
+        token_dim += 1
+        if batch_dim is not None and batch_dim > lay.token_dim:
+            batch_dim += 1
+        lay = TokenLayout(token_dim, batch_dim, 0, n, lay.batch_group)
+    if batch_dim is not None and lay.batch_group > 1:
+        shape[batch_dim:batch_dim + 1] = [batch_size, lay.batch_group]
+        token_dim += token_dim > batch_dim
+        lay = TokenLayout(token_dim, batch_dim, lay.offset, lay.length, 1, outer=lay.outer)
+    return lay, tuple(shape)
+
+
+def _merge_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLayout | None:
+    """``[B, F, N, ...] -> [B, F * N, ...]``: per-sample axes in front of the token axis merged into
+    it (per-frame rows joined back into one sequence over all frames). The result's rows are
+    ``(o, token)``: ``outer`` blocks that each hold every image token (``TokenLayout.outer``), so
+    row-wise operators, and attention over the whole sequence with every block's active rows as
+    queries, stay exact. None if the view is not that."""
+    td, bd = lay.token_dim, lay.batch_dim
+    if lay.offset != 0 or lay.length != an.analysis.num_tokens or lay.batch_group != 1 or lay.outer != 1:
+        return None
+    for first in range(td - 1, -1, -1):
+        if bd is not None and first <= bd < td:
+            return None  # samples merged into the token axis
+        size, before = prod(in_shape[first:td + 1]), prod(in_shape[:first])
+        for j, out_size in enumerate(out_shape):
+            if prod(out_shape[:j]) == before and out_size == size and size > lay.length:
+                batch = None if bd is None else _map_dim_through_view(in_shape, out_shape, bd)
+                if bd is not None and batch is None:
+                    return None
+                an.relaxed_used = True
+                return TokenLayout(j, batch, 0, size, 1, outer=size // lay.length)
+    return None
 
 
 def _start_dim(in_shape, out_shape, dim) -> int | None:
@@ -791,6 +856,8 @@ def _piece_layout(an, node, lay: TokenLayout, start: int, end: int) -> TokenLayo
     """Layout of rows [start, end) of the token axis (None: no image rows in it)."""
     if lay.fold:
         an.refuse(node, "a slice of a token axis folded into the batch axis")
+    if lay.outer > 1:
+        an.refuse(node, "a slice of a token axis that holds the image tokens of several frames (tube rows)")
     lo, hi = lay.offset, lay.offset + an.analysis.num_tokens
     if end <= lo or start >= hi:
         return None
@@ -858,6 +925,9 @@ def _cat(an, node):
     if dim == first.token_dim:
         if first.fold:
             an.refuse(node, "a concatenation along a token axis folded into the batch axis")
+        if first.outer > 1:
+            an.refuse(node, "a concatenation along a token axis that holds the image tokens of several frames "
+                            "(tube rows)")
         if len(annotated) > 1:
             an.refuse(node, "two image-token sequences concatenated on the token axis")
         index = annotated[0][0]
@@ -1104,42 +1174,49 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
 
     A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
     1-D signal ``[B, C, L]``; shapes alone cannot tell, so the token reading is tried
-    first and the signal reading if the graph refutes it. A relaxed reading follows: grid
-    axes folded into the batch axis become tubes, and the token axis may be folded into
-    the batch axis (attention within each frame and over the frames of each token,
-    Latte's factorised blocks; sequence-first ``[N * B, D]`` rows). It replaces an
-    accepted plain reading only where it runs more nodes on the active rows, so a model
-    the plain reading serves as well keeps that analysis.
+    first and the signal reading if the graph refutes it. Two relaxed readings follow,
+    where tokens are tubes through the frames: frames folded into the batch axis (Latte's
+    factorised blocks; the token axis may then be folded into the batch axis too, as in
+    attention over the frames of each token or sequence-first ``[N * B, D]`` rows), and
+    frames leading the token sequence (Open-Sora's ``[B, F * S, D]``). A relaxed reading
+    replaces an accepted one only where it runs more nodes on the active rows from the
+    later of their token sources on (a view the plain reading had to densify at), so a
+    model the plain reading serves as well keeps its finer tokens.
     """
     _require_static_shapes(gm)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     readings = [True, False] if latent.meta["val"].dim() == 3 else [False]
-    errors, plain = [], None
+    errors, plain, plain_progress = [], None, -1
     for tokens_first in readings:
+        analyzer = _Analyzer(gm, latent)
+        analyzer.policy_kv_cache = kv_cache
         try:
-            plain = _reading(gm, latent, kv_cache, tokens_first, tubes=False)
-            readings = [tokens_first]  # the relaxed reading keeps the plain one's reading of the latent
+            plain = analyzer.run(tokens_first)
+            readings = [tokens_first]  # the relaxed readings keep the plain one's reading of the latent
             break
         except UnsupportedModelError as exc:
             errors.append(exc)
-    relaxed = []
+            plain_progress = max(plain_progress, _progress(analyzer, exc, order))
+    relaxed, best = [], plain
     for tokens_first in readings:
-        analyzer = _Analyzer(gm, latent, tubes=True)
-        analyzer.policy_kv_cache = kv_cache
-        try:
-            found = analyzer.run(tokens_first)
-        except UnsupportedModelError as exc:
-            if analyzer.relaxed_used:
-                relaxed.append(exc)
-            continue
-        except Exception:  # noqa: BLE001 - a failure of the relaxed reading never costs the plain one
-            continue        # (or its precise refusal) the model it reads
-        # the relaxed reading replaces an accepted plain one only where it runs more of the graph on
-        # the active rows (a fold the plain reading had to densify at)
-        if plain is None or (analyzer.relaxed_used and found.counts["token_wise"] > plain.counts["token_wise"]):
-            return found
-        break
-    if plain is not None:
-        return plain
+        for lead_tube in (False, True):
+            analyzer = _Analyzer(gm, latent, tubes=True, lead_tube=lead_tube)
+            analyzer.policy_kv_cache = kv_cache
+            try:
+                found = analyzer.run(tokens_first)
+            except _NotThisReading:
+                continue
+            except UnsupportedModelError as exc:
+                # reported only where it got further through the graph than the plain reading
+                if analyzer.relaxed_used and _progress(analyzer, exc, order) > plain_progress:
+                    relaxed.append(exc)
+                continue
+            except Exception:  # noqa: BLE001 - a failure of a relaxed reading never costs the plain one
+                continue        # (or its precise refusal) the model it reads
+            if best is None or (analyzer.relaxed_used and _better(found, best, order)):
+                best = found
+    if best is not None:
+        return best
     where = lambda e: f" (node '{e.node}', {e.op})" if e.node is not None else ""  # noqa: E731
     if len(errors) == 1:
         error = errors[0]
@@ -1148,16 +1225,42 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
         error = UnsupportedModelError(
             f"read as tokens [B, N, C]: {first.reason}{where(first)}; read as a signal "
             f"[B, C, L]: {second.reason}{where(second)}", node=first.node or second.node, op=first.op or second.op)
-    if relaxed:  # the relaxed reading got further: its reason comes first
+    if relaxed:  # a relaxed reading got further: its reason comes first
         tubes = relaxed[0]
         error = UnsupportedModelError(
-            "read with the axes folded into the batch axis as tubes (one token = one patch position in every "
-            f"folded frame): {tubes.reason}; read without tubes: {error.reason}{where(error)}",
+            "read with tubes (one token = one patch position in every frame, the frames folded into the batch "
+            f"axis or leading the token sequence): {tubes.reason}; read without tubes: {error.reason}{where(error)}",
             node=tubes.node, op=tubes.op)
     raise error
 
 
-def _reading(gm, latent, kv_cache: bool, tokens_first: bool, tubes: bool) -> TokenAnalysis:
-    analyzer = _Analyzer(gm, latent, tubes=tubes)
-    analyzer.policy_kv_cache = kv_cache
-    return analyzer.run(tokens_first)
+def _progress(analyzer: _Analyzer, error: UnsupportedModelError, order: dict) -> int:
+    """How far a failed reading got: the last node it laid tokens out on, or the node it refused."""
+    reached = [order[n.name] for n, v in analyzer.layout.items() if isinstance(v, TokenLayout)]
+    if error.node in order:
+        reached.append(order[error.node])
+    return max(reached, default=-1)
+
+
+def _better(found: TokenAnalysis, best: TokenAnalysis, order: dict) -> bool:
+    """A relaxed reading ``found`` replaces the accepted ``best`` where it runs more of the graph on
+    the active rows; where its tokens are coarser (tubes: several frame patches per token), only if
+    that moves self-attention over image tokens onto the active rows. Coarser tokens make the active
+    set less adaptive, which running a small per-frame side branch (Wan-Animate's face adapter)
+    on the active rows does not pay for; running the blocks' own attention there (STDiT) does."""
+    if not _runs_more(found, best, order):
+        return False
+    if found.num_tokens < best.num_tokens:
+        attended = lambda a: len(a.attention) + len(a.token_batched_attention)  # noqa: E731
+        return attended(found) > attended(best)
+    return True
+
+
+def _runs_more(found: TokenAnalysis, best: TokenAnalysis, order: dict) -> bool:
+    """``found`` lays more nodes out on the active rows than ``best``, counted from the later of the
+    two token sources on (a reading whose tokens start earlier, before per-frame rows are joined into
+    one sequence, does not win by the views in between)."""
+    start = max(order[found.source], order[best.source])
+    rows = lambda a: sum(1 for name, v in a.layouts.items()  # noqa: E731
+                         if isinstance(v, TokenLayout) and order.get(name, -1) >= start)
+    return rows(found) > rows(best)

@@ -35,6 +35,14 @@ def dense_positions(index: torch.Tensor, offset: int, dense_length: int, num_tok
     return torch.cat(parts, dim=1)
 
 
+def tube_positions(index: torch.Tensor, outer: int, num_tokens: int) -> torch.Tensor:
+    """Dense rows of the active tokens on an axis that holds ``outer`` blocks of the image tokens
+    (rows ``(o, token)``, a video's frames kept in the sequence): ``o * num_tokens + index[b, i]``
+    for every block ``o``, blocks in order, so the sparse axis holds rows ``(o, i)``."""
+    blocks = torch.arange(outer, device=index.device, dtype=index.dtype) * num_tokens
+    return (blocks[None, :, None] + index[:, None, :]).reshape(index.shape[0], outer * index.shape[1])
+
+
 def repeat_rows(pos: torch.Tensor, group: int) -> torch.Tensor:
     """``pos`` with every sample's row repeated ``group`` times: the position map of a batch
     axis into which a view folded a per-sample axis (``[B, H, N, d] -> [B * H, N, d]``)."""
