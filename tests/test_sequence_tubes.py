@@ -184,6 +184,14 @@ def test_a_sparse_step_computes_only_the_active_tubes():
         assert not torch.allclose(after, model(**moved))  # the inactive tubes really were stale
 
 
+def _assert_sparse_after_dense_is_exact(ras, kw: dict, index: torch.Tensor) -> None:
+    dense = ras(**kw)
+    ras.ras_controller.override_next_step("sparse", index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same timestep twice in a row, on purpose
+        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+
+
 def test_a_joint_text_and_video_sequence_keeps_the_plain_reading():
     """Text concatenated in front of every frame's tokens (joint attention) is refused by the tube reading
     (a concatenation along the tube rows), so the plain reading (every frame patch a token, the text at an
@@ -194,11 +202,7 @@ def test_a_joint_text_and_video_sequence_keeps_the_plain_reading():
     analysis = ras.ras_analysis(**kw)
     assert analysis.grid.tube_axes == () and analysis.num_tokens == (FRAMES // 2) * S
     assert len(analysis.attention) == 2
-    dense = ras(**kw)
-    ras.ras_controller.override_next_step("sparse", torch.tensor([[1, 4, 30], [0, 2, 47]]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+    _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
 
 
 def test_a_full_attention_video_model_keeps_one_token_per_frame_patch():
@@ -220,11 +224,7 @@ def test_a_per_frame_side_branch_alone_does_not_make_tokens_tubes():
     analysis = ras.ras_analysis(**kw)
     assert analysis.num_tokens == (FRAMES // 2) * S and analysis.grid.tube_axes == ()
     assert analysis.counts["densified"] == 2  # the per-frame view and the unpatchify
-    dense = ras(**kw)
-    ras.ras_controller.override_next_step("sparse", torch.tensor([[1, 4, 30], [0, 2, 47]]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+    _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
 
 
 def test_a_frame_folded_with_the_samples_into_the_sequence_is_refused():
