@@ -22,6 +22,7 @@ HAND_WRITTEN_ATTENTION = (
     "folded_heads",   # heads folded into the batch axis ([B * H, N, d], diffusers' classic processor), bmm
     "rel_bias",       # q @ k^T * scale + a learned [H, N, N] bias (a mask with query and key axes)
     "multi_query",    # one K/V head ([b, 1, n, d]) that matmul broadcasts over every query head
+    "in_place",       # MDT / research style: attn.mul_(scale), then attn += a learned [H, N, N] bias
 )
 
 
@@ -44,6 +45,11 @@ def _hand_written_attention(form: str, q, k, v, bias=None):
     if form == "rel_bias":
         scores = q @ k.transpose(-2, -1) * scale + bias[:, :n, :n]
         return scores.softmax(dim=-1) @ v
+    if form == "in_place":
+        attn = q @ k.transpose(-2, -1)
+        attn.mul_(scale)
+        attn += bias[:, :n, :n]
+        return attn.softmax(dim=-1) @ v
     if form == "multi_query":
         scores = (q * scale) @ k[:, :1].transpose(-2, -1)
         return scores.softmax(dim=-1) @ v[:, :1]
@@ -55,7 +61,8 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.attention = attention
-        self.bias = nn.Parameter(0.5 * torch.randn(heads, max_tokens, max_tokens)) if attention == "rel_bias" else None
+        self.bias = nn.Parameter(0.5 * torch.randn(heads, max_tokens, max_tokens)) \
+            if attention in ("rel_bias", "in_place") else None
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)

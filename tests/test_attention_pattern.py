@@ -2,7 +2,8 @@
 
 Models that write ``softmax(q k^T) v`` out by hand (timm's non-fused path, einsum with a
 mask, heads folded into the batch axis, a learned bias over query and key axes, one
-K/V head broadcast over the query heads, diffusers' classic ``AttnProcessor``) are rewritten to one SDPA node whose K/V are
+K/V head broadcast over the query heads, diffusers' classic ``AttnProcessor``, in-place updates
+of the scores as MDT writes them) are rewritten to one SDPA node whose K/V are
 cached; the properties are the ones SDPA models keep: the dense graph equals the model,
 a sparse step right after a dense step equals it for any active set.
 """
@@ -125,7 +126,29 @@ def _rewrite(body, *args):
 QKV = (torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6))
 
 
+def _in_place_bias(q, k, v, m):
+    attn = q @ k.transpose(-2, -1) * 0.5
+    attn += m
+    return attn.softmax(-1) @ v
+
+
+def _in_place_scale_and_fill(q, k, v, m):
+    attn = q @ k.transpose(-2, -1)
+    attn.mul_(0.5)
+    attn.masked_fill_(m < -1, -1e9)
+    return attn.softmax(-1) @ v
+
+
+def _in_place_on_scores_read_elsewhere(q, k, v, m):
+    scores = q @ k.transpose(-2, -1)
+    seen = scores * 1.0  # the scores before the update, read outside the chain
+    scores += m
+    return scores.softmax(-1) @ v + seen.mean()
+
+
 @pytest.mark.parametrize("name,body,scale,mask", [
+    ("in-place bias", _in_place_bias, 0.5, "additive"),
+    ("in-place scale and fill", _in_place_scale_and_fill, 0.5, "boolean"),
     ("scaled after", lambda q, k, v, m: ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v, 0.5, None),
     ("divided, two factors", lambda q, k, v, m: (q @ k.transpose(-2, -1) / 4.0 * 3.0).softmax(-1) @ v, 0.75, None),
     ("constant shift ignored", lambda q, k, v, m: (q @ k.transpose(-2, -1) + 2.0).softmax(-1) @ v, 1.0, None),
@@ -157,6 +180,7 @@ def test_rewrite_matches_the_hand_written_function(name, body, scale, mask):
     ("mild fill", lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m < -1, -5.0).softmax(-1) @ v),
     ("no softmax", lambda q, k, v, m: (q @ k.transpose(-2, -1)) @ v),
     ("probabilities on the right", lambda q, k, v, m: v.transpose(-2, -1) @ (k @ q.transpose(-2, -1)).softmax(-1)),
+    ("in-place update of scores read elsewhere", _in_place_on_scores_read_elsewhere),
 ])
 def test_what_is_not_exactly_attention_is_left_alone(name, body):
     m = torch.randn(1, 1, 5, 7)

@@ -91,6 +91,21 @@ def _only_reader(node: fx.Node) -> fx.Node | None:
     return readers[0] if len(readers) == 1 else None
 
 
+def _functional_packet(node: fx.Node):
+    """``node``'s op packet, an in-place one (``attn += bias`` -> ``add_``, ``attn.masked_fill_``,
+    ``attn.mul_``) read as its out-of-place packet when the tensor it updates is read by nothing
+    else (the update is then invisible outside the chain: the same function); None for an in-place
+    op whose updated tensor has other readers."""
+    packet = _packet(node)
+    name = getattr(packet, "__name__", "")
+    if not isinstance(node.target, torch._ops.OpOverload) or not name.endswith("_") or name.startswith("_"):
+        return packet
+    functional = getattr(aten, name[:-1], None)
+    if functional is None or not isinstance(node.args[0], fx.Node) or _only_reader(node.args[0]) is not node:
+        return None
+    return functional
+
+
 def _is_number(x) -> bool:
     return isinstance(x, numbers.Number) and not isinstance(x, bool)
 
@@ -161,7 +176,9 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain
     """Walk from a softmax input back to the q-k product through scale / mask / cast nodes."""
     if _only_reader(node) is None:
         return None  # the scores are read elsewhere too: not a pure attention
-    packet = _packet(node)
+    packet = _functional_packet(node)
+    if packet is None:
+        return None
     here = [*chain_nodes, node]
     if packet in (*_PRODUCT, aten.baddbmm, aten.einsum):
         chain = _score_product(node)
