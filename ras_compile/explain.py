@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils.flop_counter import FlopCounterMode
 
 from .passes.fuse_projection import fuse_kv_projections
@@ -141,7 +142,9 @@ def _count_flops(graph: torch.fx.GraphModule, inputs, mode: FakeTensorMode) -> i
 def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, policy: RASPolicy,
                    ratio: float) -> Explanation:
     k = max(1, min(analysis.num_tokens, round(ratio * analysis.num_tokens)))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # a shape environment lets a host read in the graph (``.item()`` of a conditioning tensor, as Open-Sora's
+    # STDiT3 reads ``height[0].item()``) run on fake tensors as an unbacked symbol instead of raising
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     dense_flops = _count_flops(dense, _fake_inputs(dense, analysis, None, mode), mode)
     sparse_flops = _count_flops(sparse, _fake_inputs(sparse, analysis, k, mode), mode)
     grid = analysis.grid

@@ -17,6 +17,8 @@ A small DiT in plain PyTorch (``FormDiT``) written in one of :data:`FORMS`:
 - ``channel_cat``: conditioning channels concatenated to the latent before the patch
   embedding (MiniMax-Music-3, ACE-Step);
 - ``conv_transpose_out``: the unpatchify as a transposed convolution (ACE-Step);
+- ``movedim``: ``movedim`` / ``swapaxes`` instead of ``permute`` / ``transpose``, in the patch
+  embedding and on the token axis (U-DiT-style code), which export keeps as their own ops;
 - ``fp32_island``: the attention inside ``torch.autocast(enabled=False)`` (Helios computes its
   RoPE grid so), exported as one higher-order region node, which the capture inlines.
 
@@ -40,7 +42,7 @@ from ras_compile.fake_leaks import forget_capture_memos, snapshot
 from ras_compile.passes.einsum_permute import lower_einsum_permutes
 
 FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
-         "channel_cat", "conv_transpose_out", "fp32_island")
+         "channel_cat", "conv_transpose_out", "fp32_island", "movedim")
 COND = 2  # conditioning channels of channel_cat
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 C, P, D, HEADS = 4, 2, 16, 2
@@ -89,6 +91,8 @@ class FormDiT(nn.Module):
             latent = self.norm_in(latent)
         if self.form == "channel_cat":
             latent = torch.cat([latent, cond], dim=1)
+        if self.form == "movedim":
+            return torch.movedim(self.embed(latent), 1, -1).reshape(b, -1, D)
         return self.embed(latent).flatten(2).transpose(1, 2)
 
     def attention(self, h):
@@ -96,6 +100,8 @@ class FormDiT(nn.Module):
         qkv = self.qkv(h).reshape(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
         if self.form == "qkv_select":
             q, k, v = qkv[0], qkv[1], qkv[2]
+        elif self.form == "movedim":  # [b, n, 3, heads, d] -> q, k, v [b, heads, n, d]
+            q, k, v = self.qkv(h).reshape(b, n, 3, HEADS, D // HEADS).movedim(2, 0).swapaxes(2, 3).unbind(0)
         else:
             q, k, v = qkv.unbind(0)
         if self.form == "flex":

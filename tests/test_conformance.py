@@ -37,6 +37,8 @@ REFUSED = {
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
+    "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index
+    "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:

@@ -61,3 +61,18 @@ def test_fake_inputs_sit_on_the_device_of_the_graphs_weights():
     x, index = _fake_inputs(gm, SimpleNamespace(caches=[], batch_size=2), 3, FakeTensorMode(allow_non_fake_inputs=True))
     assert x.device.type == "meta" and tuple(x.shape) == (2, 3, 4)
     assert index.device.type == "meta" and tuple(index.shape) == (2, 3)
+
+
+def test_explain_counts_flops_through_a_host_read_in_the_forward():
+    """A forward that reads a conditioning tensor on the host (Open-Sora STDiT3's ``height[0].item()``)
+    runs compiled, so explain must count its FLOPs too: on fake tensors the read is a symbol."""
+
+    class HostRead(PlainDiT):
+        def forward(self, hidden_states, timestep, height):
+            return super().forward(hidden_states, timestep) * (height[0].item() / 64.0)
+
+    torch.manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, 4, 8, 12), timestep=torch.full((2,), 999.0),
+              height=torch.full((2,), 64.0))
+    report = explain(HostRead().eval(), kw, RASPolicy(sample_ratio=0.5), verbose=False)
+    assert 0.3 < report.flop_fraction < 1.0

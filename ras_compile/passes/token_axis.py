@@ -311,11 +311,13 @@ class _Analyzer:
             out = lg.regroup(value, out_shape)
         elif packet in (aten.permute,):
             out = lg.permute(value, [_norm_dim(d, len(out_shape)) for d in node.args[1]])
-        elif packet in (aten.transpose,):
+        elif packet in (aten.transpose, aten.swapaxes, aten.swapdims):
             a, b = (_norm_dim(d, len(out_shape)) for d in node.args[1:3])
             order = list(range(len(out_shape)))
             order[a], order[b] = order[b], order[a]
             out = lg.permute(value, order)
+        elif packet in (aten.movedim, aten.moveaxis):
+            out = lg.permute(value, _movedim_order(node))
         elif packet in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution):
             args = list(node.args) + [None] * 7
             stride = args[3] if args[3] is not None else 1
@@ -677,6 +679,24 @@ def _permute_like(an, node, order):
 def _permute(an, node):
     rank = len(_shape(node))
     return _permute_like(an, node, [_norm_dim(d, rank) for d in node.args[1]])
+
+
+def _movedim_order(node) -> list[int]:
+    """``movedim(x, source, destination)`` as a permute order: output dim ``i`` is input dim ``order[i]``."""
+    rank = len(_shape(node))
+    src, dst = node.args[1], node.args[2]
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    src, dst = [_norm_dim(d, rank) for d in src], [_norm_dim(d, rank) for d in dst]
+    order: list[int | None] = [None] * rank
+    for s_, d_ in zip(src, dst):
+        order[d_] = s_
+    rest = iter(d for d in range(rank) if d not in src)
+    return [o if o is not None else next(rest) for o in order]
+
+
+def _movedim(an, node):
+    return _permute_like(an, node, _movedim_order(node))
 
 
 def _transpose(an, node):
@@ -1124,6 +1144,7 @@ def _fft(an, node):
 _TOKEN_RULES = {
     aten.view: _view, aten.reshape: _view, aten._unsafe_view: _view, aten.flatten: _view, aten.unflatten: _view,
     aten.permute: _permute, aten.transpose: _transpose, aten.t: _transpose,
+    aten.swapaxes: _transpose, aten.swapdims: _transpose, aten.movedim: _movedim, aten.moveaxis: _movedim,
     aten.unsqueeze: _unsqueeze, aten.squeeze: _squeeze, aten.expand: _expand,
     aten.linear: _linear, aten.matmul: _matmul, aten.mm: _matmul, aten.bmm: _matmul,
     aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
@@ -1151,8 +1172,8 @@ _TOKEN_RULES = {
 
 # the rules that know a token axis folded into the batch axis (TokenLayout.fold); any other
 # operator meeting one is refused
-_FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _transpose, _unsqueeze, _squeeze, _expand, _linear,
-               _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
+_FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _unsqueeze, _squeeze, _expand,
+               _linear, _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
                _stack, _sdpa, _repeat, _complex_view, _convolution, _pad,
                _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft}
 
