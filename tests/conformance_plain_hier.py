@@ -15,11 +15,12 @@ Same record, helpers and rules as tests/conformance_models.py, which appends the
 from __future__ import annotations
 
 from conformance_models import TEXT_LEN, Family, H, W, _channels_times, _Rand, _same_as, _seeded_build
+from conformance_plain_io import get_2d_sincos_pos_embed_ms, t2i_modulate
+from conformance_plain_ops import TimestepEmbedder, modulate
 
 import math
 from functools import reduce
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -350,29 +351,6 @@ def _hdit_inputs(model, batch, seed):
 # =========================================================================== 2. U-DiT
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size, frequency_embedding_size=32):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size, bias=True))
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(
-            device=t.device)
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
-
-
 class UAttention(nn.Module):  # timm-style attention, fused
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -531,10 +509,6 @@ def _dit_inputs(model, batch, seed):
 # =========================================================================== 3. PixArt-Sigma original
 
 
-def t2i_modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 class PMlp(nn.Module):
     def __init__(self, in_features, hidden_features, out_features=None):
         super().__init__()
@@ -658,23 +632,6 @@ class PixArtMSBlock(nn.Module):
         return x
 
 
-def pixart_get_2d_sincos_pos_embed(embed_dim, grid_size, lewei_scale=1.0, base_size=16):
-    if isinstance(grid_size, int):
-        grid_size = (grid_size, grid_size)
-    grid_h = np.arange(grid_size[0], dtype=np.float32) / (grid_size[0] / base_size) / lewei_scale
-    grid_w = np.arange(grid_size[1], dtype=np.float32) / (grid_size[1] / base_size) / lewei_scale
-    grid = np.meshgrid(grid_w, grid_h)
-    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size[1], grid_size[0]])
-
-    def one(d, pos):
-        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
-        omega = 1.0 / 10000 ** omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one(embed_dim // 2, grid[0]), one(embed_dim // 2, grid[1])], axis=1)
-
-
 class T2IFinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
@@ -729,7 +686,7 @@ class PixArtMS(nn.Module):
 
     def forward(self, x, timestep, y, mask=None, data_info=None, **kwargs):
         self.h, self.w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        pos_embed = torch.from_numpy(pixart_get_2d_sincos_pos_embed(
+        pos_embed = torch.from_numpy(get_2d_sincos_pos_embed_ms(
             self.hidden_size, (self.h, self.w), lewei_scale=self.lewei_scale, base_size=self.base_size)
         ).unsqueeze(0).to(x.device).to(x.dtype)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + pos_embed
