@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import linecache
-import os
 import sys
-import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +19,7 @@ import torch.utils._pytree as pytree
 from .errors import RASCallError, UnsupportedModelError
 from .fake_leaks import forget_capture_memos, snapshot
 from .hooks import check_capturable_hooks
+from .source_frames import model_frame
 
 
 def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -90,28 +88,6 @@ class Captured:
 
     def outputs(self, flat_outputs) -> object:
         return pytree.tree_unflatten(list(flat_outputs), self.program.call_spec.out_spec)
-
-
-def model_frame(exc: BaseException) -> str:
-    """Where in the model's own code (not torch's, not ours) a failed capture stopped:
-    `` at file.py:line `source` ``, or ``""`` when every frame is torch's."""
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    here = os.path.dirname(__file__) + os.sep
-    frames, seen = [], set()
-    # the first exception of the chain whose traceback reaches the model's code: torch may re-raise
-    # the failure as another exception (its cause or context then holds the model's frame), and a
-    # context further down may be an unrelated exception torch was handling
-    while exc is not None and id(exc) not in seen and not frames:
-        seen.add(id(exc))
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if not f.filename.startswith((torch_dir, here)) and os.sep + "contextlib.py" not in f.filename]
-        exc = exc.__cause__ or exc.__context__
-    if not frames:
-        return ""
-    frame = frames[-1]
-    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-    where = f" at {os.path.basename(frame.filename)}:{frame.lineno}"
-    return f"{where} `{line}`" if line else where  # (a source file edited since it was loaded reads blank)
 
 
 _PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,

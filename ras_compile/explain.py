@@ -45,6 +45,7 @@ class Explanation:
     token_batched_attention: list[str] = field(default_factory=list)  # attention within each token's own row
     tube_axes: tuple[int, ...] = ()  # latent axes a token spans whole (in the batch axis, or leading the sequence)
     tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
+    densified_sources: list[str] = field(default_factory=list)  # per densified value: its consumer in the model code
 
     @property
     def flop_fraction(self) -> float:
@@ -63,8 +64,9 @@ class Explanation:
                      else "folded into the batch axis")
             lines.append(f"  tubes: latent axis {', '.join(map(str, self.tube_axes))} is part of every token, {where}; "
                          "a token is one patch position along all of it, selected and computed as a whole")
-        for value, consumer, reason in self.densified:
-            lines.append(f"  densified: {value} before {consumer} ({reason})")
+        sources = self.densified_sources or [""] * len(self.densified)
+        for (value, consumer, reason), source in zip(self.densified, sources):
+            lines.append(f"  densified: {value} before {consumer} ({reason}){source}")
         lines.append("  nodes: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()))
         if self.recognised_attention:
             lines.append(f"  hand-written attention recognised ({len(self.recognised_attention)}): "
@@ -148,10 +150,11 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
     dense_flops = _count_flops(dense, _fake_inputs(dense, analysis, None, mode), mode)
     sparse_flops = _count_flops(sparse, _fake_inputs(sparse, analysis, k, mode), mode)
     grid = analysis.grid
-    densified = []
+    densified, sources = [], []
     for key in analysis.densify_at:
         consumer, value = key.split(":")
         densified.append((value, consumer, analysis.densify_reasons.get(key, "")))
+        sources.append(analysis.densify_sources.get(key, ""))
     return Explanation(
         model=model_name, num_tokens=analysis.num_tokens, batch_size=analysis.batch_size,
         patch_size=grid.patch_size if grid else None, grid_shape=grid.grid_shape if grid else None,
@@ -164,7 +167,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         recognised_attention=[str(r) for r in analysis.recognised_attention],
         token_batched_attention=list(analysis.token_batched_attention),
         tube_axes=grid.tube_axes if grid else (),
-        tube_rows=analysis.layouts[analysis.source].outer,
+        tube_rows=analysis.layouts[analysis.source].outer, densified_sources=sources,
     )
 
 

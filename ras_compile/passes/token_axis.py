@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
+from ..source_frames import node_frame
 from . import latent_grid as lg
 
 aten = torch.ops.aten
@@ -124,6 +125,7 @@ class TokenAnalysis:
     caches: list[CacheSite] = field(default_factory=list)
     densify_at: dict[str, str] = field(default_factory=dict)   # "consumer:value" -> cache site name
     densify_reasons: dict[str, str] = field(default_factory=dict)  # "consumer:value" -> why
+    densify_sources: dict[str, str] = field(default_factory=dict)  # "consumer:value" -> the consumer's model code
     side_inputs: list[SideInput] = field(default_factory=list)
     output_leaf: int | None = None     # which flat output is the latent-shaped prediction
     counts: dict[str, int] = field(default_factory=dict)
@@ -258,7 +260,7 @@ class _Analyzer:
 
     # -- errors -------------------------------------------------------------------------
     def refuse(self, node: fx.Node, reason: str):
-        raise UnsupportedModelError(reason, node=node.name, op=_op_name(node))
+        raise UnsupportedModelError(reason, node=node.name, op=_op_name(node), source=node_frame(node))
 
     # -- entry --------------------------------------------------------------------------
     def run(self, tokens_first: bool) -> TokenAnalysis:
@@ -292,8 +294,8 @@ class _Analyzer:
             if a.densify_reasons:  # the stream ended at a densified value: say where, and why
                 site, reason = next(iter(a.densify_reasons.items()))
                 consumer, value = site.split(":", 1)
-                where = (f": the token stream ends where '{value}' is densified before '{consumer}' ({reason}), "
-                         "and everything after it runs on the full tensor")
+                where = (f": the token stream ends where '{value}' is densified before '{consumer}' ({reason})"
+                         f"{a.densify_sources.get(site, '')}, and everything after it runs on the full tensor")
             raise UnsupportedModelError("the token stream reaches no scaled_dot_product_attention node" + where
                                         + "; nothing would be saved by RAS")
         return a
@@ -493,6 +495,7 @@ class _Analyzer:
     def densify(self, value: fx.Node, consumer: fx.Node, reason: str) -> None:
         a = self.analysis
         a.densify_reasons[f"{consumer.name}:{value.name}"] = reason
+        a.densify_sources[f"{consumer.name}:{value.name}"] = node_frame(consumer)
         existing = [c for c in a.caches if c.node == value.name and c.kind == "activation"]
         name = existing[0].name if existing else self.add_cache(value, "activation", self.layout[value], consumer)
         a.densify_at[f"{consumer.name}:{value.name}"] = name
@@ -1187,7 +1190,15 @@ def _require_static_shapes(gm: fx.GraphModule) -> None:
                 raise UnsupportedModelError(
                     f"the shape {list(v.shape)} depends on tensor values (data-dependent shapes, e.g. tokens "
                     "selected by a mask in a Python loop); a graph with static shapes is required",
-                    node=node.name, op=str(node.target))
+                    node=node.name, op=str(node.target), source=node_frame(node))
+
+
+def _stopped_at(e: UnsupportedModelError, named: UnsupportedModelError) -> str:
+    """Where one reading of a combined refusal stopped: its node, and its model code unless the
+    combined error names that node already."""
+    if e.node is None:
+        return ""
+    return f" (node '{e.node}', {e.op}{'' if named.node == e.node else e.source})"
 
 
 def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True) -> TokenAnalysis:
@@ -1238,20 +1249,21 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
                 best = found
     if best is not None:
         return best
-    where = lambda e: f" (node '{e.node}', {e.op})" if e.node is not None else ""  # noqa: E731
     if len(errors) == 1:
         error = errors[0]
     else:
         first, second = errors
+        named = first if first.node is not None else second
         error = UnsupportedModelError(
-            f"read as tokens [B, N, C]: {first.reason}{where(first)}; read as a signal "
-            f"[B, C, L]: {second.reason}{where(second)}", node=first.node or second.node, op=first.op or second.op)
+            f"read as tokens [B, N, C]: {first.reason}{_stopped_at(first, named)}; read as a signal "
+            f"[B, C, L]: {second.reason}{_stopped_at(second, named)}", node=named.node, op=named.op, source=named.source)
     if relaxed:  # a relaxed reading got further: its reason comes first
         tubes = relaxed[0]
         error = UnsupportedModelError(
             "read with tubes (one token = one patch position in every frame, the frames folded into the batch "
-            f"axis or leading the token sequence): {tubes.reason}; read without tubes: {error.reason}{where(error)}",
-            node=tubes.node, op=tubes.op)
+            f"axis or leading the token sequence): {tubes.reason}; read without tubes: {error.reason}"
+            f"{_stopped_at(error, tubes)}",
+            node=tubes.node, op=tubes.op, source=tubes.source)
     raise error
 
 
