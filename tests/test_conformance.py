@@ -1,7 +1,9 @@
 """Conformance over every diffusers transformer family we can build small (tests/conformance_models.py).
 
-For each supported family: ratio 1.0 equals the dense model over a sampling loop, and a
-sparse step right after a dense step equals the dense output for random active sets.
+For each supported family: ratio 1.0 equals the dense model over a sampling loop (the CPU
+default graph), and a sparse step right after a dense step equals the dense output for
+random active sets (with the K/V projections fused into their cache writes, the graph a
+CUDA device runs).
 For each refused family: the refusal names what the pass cannot handle. The pass has
 no per-family code: these families exercise only the generic rules.
 """
@@ -58,14 +60,15 @@ def _prediction(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _compiled(name: str, ratio: float = 0.5):
-    """One compiled module per family, shared by the examples (capture once)."""
-    key = (name, ratio)
+def _compiled(name: str, ratio: float, fuse: bool | str):
+    """One compiled module per family and setting, shared by the examples (capture once)."""
+    key = (name, ratio, fuse)
     if key not in _modules:
         family = FAMILIES[name]
         model = family.build(0)
         policy = RASPolicy(sample_ratio=ratio, warmup_steps=1, reset_steps=(3,))
-        _modules[key] = (family, model, ras_compile(model, policy, backend=None, latent_arg=family.latent_arg))
+        _modules[key] = (family, model, ras_compile(model, policy, backend=None, latent_arg=family.latent_arg,
+                                                    fuse_kv_projection=fuse))
     return _modules[key]
 
 
@@ -88,7 +91,7 @@ def _timestep(t0, step: int, steps: int):
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_ratio_one_equals_the_dense_model_over_a_loop(name):
-    family, model, ras = _compiled(name, ratio=1.0)
+    family, model, ras = _compiled(name, 1.0, "auto")  # the CPU default: K/V projections unfused
     kwargs = family.inputs(model, BATCH, 0)
     latent_arg = family.latent_arg
     dense_latent = ras_latent = kwargs[latent_arg]
@@ -177,17 +180,23 @@ def test_continued_stale_tokens_move_by_their_last_change(name):
                                                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_dense_for_random_active_sets(name, data):
-    family, model, ras = _compiled(name)
+    # K/V projections fused with their cache writes, as on CUDA (on CPU the fused ops run their ATen
+    # reference): the graph a GPU runs, checked for every family; test_fused_projection.py checks that
+    # fusing changes no value, on representative families
+    family, model, ras = _compiled(name, 0.5, True)
     kwargs = family.inputs(model, BATCH, data.draw(st.integers(0, 3), label="seed"))
     n = family.num_tokens
     ras.ras_controller.reset()
     dense = _prediction(ras(**kwargs))
+    with torch.no_grad():  # the model itself: a fused op that erred alike on both steps would pass a self-comparison
+        want = _prediction(model(**kwargs))
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
     k = data.draw(st.integers(1, n), label="k")
     rows = [sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)]
     ras.ras_controller.override_next_step("sparse", torch.tensor(rows))
     sparse = _prediction(ras(**kwargs))
     assert ras.ras_controller.stats[-1].mode == "sparse"
-    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
