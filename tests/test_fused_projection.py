@@ -73,6 +73,9 @@ def _ops(graph_module, target) -> int:
     ("auraflow", 4, 2, 4),   # FP32LayerNorm on K: layer_norm on an fp32 copy, cast back
     ("flux", 2, 0, 4),       # K goes through RMSNorm and then RoPE: only V is fused
     ("sana", 0, 0, 0),       # linear attention: no K/V cache at all
+    # PixArt-Sigma's qkv(x).reshape(B, N, 3, C).unbind(2), then .to(dtype): export's metadata assertion
+    # on the cast's input is no second reader
+    ("plain_pixart_sigma_kvc", 4, 0, 4),
 ])
 def test_which_projections_fuse_and_the_sparse_graph_calls_the_op_instead_of_a_scatter(name, fused, norms, caches):
     family, model, plain, ras = _pair(name)

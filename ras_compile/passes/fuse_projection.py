@@ -98,7 +98,7 @@ def _chain_input(node: fx.Node, analysis: TokenAnalysis) -> fx.Node | None:
 
 def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis) -> FusedProjection | None:
     operand = nodes[site.node]
-    if not all(u.name in analysis.attention for u in operand.users):
+    if not all(u.name in analysis.attention for u in _readers(operand)):
         return None  # the operand feeds something else, which expects its sparse rows
     chain: list[fx.Node] = []
     norm: HeadNormMatch | None = None
@@ -122,7 +122,7 @@ def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis
             source = _chain_input(node, analysis)
             if source is None:
                 return None
-            if len(source.users) != 1:
+            if len(_readers(source)) != 1:  # (export's metadata assertions on it read nothing the rewrite keeps)
                 return None  # another reader of an intermediate (an in-place RoPE, a second head) needs it
         if source.op == "call_function" and source.target is aten.linear.default:
             break
