@@ -184,7 +184,7 @@ def _fusible_on_cuda(captured, policy: RASPolicy) -> list:
     analysis = captured.analysis
     if split_packed_projections(copy, analysis):
         latent = next(n for n in copy.graph.nodes if n.op == "placeholder" and n.name == captured.latent_node)
-        analysis = analyze_tokens(copy, latent, kv_cache=policy.kv_cache)
+        analysis = analyze_tokens(copy, latent, kv_cache=policy.kv_cache, tubes=policy.tubes != "never")
     return fuse_kv_projections(copy, analysis).fused_projections
 
 

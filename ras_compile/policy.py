@@ -76,6 +76,12 @@ class RASPolicy:
     kv_cache: attention of active tokens also reads the cached K/V of inactive
         tokens (attention recovery); False restricts it to active tokens, the
         paper's ablation.
+    tubes: ``"auto"`` (default) lets the analysis read a video DiT's tokens as
+        tubes (one patch position through every frame, selected as a whole) where
+        that reading runs more of the graph on the active tokens than the
+        per-frame reading; ``"never"`` keeps the per-frame reading, refusing models
+        only the tube reading can serve (see docs/how-it-works.md). Changes the
+        captured graphs.
     on_unsupported: ``"raise"`` or ``"fallback"`` (run the dense compiled model
         with a warning) when a model cannot be rewritten.
     seed: seed of the ``"random"`` metric's generator, ``0 <= seed < 2**64``.
@@ -118,6 +124,7 @@ class RASPolicy:
     high_ratio: float = 1.0
     share_active_set: str = "per_sample"
     kv_cache: bool = True
+    tubes: str = "auto"
     on_unsupported: str = "raise"
     seed: int = 0
     token_multiple: int = 1
@@ -193,6 +200,9 @@ class RASPolicy:
 
         if not isinstance(self.kv_cache, bool):
             raise _invalid("kv_cache", self.kv_cache, "must be True or False")
+
+        if not isinstance(self.tubes, str) or self.tubes not in ("auto", "never"):
+            raise _invalid("tubes", self.tubes, "must be 'auto' or 'never'")
 
         if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
             raise _invalid("seed", self.seed, "must be an int with 0 <= seed < 2**64")

@@ -211,10 +211,11 @@ class RASModule(torch.nn.Module):
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
-            analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
+            reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
+            analysis = analyze_tokens(gm, latent_node, **reading)
             if self._fuses(latent.device):
                 if split_packed_projections(gm, analysis):  # one linear per part of a packed q/k/v
-                    analysis = analyze_tokens(gm, latent_node, kv_cache=self.ras_policy.kv_cache)
+                    analysis = analyze_tokens(gm, latent_node, **reading)
                 analysis = fuse_kv_projections(gm, analysis)
             analysis.recognised_attention = recognised
         except UnsupportedModelError as exc:

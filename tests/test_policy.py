@@ -19,7 +19,7 @@ def test_defaults_are_the_papers():
     assert (p.sample_ratio, p.warmup_steps, p.reset_steps, p.end_step) == (0.5, 4, (12, 20), None)
     assert (p.schedule, p.num_steps, p.metric, p.starvation_scale) == ("static", None, "std", 0.1)
     assert (p.starvation_rule, p.high_ratio, p.share_active_set) == ("paper", 1.0, "per_sample")
-    assert (p.kv_cache, p.on_unsupported, p.seed, p.token_multiple) == (True, "raise", 0, 1)
+    assert (p.kv_cache, p.on_unsupported, p.seed, p.token_multiple, p.tubes) == (True, "raise", 0, 1, "auto")
     assert (p.skip_num_step, p.skip_num_step_length, p.dynamic_drop_multiple) == (0, 1, 64)
 
 
@@ -44,6 +44,7 @@ INVALID = [
     ("share_active_set", "guidance"), ("share_active_set", None),
     ("kv_cache", 1), ("kv_cache", "yes"), ("kv_cache", None),
     ("on_unsupported", "warn"), ("on_unsupported", False),
+    ("tubes", "always"), ("tubes", False), ("tubes", None),
     ("seed", -1), ("seed", 2**64), ("seed", 1.0), ("seed", True), ("seed", None),
     ("token_multiple", 0), ("token_multiple", -64), ("token_multiple", 64.0), ("token_multiple", True),
 ]
@@ -78,6 +79,7 @@ VALID = [
     ("high_ratio", 0), ("high_ratio", 0.3), ("high_ratio", 1),
     ("share_active_set", "per_sample"), ("share_active_set", "cfg"), ("share_active_set", "batch"),
     ("kv_cache", False), ("on_unsupported", "fallback"), ("on_unsupported", "raise"),
+    ("tubes", "auto"), ("tubes", "never"),
     ("seed", 0), ("seed", 2**64 - 1), ("token_multiple", 1), ("token_multiple", 64),
 ]
 

@@ -227,6 +227,28 @@ def test_a_per_frame_side_branch_alone_does_not_make_tokens_tubes():
     _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
 
 
+def test_tubes_never_keeps_one_token_per_frame_patch_where_the_plain_reading_serves():
+    """Positions added on the flat sequence: the tube reading is chosen by default (it runs more on
+    the active rows); ``RASPolicy(tubes="never")`` keeps the plain reading, which densifies at the
+    per-frame views, and stays exact."""
+    model = _model(flat_pos=True)
+    kw = _inputs()
+    auto = ras_compile(model, POLICY, backend=None).ras_analysis(**kw)
+    ras = ras_compile(model, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=(), tubes="never"), backend=None)
+    never = ras.ras_analysis(**kw)
+    assert auto.grid.tube_axes == (2,) and auto.num_tokens == S
+    assert never.grid.tube_axes == () and never.num_tokens == (FRAMES // 2) * S
+    assert never.layouts[never.source].outer == 1 and never.counts["densified"] > auto.counts["densified"]
+    _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
+
+
+def test_tubes_never_refuses_what_only_tubes_serve_and_says_so():
+    ras = ras_compile(_model(), RASPolicy(tubes="never"), backend=None)
+    with pytest.raises(UnsupportedModelError, match=r"RASPolicy\(tubes='never'\) tried no reading where a token "
+                                                    r"spans the frames; tubes='auto' does"):
+        ras(**_inputs())
+
+
 def test_a_frame_folded_with_the_samples_into_the_sequence_is_refused():
     """A view that puts the samples inside the token axis (``[B, T, S, D] -> [T, B * S, D]``) has no
     reading: the plain one densifies there and says so, the tube one would have to cache K/V on a

@@ -20,6 +20,8 @@ position in every frame, selected and computed as a whole (docs/how-it-works.md)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 
 import pytest
@@ -213,10 +215,12 @@ def test_a_model_the_plain_reading_accepts_never_reads_tubes():
     assert not analysis.token_batched_attention
 
 
-def test_a_token_axis_flattened_with_the_batch_stays_token_wise():
+@pytest.mark.parametrize("tubes", ["auto", "never"])
+def test_a_token_axis_flattened_with_the_batch_stays_token_wise(tubes):
     """``x.reshape(B * N, D)`` around a projection (MoE and MLP code): the plain reading densifies at the
     view and runs the rest on all tokens; the relaxed reading folds the token axis into the batch and
-    keeps the stream on the active rows, so it replaces the plain one."""
+    keeps the stream on the active rows, so it replaces the plain one (with ``tubes="never"`` too: the
+    fold makes no grid axis a tube)."""
 
     class Flattened(nn.Module):
         def __init__(self):
@@ -242,7 +246,7 @@ def test_a_token_axis_flattened_with_the_batch_stays_token_wise():
     model = Flattened().eval()
     g = torch.Generator().manual_seed(0)
     kw = dict(hidden_states=torch.randn(2, C, HEIGHT, WIDTH, generator=g), timestep=torch.tensor([999.0, 500.0]))
-    ras = ras_compile(model, POLICY, backend=None)
+    ras = ras_compile(model, dataclasses.replace(POLICY, tubes=tubes), backend=None)
     analysis = ras.ras_analysis(**kw)
     assert len(analysis.attention) == 2 and analysis.counts["densified"] == 1  # only the unpatchify
     assert analysis.grid.tube_axes == ()

@@ -242,9 +242,11 @@ class _NotThisReading(Exception):
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False, lead_tube: bool = False):
+    def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False, lead_tube: bool = False,
+                 tube_axes: bool = True):
         self.gm = gm
         self.tubes = tubes  # the relaxed reading: grid axes folded into the batch are tubes (latent_grid)
+        self.tube_axes = tube_axes  # False (RASPolicy.tubes="never"): the relaxed reading folds token axes only
         self.lead_tube = lead_tube  # and the leading grid axis of a video token sequence is one (latent_grid)
         self.relaxed_used = False  # the relaxed reading found tubes or folded the token axis
         self.latent = latent
@@ -349,7 +351,8 @@ class _Analyzer:
                 self.grid_stops.append(node)
             return
         self.grid_values[node] = out
-        found = lg.find_token_dim(out, _shape(self.latent), tubes=self.tubes, lead_tube=self.lead_tube)
+        found = lg.find_token_dim(out, _shape(self.latent), tubes=self.tubes and self.tube_axes,
+                                  lead_tube=self.lead_tube)
         if found is not None and self.analysis is None:
             token_dim, grid = found
             batch = lg.find_batch_dim(out, grid)
@@ -1201,7 +1204,7 @@ def _stopped_at(e: UnsupportedModelError, named: UnsupportedModelError) -> str:
     return f" (node '{e.node}', {e.op}{'' if named.node == e.node else e.source})"
 
 
-def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True) -> TokenAnalysis:
+def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True, tubes: bool = True) -> TokenAnalysis:
     """Analyse ``gm`` (an exported graph with shapes in ``node.meta['val']``).
 
     A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
@@ -1213,7 +1216,9 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
     frames leading the token sequence (Open-Sora's ``[B, F * S, D]``). A relaxed reading
     replaces an accepted one only where it runs more nodes on the active rows from the
     later of their token sources on (a view the plain reading had to densify at), so a
-    model the plain reading serves as well keeps its finer tokens.
+    model the plain reading serves as well keeps its finer tokens. ``tubes=False``
+    (``RASPolicy(tubes="never")``) makes no grid axis a tube: the relaxed reading then
+    only folds token axes into the batch axis.
     """
     _require_static_shapes(gm)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -1231,8 +1236,8 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
             plain_progress = max(plain_progress, _progress(analyzer, exc, order))
     relaxed, best = [], plain
     for tokens_first in readings:
-        for lead_tube in (False, True):
-            analyzer = _Analyzer(gm, latent, tubes=True, lead_tube=lead_tube)
+        for lead_tube in ((False, True) if tubes else (False,)):
+            analyzer = _Analyzer(gm, latent, tubes=True, lead_tube=lead_tube, tube_axes=tubes)
             analyzer.policy_kv_cache = kv_cache
             try:
                 found = analyzer.run(tokens_first)
@@ -1264,6 +1269,10 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
             f"axis or leading the token sequence): {tubes.reason}; read without tubes: {error.reason}"
             f"{_stopped_at(error, tubes)}",
             node=tubes.node, op=tubes.op, source=tubes.source)
+    if not tubes and latent.meta["val"].dim() >= 5:  # a video latent: the tube readings may have served it
+        error = UnsupportedModelError(
+            f"{error.reason} (RASPolicy(tubes='never') tried no reading where a token spans the frames; "
+            "tubes='auto' does)", node=error.node, op=error.op, source=error.source)
     raise error
 
 
