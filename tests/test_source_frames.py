@@ -133,3 +133,36 @@ def test_torch_frames_are_skipped_for_the_innermost_model_frame():
     line = _line_of(Block.forward, "self.qkv(x)")
     assert "torch" + os.sep + "nn" in linear.meta["stack_trace"]  # torch's frame is recorded ...
     assert node_frame(linear).startswith(f" in blocks.0.qkv (Linear) at {HERE}:{line} `q, k, v = self.qkv(x)")  # not shown
+
+
+class LengthFromMask(TinyDiT):
+    """Allocates as many rows as a mask counts, read on the host: a data-dependent shape."""
+
+    def forward(self, latent, timestep, keep):
+        n = keep.sum().item()  # a host read
+        rows = latent.new_zeros(latent.shape[0], n, 4)
+        return super().forward(latent, timestep) + rows.sum()
+
+
+def test_a_data_dependent_shape_names_the_host_read_it_comes_from():
+    ras = ras_compile(LengthFromMask(), RASPolicy(), backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs(), keep=torch.ones(8, dtype=torch.bool))
+    reason = info.value.reason
+    line = _line_of(LengthFromMask.forward, "# a host read")
+    assert "depends on tensor values" in reason
+    assert "u0 is read from a tensor as a Python number (`.item()`, `.tolist()`, `int(t)`): node '" in reason
+    assert f"{HERE}:{line} `n = keep.sum().item()  # a host read`" in reason
+
+
+def test_a_size_from_nonzero_names_the_operator():
+    class Nonzero(TinyDiT):
+        def forward(self, latent, timestep):
+            rows = torch.nonzero(latent[:, 0].flatten(1) > 0)
+            return super().forward(latent, timestep) + rows.shape[0] * 0
+
+    ras = ras_compile(Nonzero(), RASPolicy(), backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs())
+    assert "is the output size of aten.nonzero.default, which depends on its input's values: node 'nonzero'" \
+        in info.value.reason

@@ -1184,6 +1184,59 @@ _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _
                _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft}
 
 
+_HOST_READS = {aten._local_scalar_dense.default, aten.item.default}
+
+
+def _size_symbols(values) -> set:
+    """The symbols of the symbolic sizes among ``values`` (sizes, SymInts, tensors' shapes)."""
+    found = set()
+    for v in values:
+        dims = list(v.shape) if isinstance(v, torch.Tensor) else [v]
+        found |= {s for d in dims if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
+    return found
+
+
+def _symbol_origins(gm: fx.GraphModule, refused: fx.Node, shape) -> str:
+    """Where the data-dependent sizes in ``shape`` come from: ``; u0, u1 are read from a tensor as a
+    Python number (`.item()`, `.tolist()`, `int(t)`): nodes 'item', 'item_1'`` (and the model line
+    where it is not the refused node's). A symbol's origin is the first node whose value is it or
+    has it as a size (``nonzero``'s output); a size the refused node introduces itself from symbolic
+    arguments (a slice to a tensor-valued end) is traced to those arguments."""
+    sources: dict = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        dims = [val] if isinstance(val, torch.SymInt) else list(val.shape) if isinstance(val, torch.Tensor) else []
+        for d in dims:
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                sources.setdefault(d.node.expr, node)
+    pending, seen, origins = _size_symbols(shape), set(), {}
+    while pending:
+        symbol = pending.pop()
+        if symbol in seen or symbol not in sources:
+            continue
+        seen.add(symbol)
+        inner = _size_symbols(a.meta.get("val") for a in refused.all_input_nodes) if sources[symbol] is refused else ()
+        if inner:
+            pending |= inner
+        else:
+            origins[symbol] = sources[symbol]
+    groups: dict = {}
+    named = node_frame(refused)
+    for symbol in sorted(origins, key=str):
+        node = origins[symbol]
+        how = ("read from a tensor as a Python number (`.item()`, `.tolist()`, `int(t)`)" if node.target in _HOST_READS
+               else f"the output size of {_op_name(node)}, which depends on its input's values")
+        frame = node_frame(node)
+        groups.setdefault((how, "" if frame == named else frame), []).append((str(symbol), node.name))
+    parts = []
+    for (how, frame), members in groups.items():
+        symbols = ", ".join(sym for sym, _ in members)
+        nodes = ", ".join(f"'{name}'" for _, name in members)
+        verb, noun = ("are", "nodes") if len(members) > 1 else ("is", "node")
+        parts.append(f"{symbols} {verb} {how}: {noun} {nodes}{frame}")
+    return "".join(f"; {part}" for part in parts)
+
+
 def _require_static_shapes(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
@@ -1192,8 +1245,8 @@ def _require_static_shapes(gm: fx.GraphModule) -> None:
             if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
                 raise UnsupportedModelError(
                     f"the shape {list(v.shape)} depends on tensor values (data-dependent shapes, e.g. tokens "
-                    "selected by a mask in a Python loop); a graph with static shapes is required",
-                    node=node.name, op=str(node.target), source=node_frame(node))
+                    f"selected by a mask in a Python loop){_symbol_origins(gm, node, v.shape)}; a graph "
+                    "with static shapes is required", node=node.name, op=str(node.target), source=node_frame(node))
 
 
 def _stopped_at(e: UnsupportedModelError, named: UnsupportedModelError) -> str:
