@@ -132,10 +132,16 @@ class RASModule(torch.nn.Module):
         self._warned_repeat = False
         self._signature = inspect.signature(model.forward)
         params = list(self._signature.parameters)
-        self._latent_arg = latent_arg or ("hidden_states" if "hidden_states" in params else params[0])
-        self._timestep_arg = timestep_arg or next((n for n in TIMESTEP_NAMES if n in params), None)
+        # a forward(*args, **kwargs) takes any keyword: names are looked up in each call instead
+        open_keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self._signature.parameters.values())
+        self._latent_arg = latent_arg or ("hidden_states" if "hidden_states" in params or open_keywords
+                                          else params[0])
+        found = next((n for n in TIMESTEP_NAMES if n in params), None)
+        # the names the timestep may have in a call, first match wins
+        self._timestep_names = ((timestep_arg,) if timestep_arg else (found,) if found
+                                else TIMESTEP_NAMES if open_keywords else ())
         for name, role in ((self._latent_arg, "latent_arg"), (timestep_arg, "timestep_arg")):
-            if name is not None and name not in params:
+            if name is not None and name not in params and not open_keywords:
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
@@ -183,12 +189,12 @@ class RASModule(torch.nn.Module):
     def _warn_number_timestep(self, call: dict) -> None:
         """Once per module, at the first capture: a timestep passed as a Python number is a constant of
         the captured graph, so every step would capture again and run dense."""
-        t = call.get(self._timestep_arg) if self._timestep_arg is not None else None
+        name, t = self._timestep_of(call)
         if self._warned_timestep or isinstance(t, bool) or not isinstance(t, (int, float)):
             return
         self._warned_timestep = True
         warnings.warn(
-            f"the timestep argument '{self._timestep_arg}' is a Python number ({t!r}): a captured graph holds it "
+            f"the timestep argument '{name}' is a Python number ({t!r}): a captured graph holds it "
             "as a constant, so every new value is a new capture and compile whose first step runs dense, and "
             f"RAS never runs a sparse step. Pass it as a tensor (e.g. torch.full((batch,), {t!r})).", stacklevel=4)
 
@@ -240,10 +246,13 @@ class RASModule(torch.nn.Module):
         return self.ras_fuse_kv_projection
 
     # -- call ------------------------------------------------------------------------------
+    def _timestep_of(self, call: dict) -> tuple[str | None, object]:
+        """The timestep argument's name and value in ``call`` (``(None, None)`` where it has none)."""
+        name = next((n for n in self._timestep_names if n in call), None)
+        return name, call.get(name) if name is not None else None
+
     def _timestep_value(self, call: dict) -> float | None:
-        if self._timestep_arg is None:
-            return None
-        t = call.get(self._timestep_arg)
+        _, t = self._timestep_of(call)
         if isinstance(t, torch.Tensor):
             # the mean, not the first element: a per-token or per-frame timestep may pin some entries
             # (a clean conditioning frame at 0) while the others move with the schedule

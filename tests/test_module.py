@@ -100,6 +100,39 @@ def test_the_timestep_argument_is_found_under_its_common_names(cls, latent, time
     assert [s.timestep for s in ras.ras_controller.stats] == [900.0, 600.0]
 
 
+class _KwargsDiT(PlainDiT):
+    """A forward that takes everything by keyword (wrappers, adapters)."""
+
+    time_name = "timestep"
+
+    def forward(self, *args, **kwargs):
+        return super().forward(kwargs["hidden_states"], kwargs[self.time_name])
+
+
+@pytest.mark.parametrize("time", ["timestep", "t"])
+def test_a_forward_taking_keywords_only_finds_its_latent_and_timestep_in_the_call(time):
+    model = type("_Named", (_KwargsDiT,), {"time_name": time})()
+    ras = ras_compile(model, RASPolicy(warmup_steps=1, reset_steps=()), backend=None)
+    x = torch.randn(1, 4, 8, 8)
+    for t in (900.0, 600.0, 300.0, 900.0, 600.0):  # the timestep going back up starts a new generation
+        got = ras(**{"hidden_states": x, time: torch.full((1,), t)})
+    assert [s.timestep for s in ras.ras_controller.stats] == [900.0, 600.0]
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse"]
+    ras.ras_controller.reset()
+    dense = ras(**{"hidden_states": x, time: torch.full((1,), 900.0)})
+    with torch.no_grad():
+        torch.testing.assert_close(dense, model(**{"hidden_states": x, time: torch.full((1,), 900.0)}))
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 3, 5]]))
+    torch.testing.assert_close(ras(**{"hidden_states": x, time: torch.full((1,), 900.0)}), dense, rtol=1e-5, atol=1e-5)
+    assert got.shape == x.shape
+
+
+def test_a_keywords_only_forward_called_without_the_latent_says_which_argument_is_missing():
+    ras = ras_compile(_KwargsDiT(), RASPolicy(), backend=None, latent_arg="x")
+    with pytest.raises(RASCallError, match="latent argument 'x' must be a tensor"):
+        ras(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 900.0))
+
+
 def test_resolution_change_between_generations_recaptures_and_stays_exact():
     model = SD3.build()
     ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
