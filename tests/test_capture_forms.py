@@ -20,7 +20,11 @@ A small DiT in plain PyTorch (``FormDiT``) written in one of :data:`FORMS`:
 - ``movedim``: ``movedim`` / ``swapaxes`` instead of ``permute`` / ``transpose``, in the patch
   embedding and on the token axis (U-DiT-style code), which export keeps as their own ops;
 - ``fp32_island``: the attention inside ``torch.autocast(enabled=False)`` (Helios computes its
-  RoPE grid so), exported as one higher-order region node, which the capture inlines.
+  RoPE grid so), exported as one higher-order region node, which the capture inlines;
+- ``unfold_patchify`` / ``tensor_unfold_patchify`` / ``pixel_unshuffle_patchify``: patches cut by
+  ``F.unfold(x, P, stride=P)``, ``x.unfold(2, P, P).unfold(3, P, P)`` or ``nn.PixelUnshuffle(P)``
+  and a linear (ViT ports), and ``fold_out``: the unpatchify as ``F.fold``; lowered to views
+  and a permute (passes/patch_views.py).
 
 Each keeps the properties every supported model keeps: the compiled dense step equals the
 model, and a sparse step right after a dense step equals it for any active set.
@@ -42,7 +46,8 @@ from ras_compile.fake_leaks import forget_capture_memos, snapshot
 from ras_compile.passes.einsum_permute import lower_einsum_permutes
 
 FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
-         "channel_cat", "conv_transpose_out", "fp32_island", "movedim")
+         "channel_cat", "conv_transpose_out", "fp32_island", "movedim", "unfold_patchify", "tensor_unfold_patchify",
+         "pixel_unshuffle_patchify", "fold_out")
 COND = 2  # conditioning channels of channel_cat
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 C, P, D, HEADS = 4, 2, 16, 2
@@ -87,6 +92,13 @@ class FormDiT(nn.Module):
             x = latent.reshape(b, c, h // P, P, w // P, P)
             x = torch.einsum("nchpwq->nhwcpq", x).reshape(b, (h // P) * (w // P), c * P * P)
             return self.embed_linear(x)
+        if self.form == "unfold_patchify":  # [b, c * P * P, h/P * w/P]
+            return self.embed_linear(F.unfold(latent, P, stride=P).transpose(1, 2))
+        if self.form == "tensor_unfold_patchify":  # [b, c, h/P, w/P, P, P]
+            x = latent.unfold(2, P, P).unfold(3, P, P).permute(0, 2, 3, 1, 4, 5)
+            return self.embed_linear(x.reshape(b, (h // P) * (w // P), c * P * P))
+        if self.form == "pixel_unshuffle_patchify":
+            return self.embed_linear(F.pixel_unshuffle(latent, P).flatten(2).transpose(1, 2))
         if self.form == "group_norm_in":
             latent = self.norm_in(latent)
         if self.form == "channel_cat":
@@ -130,6 +142,8 @@ class FormDiT(nn.Module):
         x = x + self.mlp(self.norm2(x))
         if self.form == "conv_transpose_out":
             return self.unembed(x.transpose(1, 2).reshape(b, D, height // P, width // P))
+        if self.form == "fold_out":
+            return F.fold(self.proj(x).transpose(1, 2), (height, width), P, stride=P)
         x = self.proj(x).reshape(b, height // P, width // P, P, P, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, height, width)
 
@@ -318,6 +332,46 @@ def test_a_dict_argument_that_gains_entries_is_named_when_it_forces_a_new_captur
     ras(**kw, flags={"mode": 0})
     with pytest.warns(UserWarning, match="the structure of the arguments changed"):
         ras(**dict(kw, timestep=torch.full((2,), 900.0)), flags={"mode": 0, "cached_tokens": 4})
+
+
+@pytest.mark.parametrize("op", ["im2col", "col2im", "pixel_unshuffle", "pixel_shuffle", "unfold", "unfold_last"])
+def test_non_overlapping_patch_operators_lower_to_views_with_the_same_values(op):
+    from ras_compile.passes.patch_views import lower_patch_views
+
+    fns = {"im2col": lambda x: F.unfold(x, (2, 3), stride=(2, 3)),
+           "col2im": lambda x: F.fold(x.reshape(2, 3 * 2 * 3, -1)[:, :, :16], (8, 12), (2, 3), stride=(2, 3)),
+           "pixel_unshuffle": lambda x: F.pixel_unshuffle(x, 2),
+           "pixel_shuffle": lambda x: F.pixel_shuffle(x.reshape(2, 12, 4, 6), 2),
+           "unfold": lambda x: x.unfold(2, 4, 4),
+           "unfold_last": lambda x: x.unfold(-1, 3, 3)}
+
+    class One(nn.Module):
+        def forward(self, x):
+            return fns[op](x) * 1.0
+
+    x = torch.randn(2, 3, 8, 12)
+    program = torch.export.export(One(), (x,), strict=False)
+    graph_module = program.graph_module
+    assert lower_patch_views(graph_module), "nothing was lowered"
+    targets = {n.target for n in graph_module.graph.nodes if n.op == "call_function"}
+    assert not targets & {torch.ops.aten.im2col.default, torch.ops.aten.col2im.default,
+                          torch.ops.aten.pixel_unshuffle.default, torch.ops.aten.pixel_shuffle.default,
+                          torch.ops.aten.unfold.default}
+    assert torch.equal(graph_module(x)[0], fns[op](x))
+
+
+@pytest.mark.parametrize("fn", [lambda x: F.unfold(x, 3, stride=2), lambda x: F.unfold(x, 2, stride=2, padding=1),
+                                lambda x: x.unfold(2, 3, 2), lambda x: x.unfold(3, 5, 5)],
+                         ids=["overlapping", "padded", "overlapping_tensor_unfold", "remainder_dropped"])
+def test_overlapping_or_padded_patch_operators_stay(fn):
+    from ras_compile.passes.patch_views import lower_patch_views
+
+    class One(nn.Module):
+        def forward(self, x):
+            return fn(x) * 1.0
+
+    program = torch.export.export(One(), (torch.randn(2, 3, 8, 12),), strict=False)
+    assert lower_patch_views(program.graph_module) == []
 
 
 def test_einsums_that_are_no_permutation_stay():
