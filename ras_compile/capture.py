@@ -107,12 +107,36 @@ def opaque_argument(call: dict) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _script_modules_called_directly(model: torch.nn.Module):
+    """While ``model`` is exported, call its ``torch.jit.script``-ed submodules through their compiled
+    method. Non-strict export records module calls by patching ``nn.Module.__call__``, which for a
+    ``RecursiveScriptModule`` ends in the eager class's unbound ``forward`` ("forward() takes 2
+    positional arguments but 3 were given"). ``module._c.forward`` runs the same ATen ops through
+    the dispatcher, where export records them, on the module's own parameters, which export lifts
+    as usual. Models without a script module are untouched."""
+    script = torch.jit.RecursiveScriptModule
+    if not any(isinstance(m, script) for m in model.modules()):
+        yield
+        return
+    had = "__call__" in script.__dict__
+    old = script.__dict__.get("__call__")
+    script.__call__ = lambda self, *args, **kwargs: self._c.forward(*args, **kwargs)
+    try:
+        yield
+    finally:
+        if had:
+            script.__call__ = old
+        else:
+            del script.__call__
+
+
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     printed = io.StringIO()  # torch.export prints the partial graph of a failed capture to stderr
     memos = snapshot(model)
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(printed):
+        with torch.no_grad(), contextlib.redirect_stderr(printed), _script_modules_called_directly(model):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
         opaque = opaque_argument(call)

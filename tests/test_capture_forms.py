@@ -374,6 +374,26 @@ def test_overlapping_or_padded_patch_operators_stay(fn):
     assert lower_patch_views(program.graph_module) == []
 
 
+def test_a_torch_jit_script_submodule_is_captured_and_reads_its_live_weights():
+    """A ``torch.jit.script``-ed submodule (a RecursiveScriptModule) is traced through its compiled
+    method; its parameters are graph inputs like any other, so an update after capture is seen."""
+    model = _model("qkv_select")
+    model.mlp = torch.jit.script(model.mlp)
+    kw = _inputs("qkv_select")
+    ras = ras_compile(model, POLICY, backend=None)
+    with torch.no_grad():
+        torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+        assert ras.ras_analysis(**kw).counts["attention_cached_kv"] == 1
+        model.mlp[0].weight.mul_(1.5)  # after capture
+        dense = model(**kw)
+        ras.ras_controller.reset()
+        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+        ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 5, 9], [2, 3, 23]]))
+        torch.testing.assert_close(ras(**kw), dense, rtol=1e-5, atol=1e-5)
+    assert type(torch.jit.RecursiveScriptModule.__call__) is type(nn.Module.__call__)  # restored
+    assert "__call__" not in torch.jit.RecursiveScriptModule.__dict__
+
+
 def test_einsums_that_are_no_permutation_stay():
     class Products(nn.Module):
         def forward(self, a, b):
