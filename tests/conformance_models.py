@@ -1111,12 +1111,14 @@ from conformance_plain_video import PLAIN_VIDEO_FAMILIES  # noqa: E402
 from conformance_plain_io import PLAIN_IO_FAMILIES  # noqa: E402
 from conformance_plain_structured import PLAIN_STRUCTURED_VIDEO_FAMILIES  # noqa: E402
 from conformance_plain_hier import PLAIN_HIERARCHICAL_FAMILIES  # noqa: E402
+from conformance_plain_prod import PLAIN_PRODUCTION_FAMILIES  # noqa: E402
 from conformance_video import VIDEO_FAMILIES  # noqa: E402
 
 # and DiTs written in plain PyTorch as research code writes them (no diffusers class)
 FAMILY_LIST += (IMAGE_FAMILIES + VIDEO_FAMILIES + AUDIO_FAMILIES
                 + PLAIN_DIT_FAMILIES + PLAIN_MMDIT_FAMILIES + PLAIN_OPS_FAMILIES + PLAIN_VIDEO_FAMILIES
-                + PLAIN_IO_FAMILIES + PLAIN_STRUCTURED_VIDEO_FAMILIES + PLAIN_HIERARCHICAL_FAMILIES)
+                + PLAIN_IO_FAMILIES + PLAIN_STRUCTURED_VIDEO_FAMILIES + PLAIN_HIERARCHICAL_FAMILIES
+                + PLAIN_PRODUCTION_FAMILIES)
 FAMILIES: dict[str, Family] = {f.name: f for f in FAMILY_LIST}
 assert len(FAMILIES) == len(FAMILY_LIST), "two families share a name"
 

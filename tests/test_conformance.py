@@ -41,6 +41,7 @@ REFUSED = {
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
     "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index
     "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
+    "plain_lumina2_loop": ("aten.zeros.default", "read from a tensor as a Python number"),  # cap lengths .tolist()
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:
