@@ -1316,12 +1316,12 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
             f"read as tokens [B, N, C]: {first.reason}{_stopped_at(first, named)}; read as a signal "
             f"[B, C, L]: {second.reason}{_stopped_at(second, named)}", node=named.node, op=named.op, source=named.source)
     if relaxed:  # a relaxed reading got further: its reason comes first
-        tubes = relaxed[0]
+        further = relaxed[0]
         error = UnsupportedModelError(
             "read with tubes (one token = one patch position in every frame, the frames folded into the batch "
-            f"axis or leading the token sequence): {tubes.reason}; read without tubes: {error.reason}"
-            f"{_stopped_at(error, tubes)}",
-            node=tubes.node, op=tubes.op, source=tubes.source)
+            f"axis or leading the token sequence): {further.reason}; read without tubes: {error.reason}"
+            f"{_stopped_at(error, further)}",
+            node=further.node, op=further.op, source=further.source)
     if not tubes and latent.meta["val"].dim() >= 5:  # a video latent: the tube readings may have served it
         error = UnsupportedModelError(
             f"{error.reason} (RASPolicy(tubes='never') tried no reading where a token spans the frames; "
