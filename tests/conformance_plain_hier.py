@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from conformance_models import TEXT_LEN, Family, H, W, _channels_times, _Rand, _same_as, _seeded_build
 from conformance_plain_io import get_2d_sincos_pos_embed_ms, t2i_modulate
-from conformance_plain_ops import TimestepEmbedder, modulate
+from conformance_plain_ops import Attention, FinalLayer, TimestepEmbedder, modulate
 
 import math
 from functools import reduce
@@ -351,22 +351,6 @@ def _hdit_inputs(model, batch, seed):
 # =========================================================================== 2. U-DiT
 
 
-class UAttention(nn.Module):  # timm-style attention, fused
-    def __init__(self, dim, num_heads, qkv_bias=True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
 class UMlp(nn.Module):
     """U-DiT FFN: fc1 -> depthwise 3x3 conv on the token grid -> GELU -> fc2."""
 
@@ -394,7 +378,7 @@ class UDiTBlock(nn.Module):
         self.down_factor = down_factor
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.downsampler = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
-        self.attn = UAttention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = UMlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
@@ -442,18 +426,6 @@ class UUpsample(nn.Module):  # conv 3x3 (C -> 2C), PixelShuffle(2): tokens * 4, 
         x = x.transpose(1, 2).reshape(B, C, H_, W_)
         x = self.body(x)
         return x.flatten(2).transpose(1, 2)
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, hidden_size, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class UDiT(nn.Module):
