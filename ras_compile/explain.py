@@ -2,7 +2,8 @@
 
 It captures and analyses the model on example inputs, then reports the token source
 and where the token axis ends, how many nodes fall in each class, which attention
-nodes read cached K/V, which side inputs are gathered, what is densified and why,
+nodes read cached K/V, which side inputs are gathered (and which side branches are
+gathered where they start), what is densified and why,
 and the FLOPs of a sparse step at a given ratio as a fraction of a dense step
 (counted by ``torch.utils.flop_counter`` on fake tensors: nothing is computed).
 """
@@ -46,6 +47,7 @@ class Explanation:
     tube_axes: tuple[int, ...] = ()  # latent axes a token spans whole (in the batch axis, or leading the sequence)
     tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
     densified_sources: list[str] = field(default_factory=list)  # per densified value: its consumer in the model code
+    side_sources: list[str] = field(default_factory=list)  # side branches gathered where they start (side_sources.py)
 
     @property
     def flop_fraction(self) -> float:
@@ -80,6 +82,9 @@ class Explanation:
                          f"({len(self.token_batched_attention)}): " + ", ".join(self.token_batched_attention))
         if self.side_inputs:
             lines.append(f"  side inputs gathered ({len(self.side_inputs)}): " + ", ".join(self.side_inputs))
+        if self.side_sources:
+            lines.append(f"  side branches gathered where they start, run on the active tokens "
+                         f"({len(self.side_sources)}): " + ", ".join(self.side_sources))
         kv = sum(1 for name, _, _ in self.caches if name.endswith(("_key", "_value")))
         lines.append(f"  K/V projections fused with the cache write on CUDA: {len(self.fusible_projections)} of {kv}"
                      + (f" ({', '.join(self.fusible_projections)})" if self.fusible_projections else ""))
@@ -168,6 +173,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         token_batched_attention=list(analysis.token_batched_attention),
         tube_axes=grid.tube_axes if grid else (),
         tube_rows=analysis.layouts[analysis.source].outer, densified_sources=sources,
+        side_sources=list(analysis.side_sources),
     )
 
 

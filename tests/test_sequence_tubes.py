@@ -242,8 +242,38 @@ def test_tubes_never_keeps_one_token_per_frame_patch_where_the_plain_reading_ser
     _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
 
 
+def test_tubes_never_serves_positions_added_per_frame_through_the_token_grid():
+    """``(x.reshape(b, t, s, D) + pos).reshape(b, t * s, D)``: the plain reading follows the
+    per-frame view as a token grid (passes/token_grid.py), so with ``tubes="never"`` the model is
+    served with one token per frame patch; the frame-wise blocks are densified, and it stays exact."""
+    kw = _inputs()
+    ras = ras_compile(_model(), RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=(), tubes="never"),
+                      backend=None)
+    never = ras.ras_analysis(**kw)
+    assert never.grid.tube_axes == () and never.num_tokens == (FRAMES // 2) * S
+    assert any(lay.grid == (FRAMES // 2, S) for lay in never.layouts.values() if hasattr(lay, "grid"))
+    _assert_sparse_after_dense_is_exact(ras, kw, torch.tensor([[1, 4, 30], [0, 2, 47]]))
+
+
+class TemporalFirst(SequenceVideoDiT):
+    """Attention over the frames of each position with no residual, then over the whole sequence:
+    without tubes, the first view reorders the token grid, so everything after it would be dense."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        b, c, f, h, w = hidden_states.shape
+        t, s = f // self.pt, (h // 2) * (w // 2)
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        y = x.reshape(b, t, s, D).permute(0, 2, 1, 3).reshape(b * s, t, D)
+        x = self._attend(y, self.qkv[0]).reshape(b, s, t, D).permute(0, 2, 1, 3).reshape(b, t * s, D)
+        x = x + self._attend(x, self.qkv[1])
+        x = self.final(x).reshape(b, t, h // 2, w // 2, self.pt, 2, 2, c)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, f, h, w)
+
+
 def test_tubes_never_refuses_what_only_tubes_serve_and_says_so():
-    ras = ras_compile(_model(), RASPolicy(tubes="never"), backend=None)
+    torch.manual_seed(0)
+    ras_compile(TemporalFirst().eval(), POLICY, backend=None).ras_analysis(**_inputs())  # tubes serve it
+    ras = ras_compile(TemporalFirst().eval(), RASPolicy(tubes="never"), backend=None)
     with pytest.raises(UnsupportedModelError, match=r"RASPolicy\(tubes='never'\) tried no reading where a token "
                                                     r"spans the frames; tubes='auto' does"):
         ras(**_inputs())

@@ -59,8 +59,8 @@ class TinyDiT(nn.Module):
         for block in self.blocks:
             x = block(x)
         p = self.patch
-        x = self.out(x).view(b, h // p, w // p, p, p, self.channels)  # unpatchify
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.channels, h, w)
+        x = self.out(x).view(b, h // p, w // p, p, p, self.channels)  # the token grid
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.channels, h, w)  # unpatchify
 
 
 def _inputs():
@@ -84,10 +84,11 @@ def test_a_refusal_names_the_submodule_and_the_model_line():
 def test_explain_says_where_each_densified_value_is_read():
     model = TinyDiT()
     result = explain(model, _inputs(), verbose=False)
-    line = _line_of(TinyDiT.forward, "# unpatchify")
+    line = _line_of(TinyDiT.forward, "# unpatchify")  # the grid's axes are interleaved with the patch axes
     assert len(result.densified) == len(result.densified_sources) == 1
     assert result.densified_sources[0] == (f" at {HERE}:{line} "
-                                           "`x = self.out(x).view(b, h // p, w // p, p, p, self.channels)  # unpatchify`")
+                                           "`return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.channels, h, w)  "
+                                           "# unpatchify`")
     assert f"{HERE}:{line}" in str(result).splitlines()[2]
 
 

@@ -104,7 +104,8 @@ def _fusible(site: CacheSite, nodes: dict[str, fx.Node], analysis: TokenAnalysis
     norm: HeadNormMatch | None = None
     norm_at = 0  # chain nodes appended before the norm was found (post-norm part)
     node = operand
-    touched = {s.node for s in analysis.side_inputs} | {key.split(":")[0] for key in analysis.densify_at}
+    touched = {s.node for s in analysis.side_inputs} | {key.split(":")[0] for key in analysis.densify_at} \
+        | set(analysis.side_sources)
     while True:
         if node.name in touched:
             return None  # the rewrite does more than re-lay this node out

@@ -98,6 +98,7 @@ class _SparseBuilder:
         self.norm_output = {n.output: n.input for n in norms}  # takes the already-normalised cache's value
         self.norm_inner = {name for n in norms for name in n.nodes if name != n.output}  # not computed
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.side_sources = set(analysis.side_sources)
 
     # -- symbolic pieces -------------------------------------------------------------
     @property
@@ -146,6 +147,8 @@ class _SparseBuilder:
             shape[lay.token_dim] = self.graph.call_function(operator.mul, (self.k, lay.outer))
         else:
             shape[lay.token_dim] = self.sparse_length(lay.length)
+        for d in lay.dims[1:]:  # a token grid's other axes: sparse token i sits at (i, 0, ...)
+            shape[d] = 1
         return shape
 
     def densified(self, value: fx.Node) -> fx.Node:
@@ -153,8 +156,14 @@ class _SparseBuilder:
         if value.name not in self._densified:
             lay = self.layout(value)
             cache = self.caches[self.cache_of[(value.name, "activation")]]
-            self._densified[value.name] = self.graph.call_function(
-                token_ops.scatter_tokens_, (cache, self.env[value], self.positions(lay), lay.batch_dim, lay.token_dim))
+            if lay.grid:
+                self._densified[value.name] = self.graph.call_function(
+                    token_ops.scatter_grid_tokens_,
+                    (cache, self.env[value], self.positions(lay), lay.batch_dim, lay.token_dim, len(lay.grid)))
+            else:
+                self._densified[value.name] = self.graph.call_function(
+                    token_ops.scatter_tokens_, (cache, self.env[value], self.positions(lay), lay.batch_dim,
+                                                lay.token_dim))
         return self._densified[value.name]
 
     # -- node rewrites ---------------------------------------------------------------
@@ -166,7 +175,7 @@ class _SparseBuilder:
     def build(self) -> fx.GraphModule:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                if node.name == self.a.source:
+                if node.name == self.a.source or node.name in self.side_sources:
                     self.gather_source(node)
                 continue
             if node.op == "call_function" and _packet(node) in _SKIPPED:
@@ -176,13 +185,19 @@ class _SparseBuilder:
                 continue
             new = self.rewrite(node)
             self.env[node] = new
-            if node.name == self.a.source:
+            if node.name == self.a.source or node.name in self.side_sources:
                 self.gather_source(node)
         return fx.GraphModule(self.gm, self.graph)
 
     def gather_source(self, node: fx.Node) -> None:
+        """The active rows of a token source: the image tokens, or a side branch's source."""
         lay = self.layout(node)
         rank = node.meta["val"].dim()
+        if lay.grid:
+            self.env[node] = self.graph.call_function(
+                token_ops.gather_grid_tokens, (self.env[node], self.positions(lay), lay.batch_dim, lay.token_dim,
+                                               lay.grid, rank))
+            return
         self.env[node] = self.graph.call_function(
             token_ops.gather_tokens, (self.env[node], self.positions(lay), lay.batch_dim, lay.token_dim, rank))
 
@@ -190,8 +205,8 @@ class _SparseBuilder:
         g = self.graph
         args = [fx.node.map_arg(a, lambda n: self.arg(node, n)) for a in node.args]
         kwargs = {k: fx.node.map_arg(v, lambda n: self.arg(node, n)) for k, v in node.kwargs.items()}
-        if node.name == self.a.source:  # the source computes the dense tokens; the gather follows it
-            return self.copy(node, args, kwargs)
+        if node.name == self.a.source or node.name in self.side_sources:
+            return self.copy(node, args, kwargs)  # a source computes the dense value; the gather follows it
         if node.name in self.fused_linear:
             return self.project_into_cache(node, args, kwargs)
         if node.name in self.norm_output:  # the fused op normalised the cache already
@@ -207,6 +222,8 @@ class _SparseBuilder:
         src_lay = self.layout(node.args[0]) if node.args else None
         if packet in (aten.view, aten.reshape, aten._unsafe_view, aten.expand) and out_lay is not None:
             args[1] = self.sparse_shape(node)
+        elif packet is aten.unflatten and out_lay is not None and out_lay.grid:  # sizes of the grid's axes
+            return self.graph.call_function(aten.reshape.default, (args[0], self.sparse_shape(node)))
         elif packet is aten.slice and src_lay is not None:
             rank = node.args[0].meta["val"].dim()
             dim = (args[1] if len(args) > 1 else 0) % rank
@@ -255,9 +272,13 @@ class _SparseBuilder:
         def gather(value):
             # a RoPE or position table meets the token stream in every layer: gather it once
             key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold, lay.token_major,
-                   lay.outer)
+                   lay.outer, lay.grid)
             if key not in self._side_gathers:
-                if lay.fold:
+                if lay.grid:
+                    self._side_gathers[key] = self.graph.call_function(
+                        token_ops.gather_grid_tokens,
+                        (value, self.positions(lay), lay.batch_dim, lay.token_dim, lay.grid, side.rank))
+                elif lay.fold:
                     self._side_gathers[key] = self.graph.call_function(
                         token_ops.gather_folded_rows,
                         (value, self.index, lay.token_dim, side.rank, lay.fold, lay.token_major))

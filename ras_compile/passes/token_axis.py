@@ -6,14 +6,16 @@ axis through every node, and classifies what the rewrite must do:
 * token-wise nodes run unchanged on the active rows (shape arguments rewritten);
 * attention whose keys carry image tokens reads stale K/V from a per-layer cache;
 * side inputs with a token axis (position tables, RoPE) are gathered where they
-  meet the token stream;
+  meet the token stream, or where their branch starts (passes/side_sources.py);
+* a token axis split into the patch grid is followed as a grid (passes/token_grid.py);
 * where the token axis ends (unpatchify) or leaves the graph, the value is
   *densified*: active rows are scattered into a cache of the full value.
 
 Invariants the rewrite relies on (checked here, or refused with the node's name):
 every annotated tensor has exactly one token axis whose image rows are the
 contiguous range ``[offset, offset + num_tokens)`` (or, read with tubes led by the frames,
-``outer`` blocks of them and nothing else: ``TokenLayout.outer``); no operator reduces,
+``outer`` blocks of them and nothing else: ``TokenLayout.outer``; or consecutive axes that
+hold the image tokens only, row-major: ``TokenLayout.grid``); no operator reduces,
 sorts or convolves along that axis; the batch axis is known wherever rows move.
 """
 from __future__ import annotations
@@ -52,7 +54,14 @@ class TokenLayout:
     ``(o, token)`` in row-major order (``length == outer * N``, image tokens only): the frames
     of a video kept in the sequence while each token is a tube through them (Open-Sora's
     ``[B, F * S, D]``), or any per-sample axis merged in front of the token axis by a view.
-    Every block holds the same active tokens."""
+    Every block holds the same active tokens.
+
+    ``grid``: (), or the image tokens are split over ``len(grid)`` consecutive axes starting at
+    ``token_dim``, of dense sizes ``grid`` (row-major, product ``length``): the token sequence
+    unflattened back into its patch grid, ``[B, N, C] -> [B, C, h, w]`` (a convolutional
+    feed-forward, HDiT's ``[B, h, w, C]``). The axis holds image tokens only. In the sparse graph
+    those axes have sizes ``(k, 1, ...)``, so the rank and every other axis stay as they are
+    (passes/token_grid.py)."""
 
     token_dim: int
     batch_dim: int | None
@@ -62,6 +71,7 @@ class TokenLayout:
     fold: int = 0
     token_major: bool = False
     outer: int = 1
+    grid: tuple[int, ...] = ()
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
                 offset: int | None = None, length: int | None = None,
@@ -76,12 +86,18 @@ class TokenLayout:
             self.fold,
             self.token_major,
             self.outer,
+            self.grid,
         )
 
     @property
     def axis(self) -> tuple:
         """What two operands must share to carry their tokens on the same axis the same way."""
-        return self.token_dim, self.offset, self.length, self.fold, self.token_major, self.outer
+        return self.token_dim, self.offset, self.length, self.fold, self.token_major, self.outer, self.grid
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The axes that hold the tokens: ``token_dim``, and the rest of the grid's axes."""
+        return tuple(range(self.token_dim, self.token_dim + max(1, len(self.grid))))
 
     def rows(self, batch_size: int) -> int:
         """Dense size of axis ``token_dim``."""
@@ -132,6 +148,8 @@ class TokenAnalysis:
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
     recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
     token_batched_attention: list[str] = field(default_factory=list)  # SDPA nodes with tokens on a batch axis
+    side_sources: list[str] = field(default_factory=list)  # nodes whose outputs are gathered (passes/side_sources.py)
+    reading: dict = field(default_factory=dict)  # the _Analyzer settings and latent reading that found this
 
 
 def _val(node):
@@ -243,8 +261,10 @@ class _NotThisReading(Exception):
 
 class _Analyzer:
     def __init__(self, gm: fx.GraphModule, latent: fx.Node, tubes: bool = False, lead_tube: bool = False,
-                 tube_axes: bool = True):
+                 tube_axes: bool = True, grids: bool = True, side_sources: dict | None = None):
         self.gm = gm
+        self.side_sources = side_sources or {}  # node name -> TokenLayout: gathered where computed
+        self.grids = grids  # follow token grids (passes/token_grid.py) instead of densifying where one is made
         self.tubes = tubes  # the relaxed reading: grid axes folded into the batch are tubes (latent_grid)
         self.tube_axes = tube_axes  # False (RASPolicy.tubes="never"): the relaxed reading folds token axes only
         self.lead_tube = lead_tube  # and the leading grid axis of a video token sequence is one (latent_grid)
@@ -282,6 +302,10 @@ class _Analyzer:
                 self.visit(node)
             elif node.op == "output":
                 self.visit_output(node)
+            if node.name in self.side_sources and self.analysis is not None and node not in self.layout:
+                # dense here, gathered right after (a source fed by another source is token-wise already)
+                self.layout[node] = self.side_sources[node.name]
+                self.analysis.side_sources.append(node.name)
         if self.analysis is None:
             stops = ", ".join(f"'{n.name}' ({_op_name(n)})" for n in self.grid_stops[:3])
             raise UnsupportedModelError(
@@ -447,13 +471,14 @@ class _Analyzer:
         handler = _TOKEN_RULES.get(packet)
         if handler is None and isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
             handler = _pointwise
-        if handler is None:
+        grid_inputs = [a for a in annotated if self.layout[a].grid]
+        if handler is None and not grid_inputs:
             self.refuse(node, "no token rule for this operator: the pass cannot tell whether it mixes image tokens")
         if handler not in _FOLD_RULES and any(self.layout[a].fold for a in annotated):
             self.refuse(node, "this operator meets a tensor whose token axis is folded into the batch axis "
                               "(rows are sample x token); only views, token-wise arithmetic, projections, "
                               "norms and attention over another axis are followed there")
-        result = handler(self, node)
+        result = token_grid.visit(self, node, handler, annotated) if grid_inputs else handler(self, node)
         if result is not None:
             self.layout[node] = result
             self.counts["token_wise"] += 1
@@ -547,7 +572,13 @@ def _side_operand(an, node, i: int, arg: fx.Node, lay: TokenLayout, rank: int) -
     """Operand ``i`` carries no tokens but broadcasts against a result laid out as ``lay`` (of
     ``rank`` dimensions): a side input to gather where it has the token axis at full size."""
     shape = _shape(arg)
-    pos = lay.token_dim - (rank - len(shape))
+    lead = rank - len(shape)
+    if lay.grid:  # each grid axis of the operand is 1 (broadcast) or full; gather_grid_tokens expands it
+        sizes = [shape[d - lead] if d >= lead else 1 for d in lay.dims]
+        if any(s != 1 for s in sizes):
+            an.side_input(node, i, lay, rank)
+        return
+    pos = lay.token_dim - lead
     if pos >= 0 and shape[pos] != 1:
         if shape[pos] != lay.rows(an.batch_size):
             an.refuse(node, f"operand {i} has size {shape[pos]} on the token axis of length {lay.rows(an.batch_size)}")
@@ -576,6 +607,9 @@ def _view(an: _Analyzer, node: fx.Node):
         if folded is not None:
             return folded
     if token_dim is None:
+        grid = token_grid.split_view(an, lay, in_shape, out_shape) if an.grids else None
+        if grid is not None:
+            return grid
         if lay.offset == 0 and lay.length == an.analysis.num_tokens:
             an.densify(src, node, "the token axis is split back into the latent grid (unpatchify, or a grid operator such as a convolution follows)")
             return None
@@ -776,7 +810,7 @@ def _linear(an, node):
     lay = _layout(an, node.args[0])
     if any(_layout(an, a) is not None for a in node.args[1:] if isinstance(a, fx.Node)):
         an.refuse(node, "a weight operand carries image tokens")
-    if lay.token_dim == len(_shape(node.args[0])) - 1:
+    if len(_shape(node.args[0])) - 1 in lay.dims:
         an.refuse(node, "a projection over the token axis mixes image tokens")
     if lay.batch_dim == len(_shape(node.args[0])) - 1 and an.batch_size > 1:
         an.refuse(node, "a projection over the batch axis mixes samples, whose active tokens differ")
@@ -826,7 +860,7 @@ def _shift_batch(lay, rank, out_rank):
 def _layer_norm(an, node):
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
-    if lay.token_dim >= rank - len(node.args[1]):
+    if lay.dims[-1] >= rank - len(node.args[1]):
         an.refuse(node, "a normalisation over the token axis mixes image tokens")
     return lay
 
@@ -859,14 +893,39 @@ def _softmax(an, node):
     return lay
 
 
+def _pointwise_convolution(node: fx.Node) -> bool:
+    """A convolution with a 1x1 kernel, stride 1 and no padding (not transposed): a projection of
+    each position's channels, whatever the groups."""
+    weight = node.args[1]
+    if not all(s == 1 for s in _shape(weight)[2:]):
+        return False
+    if _packet(node) is aten.convolution:
+        args = list(node.args) + [None] * 9
+        stride, padding, transposed = args[3], args[4], args[6]
+        if transposed:
+            return False
+    elif _packet(node) in (aten.conv1d, aten.conv2d, aten.conv3d):
+        stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
+    else:
+        return False
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731
+    if isinstance(padding, str):
+        padding = [0] if padding in ("valid", "same") else [1]
+    return all(s == 1 for s in as_list(stride)) and all(p == 0 for p in as_list(padding))
+
+
 def _convolution(an, node):
     """A convolution whose input carries tokens mixes neighbouring tokens, and a transposed one is an
     unpatchify (ACE-Step's ConvTranspose1d): either way, run it on the full input. Tokens on the
     convolution's batch axis (a temporal convolution over the frames of each token, ``[B * N, C, F]``)
-    are token-wise."""
+    are token-wise, and so is a 1x1 convolution with tokens on its spatial axes (a projection of each
+    position's channels: Sana's inverted-bottleneck feed-forward on the token grid, a Conv1d(C, C, 1))."""
     lay = _layout(an, node.args[0])
-    if lay.token_dim == 0 and lay.batch_dim is None \
-            and all(_layout(an, a) is None for a in node.args[1:] if isinstance(a, fx.Node)):
+    if any(_layout(an, a) is not None for a in node.args[1:] if isinstance(a, fx.Node)):
+        an.refuse(node, "a convolution whose weight carries image tokens")
+    if lay.token_dim == 0 and lay.batch_dim is None:
+        return lay
+    if lay.batch_dim in (0, None) and lay.batch_group == 1 and lay.token_dim >= 2 and _pointwise_convolution(node):
         return lay
     an.densify(node.args[0], node, "a convolution over the token axis")
     return None
@@ -1184,6 +1243,8 @@ _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _
                _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft}
 
 
+from . import side_sources, token_grid  # noqa: E402  (they use this module's rules; imported once those exist)
+
 _HOST_READS = {aten._local_scalar_dense.default, aten.item.default}
 
 
@@ -1260,6 +1321,34 @@ def _stopped_at(e: UnsupportedModelError, named: UnsupportedModelError) -> str:
 def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True, tubes: bool = True) -> TokenAnalysis:
     """Analyse ``gm`` (an exported graph with shapes in ``node.meta['val']``).
 
+    Token grids (passes/token_grid.py) are followed where a view unflattens the token sequence
+    into one. Following them reaches code that was densified before (past a grid, a model may
+    merge the grid back into a sequence and go on with an operator no rule covers); where that
+    reading is refused, the model is read again without grids, and refused only if that reading
+    is too, with its reason. The readings of one attempt are described in ``_analyze``.
+    """
+    try:
+        found = _analyze(gm, latent, kv_cache=kv_cache, tubes=tubes, grids=True)
+    except UnsupportedModelError:
+        found = _analyze(gm, latent, kv_cache=kv_cache, tubes=tubes, grids=False)
+
+    def rerun(sources: dict) -> TokenAnalysis:
+        settings = dict(found.reading)
+        tokens_first = settings.pop("tokens_first")
+        if not settings.get("tubes"):  # a branch may fold its tokens into the batch (timestep.flatten())
+            settings.update(tubes=True, tube_axes=False)
+        analyzer = _Analyzer(gm, latent, side_sources=sources, **settings)
+        analyzer.policy_kv_cache = kv_cache
+        again = analyzer.run(tokens_first)
+        again.reading = found.reading
+        return again
+
+    return side_sources.gather_at_sources(gm, found, rerun)
+
+
+def _analyze(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool, tubes: bool, grids: bool) -> TokenAnalysis:
+    """One analysis of ``gm``, following token grids or not (``grids``).
+
     A 3-D latent is either a token sequence ``[B, N, C]`` (Flux's packed latents) or a
     1-D signal ``[B, C, L]``; shapes alone cannot tell, so the token reading is tried
     first and the signal reading if the graph refutes it. Two relaxed readings follow,
@@ -1278,10 +1367,11 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
     readings = [True, False] if latent.meta["val"].dim() == 3 else [False]
     errors, plain, plain_progress = [], None, -1
     for tokens_first in readings:
-        analyzer = _Analyzer(gm, latent)
+        analyzer = _Analyzer(gm, latent, grids=grids)
         analyzer.policy_kv_cache = kv_cache
         try:
             plain = analyzer.run(tokens_first)
+            plain.reading = dict(tokens_first=tokens_first, grids=grids)
             readings = [tokens_first]  # the relaxed readings keep the plain one's reading of the latent
             break
         except UnsupportedModelError as exc:
@@ -1290,10 +1380,12 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
     relaxed, best = [], plain
     for tokens_first in readings:
         for lead_tube in ((False, True) if tubes else (False,)):
-            analyzer = _Analyzer(gm, latent, tubes=True, lead_tube=lead_tube, tube_axes=tubes)
+            analyzer = _Analyzer(gm, latent, tubes=True, lead_tube=lead_tube, tube_axes=tubes, grids=grids)
             analyzer.policy_kv_cache = kv_cache
             try:
                 found = analyzer.run(tokens_first)
+                found.reading = dict(tokens_first=tokens_first, tubes=True, lead_tube=lead_tube, tube_axes=tubes,
+                                     grids=grids)
             except _NotThisReading:
                 continue
             except UnsupportedModelError as exc:

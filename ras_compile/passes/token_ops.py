@@ -107,6 +107,40 @@ def scatter_tokens_(cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, 
     return cache
 
 
+def _grid_batch_dim(batch_dim: int | None, token_dim: int, grid_rank: int) -> int | None:
+    """The batch axis once a grid's ``grid_rank`` axes from ``token_dim`` are flattened into one."""
+    return batch_dim if batch_dim is None or batch_dim < token_dim else batch_dim - (grid_rank - 1)
+
+
+def gather_grid_tokens(x: torch.Tensor, pos: torch.Tensor, batch_dim: int | None, token_dim: int,
+                       grid: tuple[int, ...], rank: int) -> torch.Tensor:
+    """The active tokens of ``x`` whose tokens sit on a grid of axes ``token_dim ..`` of dense sizes
+    ``grid`` (``TokenLayout.grid``), in the sparse grid form: those axes become ``(k, 1, ...)``.
+
+    ``x`` may broadcast against the grid (a ``[1, C, 1, w]`` table): it is given ``rank``
+    dimensions and its grid axes are expanded to full size first."""
+    while x.dim() < rank:
+        x = x.unsqueeze(0)
+    g = len(grid)
+    sizes = [-1] * rank
+    sizes[token_dim:token_dim + g] = grid
+    flat = x.expand(sizes).flatten(token_dim, token_dim + g - 1)
+    rows = gather_tokens(flat, pos, _grid_batch_dim(batch_dim, token_dim, g), token_dim, rank - g + 1)
+    return rows.unflatten(token_dim, (pos.shape[1],) + (1,) * (g - 1))
+
+
+def scatter_grid_tokens_(cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, batch_dim: int | None,
+                         token_dim: int, grid_rank: int) -> torch.Tensor:
+    """``scatter_tokens_`` for a token grid: ``rows`` in the sparse grid form ``(k, 1, ...)`` are
+    written into ``cache`` (the full grid, allocated contiguous) in place; returns ``cache``."""
+    end = token_dim + grid_rank - 1
+    shape = list(cache.shape)
+    target = cache.view(shape[:token_dim] + [-1] + shape[end + 1:])  # a view: the writes land in the cache
+    scatter_tokens_(target, rows.flatten(token_dim, end), pos, _grid_batch_dim(batch_dim, token_dim, grid_rank),
+                    token_dim)
+    return cache
+
+
 def fill_cache_(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Dense-step cache fill: the whole value becomes the cache."""
     cache.copy_(value)
