@@ -36,7 +36,7 @@ def _sinusoid(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
 class PerTokenTimestepDiT(nn.Module):
     def __init__(self, pooled: bool = False, depth: int = 2):
         super().__init__()
-        self.pooled = pooled
+        self.pooled = pooled  # (a timestep of B * N rows is taken as given: already flattened)
         self.inp = nn.Linear(C, D)
         self.t_mlp = nn.Sequential(nn.Linear(16, D), nn.SiLU(), nn.Linear(D, 6 * D))
         self.pool = nn.Linear(D, D)
@@ -50,7 +50,7 @@ class PerTokenTimestepDiT(nn.Module):
     def forward(self, hidden_states, timestep):
         b, n, _ = hidden_states.shape
         x = self.inp(hidden_states)
-        temb = self.t_mlp(_sinusoid(timestep.flatten())).view(b, n, 6 * D)
+        temb = self.t_mlp(_sinusoid(timestep.flatten() if timestep.dim() == 2 else timestep)).view(b, n, 6 * D)
         if self.pooled:  # the per-token embedding also averaged over the tokens: that reading mixes tokens
             x = x + self.pool(temb[..., :D].mean(dim=1, keepdim=True))
         for norm, qkv, mlp in zip(self.norms, self.qkv, self.mlp):
@@ -120,6 +120,17 @@ def test_a_compiled_loop_at_ratio_one_equals_the_model():
             torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
 
 
+def test_a_flattened_per_token_timestep_is_gathered_as_folded_rows():
+    """The pipeline passes the timestep already flattened (``[B * N]``: samples and tokens folded
+    into one axis): the source is gathered row by row (``gather_folded_rows``)."""
+    model, kw = _model(), _inputs()
+    kw["timestep"] = kw["timestep"].flatten()
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert analysis.side_sources == ["timestep"] and analysis.layouts["timestep"].fold == 1
+    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+
+
 def test_a_branch_that_is_also_reduced_over_the_tokens_keeps_its_late_gather():
     """Gathering the timestep would make the mean over the tokens read stale rows (densified): the move
     is rejected, the per-block pieces are gathered where they meet the stream, and the step stays exact."""
@@ -175,3 +186,31 @@ def test_guessed_layouts_of_branch_sources(shape, expected):
     node = torch.fx.Graph().placeholder("x")
     node.meta["val"] = torch.empty(shape)
     assert side_sources.guess_layout(node, _analysis()) == expected
+
+
+class ControlKeysDiT(nn.Module):
+    """A per-token control branch added to the tokens and also attended to as keys: moving its gather
+    would turn that cross-attention to fresh control keys into attention over a stale K/V cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q, self.kv, self.out = nn.Linear(C, D), nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, C)
+        self.control = nn.Sequential(nn.Linear(C, D), nn.SiLU(), nn.Linear(D, D))
+
+    def forward(self, hidden_states, timestep, control):
+        b, n, _ = hidden_states.shape
+        c = self.control(control)
+        x = self.inp(hidden_states) * (1 + timestep[:, None, None] / 1000) + c
+        q = self.q(x).reshape(b, n, HEADS, D // HEADS).transpose(1, 2)
+        k, v = self.kv(c).reshape(b, n, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        return self.out(x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, D))
+
+
+def test_a_branch_that_feeds_attention_keys_keeps_its_late_gather():
+    torch.manual_seed(0)
+    model = ControlKeysDiT().eval()
+    kw = dict(hidden_states=torch.randn(2, N, C), timestep=torch.tensor([500.0, 100.0]), control=torch.randn(2, N, C))
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert analysis.side_sources == [] and analysis.cross_attention and not analysis.attention
+    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))

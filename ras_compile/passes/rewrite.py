@@ -198,6 +198,11 @@ class _SparseBuilder:
                 token_ops.gather_grid_tokens, (self.env[node], self.positions(lay), lay.batch_dim, lay.token_dim,
                                                lay.grid, rank))
             return
+        if lay.fold:  # a side branch's B * N rows (timestep.flatten() of a per-token timestep)
+            self.env[node] = self.graph.call_function(
+                token_ops.gather_folded_rows, (self.env[node], self.index, lay.token_dim, rank, lay.fold,
+                                               lay.token_major))
+            return
         self.env[node] = self.graph.call_function(
             token_ops.gather_tokens, (self.env[node], self.positions(lay), lay.batch_dim, lay.token_dim, rank))
 

@@ -28,7 +28,6 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedModelError
 from . import token_axis as ta
 
 aten = torch.ops.aten
@@ -133,7 +132,14 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _keeps(found: ta.TokenAnalysis, before: ta.TokenAnalysis) -> bool:
-    return set(found.densify_at) <= set(before.densify_at) and len(found.side_inputs) < len(before.side_inputs)
+    """The moved gathers change nothing but where rows are selected: nothing new is densified, the
+    same values are cached as K/V (a branch that fed attention's keys would otherwise be read
+    stale from a new cache), the attention nodes are classified alike, and fewer side inputs
+    are gathered late."""
+    kv = lambda a: {(c.node, c.kind) for c in a.caches if c.kind != "activation"}  # noqa: E731
+    classified = lambda a: (a.attention, a.cross_attention, a.token_batched_attention)  # noqa: E731
+    return (set(found.densify_at) <= set(before.densify_at) and kv(found) == kv(before)
+            and classified(found) == classified(before) and len(found.side_inputs) < len(before.side_inputs))
 
 
 def gather_at_sources(gm: fx.GraphModule, analysis: ta.TokenAnalysis,
@@ -166,7 +172,7 @@ def gather_at_sources(gm: fx.GraphModule, analysis: ta.TokenAnalysis,
         merged = {**accepted, **sources}
         try:
             found = rerun(merged)
-        except UnsupportedModelError:
+        except Exception:  # noqa: BLE001 - a move that does not analyse never costs the analysis it improves
             continue
         if _keeps(found, best):
             best, accepted = found, merged
