@@ -222,6 +222,15 @@ def _inline_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         gm.graph.erase_node(body_attr)
 
 
+def mark_input_kinds(program: torch.export.ExportedProgram) -> None:
+    """Record on every placeholder what it holds (``meta["ras_input_kind"]``: ``USER_INPUT``,
+    ``PARAMETER``, ``BUFFER``, ...), for passes that must tell a model input from a weight."""
+    kinds = {getattr(s.arg, "name", None): s.kind.name for s in program.graph_signature.input_specs}
+    for node in program.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in kinds:
+            node.meta["ras_input_kind"] = kinds[node.name]
+
+
 def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:
     """The graph input holding the latent argument (a plain tensor keyword argument)."""
     specs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]

@@ -14,7 +14,7 @@ from math import prod
 
 import torch
 
-from .capture import Captured, call_arguments, export_model, latent_placeholder, signature_change, signature_key
+from .capture import Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds, signature_change, signature_key
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
@@ -211,6 +211,7 @@ class RASModule(torch.nn.Module):
                 raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
             program = export_model(self.model, call)
+            mark_input_kinds(program)
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)

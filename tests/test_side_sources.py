@@ -214,3 +214,56 @@ def test_a_branch_that_feeds_attention_keys_keeps_its_late_gather():
     analysis = ras.ras_analysis(**kw)
     assert analysis.side_sources == [] and analysis.cross_attention and not analysis.attention
     _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+
+
+class WanStyleDiT(nn.Module):
+    """A spatial latent with Wan 2.2's per-token timestep forms: ``t [B, N]``, or ``t [B]`` expanded
+    to every token (``t[:, None].expand(B, N)``); ``torch.outer`` sinusoids of the flattened
+    timesteps, an MLP, ``unflatten(0, (B, N))``; register rows padded with ``new_zeros``; and the
+    unpatchify written as a per-sample loop (``for u in x``)."""
+
+    P, GH, GW = 2, 4, 6
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(C, D, self.P, stride=self.P)
+        self.freqs = nn.Parameter(torch.randn(8), requires_grad=False)
+        self.t_mlp = nn.Sequential(nn.Linear(16, D), nn.SiLU(), nn.Linear(D, 3 * D))
+        self.qkv, self.mlp = nn.Linear(D, 3 * D), nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.out = nn.Linear(D, self.P * self.P * C)
+
+    def forward(self, latent, timestep):
+        b = latent.shape[0]
+        x = self.embed(latent).flatten(2).transpose(1, 2)
+        n = x.shape[1]
+        t = timestep[:, None].expand(b, n) if timestep.dim() == 1 else timestep
+        arg = torch.outer(t.flatten(), self.freqs)
+        shift, scale, gate = self.t_mlp(torch.cat([arg.cos(), arg.sin()], -1)).unflatten(0, (b, n)).chunk(3, -1)
+        x = torch.cat([x, x.new_zeros(b, 2, D)], dim=1)  # two register rows
+        y = torch.cat([self.norm(x[:, :n]) * (1 + scale) + shift, x[:, n:]], dim=1)
+        q, k, v = self.qkv(y).reshape(b, n + 2, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n + 2, D)
+        x = x[:, :n] + gate * self.mlp(x[:, :n])
+        x = self.out(x)
+        return torch.stack([u.view(self.GH, self.GW, self.P, self.P, C).permute(4, 0, 2, 1, 3)
+                            .reshape(C, self.GH * self.P, self.GW * self.P) for u in x])
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_wan_style_timestep_branches_on_a_spatial_latent_are_gathered_where_they_start(per_token, monkeypatch):
+    torch.manual_seed(0)
+    model = WanStyleDiT().eval()
+    t = torch.tensor([[800.0] * N, [300.0] * N]) if per_token else torch.tensor([800.0, 300.0])
+    if per_token:
+        t[:, :4] = 0.0
+    kw = dict(latent=torch.randn(2, C, 8, 12), timestep=t)
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    # the timestep input is read before the token sequence exists; the expand makes a token axis from none
+    assert analysis.side_sources == (["timestep"] if per_token else ["expand"])
+    assert any(reason.startswith("a per-sample loop") for reason in analysis.densify_reasons.values())
+    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    moved = explain(model, kw, POLICY, verbose=False).flop_fraction
+    _without_moving(monkeypatch)
+    assert moved < explain(model, kw, POLICY, verbose=False).flop_fraction - 0.05

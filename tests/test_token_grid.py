@@ -246,3 +246,50 @@ def test_a_1x1_convolution_over_the_token_axis_is_token_wise():
     assert analysis.layouts["conv1d"] is not None
     assert not any(key.startswith("conv1d:") for key in analysis.densify_at)
     _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
+
+
+class NormsDiT(nn.Module):
+    """Norms research feed-forwards put on the grid or on ``[B, C, N]``: a timm ConvMlp with an
+    eval-mode BatchNorm2d (a per-channel affine map: token-wise), a PoolFormer GroupNorm(1, C)
+    (statistics over the grid: densified), and a Conformer convolution module on ``[B, C, N]``
+    (pointwise Conv1d, GLU over the channels, depthwise Conv1d, BatchNorm1d, SiLU, pointwise Conv1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(C, D, P, stride=P)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.fc1, self.bn, self.fc2 = nn.Conv2d(D, 2 * D, 1), nn.BatchNorm2d(2 * D), nn.Conv2d(2 * D, D, 1)
+        self.gn = nn.GroupNorm(1, D)
+        self.pw1, self.dw = nn.Conv1d(D, 2 * D, 1), nn.Conv1d(D, D, 3, padding=1, groups=D)
+        self.bn1d, self.pw2 = nn.BatchNorm1d(D), nn.Conv1d(D, D, 1)
+        self.out = nn.Linear(D, P * P * C)
+        for bn in (self.bn, self.bn1d):  # running statistics that are not the identity
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, latent, timestep):
+        b = latent.shape[0]
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        q, k, v = self.qkv(x).reshape(b, N, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, N, D)
+        g = x.transpose(1, 2).reshape(b, D, GH, GW)
+        x = x + self.fc2(F.gelu(self.bn(self.fc1(g)))).flatten(2).transpose(1, 2)
+        x = x + self.gn(x.transpose(1, 2).reshape(b, D, GH, GW)).flatten(2).transpose(1, 2)
+        c = F.glu(self.pw1(x.transpose(1, 2)), dim=1)
+        x = x + self.pw2(F.silu(self.bn1d(self.dw(c)))).transpose(1, 2)
+        x = self.out(x).view(b, GH, GW, P, P, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+
+def test_eval_batch_norm_and_glu_are_token_wise_and_group_norm_is_densified():
+    torch.manual_seed(0)
+    model, kw = NormsDiT().eval(), _inputs()
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    norms = {n: analysis.layouts.get(n) for n in ("batch_norm", "batch_norm_1", "glu")}
+    assert all(lay is not None for lay in norms.values()), norms
+    assert analysis.layouts["batch_norm"].grid == (GH, GW)
+    reasons = set(analysis.densify_reasons.values())
+    assert "a group / instance norm (statistics over the token axis)" in reasons
+    assert "a convolution over the token axis" in reasons  # the depthwise Conv1d
+    _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))

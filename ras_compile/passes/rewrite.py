@@ -227,7 +227,7 @@ class _SparseBuilder:
         src_lay = self.layout(node.args[0]) if node.args else None
         if packet in (aten.view, aten.reshape, aten._unsafe_view, aten.expand) and out_lay is not None:
             args[1] = self.sparse_shape(node)
-        elif packet is aten.unflatten and out_lay is not None and out_lay.grid:  # sizes of the grid's axes
+        elif packet is aten.unflatten and out_lay is not None:  # the grid's axes, or B * k folded rows
             return self.graph.call_function(aten.reshape.default, (args[0], self.sparse_shape(node)))
         elif packet is aten.slice and src_lay is not None:
             rank = node.args[0].meta["val"].dim()

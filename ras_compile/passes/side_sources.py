@@ -8,9 +8,10 @@ on all ``N`` rows; after Sana's 3x3 depthwise convolution (which needs every pos
 gate and the 1x1 point convolution run on all of them.
 
 This pass moves the gather up. For each side input it takes the *branch*: the ancestors of the
-gathered value that carry a token axis (an axis of ``N``, or the token grid's axes) and are read
-only inside the branch or by the side input's consumers, stopping at nodes that read the
-stream itself, at inputs and at parameters. The branch's *sources* (the nodes just outside it
+gathered value that carry a token axis (an axis of ``N``, the token grid's axes, or ``B * N``
+folded rows) and are read only inside the branch or by the side input's consumers, stopping at
+nodes that read the stream itself, at inputs and parameters, and at nodes that make a token
+axis from inputs without one (``t[:, None].expand(B, N)``, a mask's patch convolution). The branch's *sources* (the nodes just outside it
 that feed it) are gathered instead, and the analysis is run again with those sources laid out
 as token tensors, so every node of the branch is checked by the same token rules. The move is
 kept only if that analysis succeeds and densifies nothing it did not densify before: then every
@@ -109,15 +110,37 @@ def branch_sources(values: list[fx.Node], consumers: set[str], analysis: ta.Toke
                 return None  # a multi-output node, or no single token axis: no gather there
             sources[node.name] = lay
             continue
+        followed = [a for a in _data_inputs(node) if not annotated(a) and _plausible(a, analysis)]
+        lay = guess_layout(node, analysis)
+        if not followed and lay is not None:  # the branch starts here: a token axis made from none
+            sources[node.name] = lay            # (``t[:, None].expand(B, N)``, a mask's patch convolution)
+            continue
         branch.add(node.name)
         heavy |= ta._packet(node) in _HEAVY
-        for a in _tensor_inputs(node):
-            if a.name not in seen and not annotated(a) and _plausible(a, analysis):
+        for a in followed:
+            if a.name not in seen:
                 seen.add(a.name)
                 heapq.heappush(queue, (-order[a.name], a))
     if not branch:
         return None
     return sources, heavy
+
+
+_WEIGHTED = {aten.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A parameter, buffer or constant of the model (capture.mark_input_kinds), not a model input."""
+    return node.op == "placeholder" and node.meta.get("ras_input_kind", "USER_INPUT") != "USER_INPUT"
+
+
+def _data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs a branch follows: a projection's or convolution's data operand, not its weight and
+    bias (which may happen to have an axis of N, or B * N, rows); never the model's weights."""
+    inputs = _tensor_inputs(node)
+    if node.op == "call_function" and ta._packet(node) in _WEIGHTED:
+        inputs = inputs[:1]
+    return [a for a in inputs if not _is_weight(a)]
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -297,15 +297,24 @@ class _Analyzer:
             raise UnsupportedModelError(
                 f"the latent input '{self.latent.name}' has shape {list(shape)}; expected [B, *channels-and-grid-axes] "
                 "or token-shaped [B, N, C]. Pass latent_arg= to ras_compile to name the latent argument")
+        pending, visited = [], set()  # side-branch sources (passes/side_sources.py) not laid out yet
         for node in self.gm.graph.nodes:
             if node.op == "call_function":
                 self.visit(node)
             elif node.op == "output":
                 self.visit_output(node)
-            if node.name in self.side_sources and self.analysis is not None and node not in self.layout:
-                # dense here, gathered right after (a source fed by another source is token-wise already)
-                self.layout[node] = self.side_sources[node.name]
-                self.analysis.side_sources.append(node.name)
+            visited.add(node)
+            if node.name in self.side_sources and node not in self.layout:
+                pending.append(node)
+            if self.analysis is not None and pending:
+                for source in pending:
+                    # dense here, gathered right after (a source fed by another source is token-wise already);
+                    # a source computed before the token sequence exists (a timestep input) is laid out once
+                    # it does, unless one of its readers was visited before that (it stays dense then)
+                    if source not in self.layout and not any(u in visited for u in _readers(source)):
+                        self.layout[source] = self.side_sources[source.name]
+                        self.analysis.side_sources.append(source.name)
+                pending = []
         if self.analysis is None:
             stops = ", ".join(f"'{n.name}' ({_op_name(n)})" for n in self.grid_stops[:3])
             raise UnsupportedModelError(
@@ -869,6 +878,54 @@ def _rms_norm(an, node):
     return _layer_norm(an, node)
 
 
+def _batch_norm(an, node):
+    """``batch_norm(x, weight, bias, running_mean, running_var, training, ...)`` with running statistics
+    in eval mode is a per-channel affine map of axis 1: token-wise unless the tokens are the channels.
+    With batch statistics (training mode, or no running statistics) it averages over every other
+    axis, the tokens among them: densified."""
+    lay = _layout(an, node.args[0])
+    fixed = not _arg(node, 5, "training", False) and isinstance(_arg(node, 3, "running_mean"), fx.Node) \
+        and isinstance(_arg(node, 4, "running_var"), fx.Node)
+    if fixed and 1 not in lay.dims:
+        return lay
+    an.densify(node.args[0], node, "a batch norm with batch statistics (training mode) or over the token axis")
+    return None
+
+
+def _group_norm(an, node):
+    """GroupNorm / InstanceNorm take statistics over the spatial axes (2, ...) and a group's channels:
+    token-wise only where the tokens sit on the batch axis (``[B * N, C, F]``); otherwise densified."""
+    lay = _layout(an, node.args[0])
+    if lay.token_dim == 0 and lay.batch_dim is None:
+        return lay
+    an.densify(node.args[0], node, "a group / instance norm (statistics over the token axis)")
+    return None
+
+
+def _glu(an, node):
+    """``glu(x, dim)``: one half of axis ``dim`` gates the other; token-wise unless ``dim`` holds tokens."""
+    lay = _layout(an, node.args[0])
+    if _norm_dim(_arg(node, 1, "dim", -1), len(_shape(node.args[0]))) in lay.dims:
+        an.densify(node.args[0], node, "a GLU along the token axis")
+        return None
+    return lay
+
+
+def _outer(an, node):
+    """``torch.outer(a, b)`` is ``a[:, None] * b[None]``: rows follow ``a``, columns ``b`` (Wan's
+    sinusoidal embedding of a flattened per-token timestep)."""
+    la, lb = _layout(an, node.args[0]), _layout(an, node.args[1])
+    if la is not None and lb is not None:
+        an.refuse(node, "an outer product of two token vectors (a table over pairs of tokens)")
+    return la if la is not None else lb.shifted(token_dim=1)
+
+
+def _fresh(an, node):
+    """``x.new_zeros(size)`` and kin read only ``x``'s dtype and device: a constant of a static size
+    (Wan's ``u.new_zeros(1, seq_len - n, dim)`` padding), a side input where it meets the stream."""
+    return None
+
+
 def _reduction(an, node):
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
@@ -985,6 +1042,9 @@ def _unbind(an, node):
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
     if dim == lay.token_dim:
         an.refuse(node, "unbind along the token axis")
+    if dim == lay.batch_dim:  # `for u in x`: each sample's piece has no batch axis left to index rows by
+        an.densify(node.args[0], node, "a per-sample loop over the batch axis (unbind, `for u in x`)")
+        return None
     drop = lambda x: None if x is None else (x - 1 if x > dim else x)
     return [lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim)) for _ in node.meta["val"]]
 
@@ -1213,6 +1273,9 @@ _TOKEN_RULES = {
     aten.unsqueeze: _unsqueeze, aten.squeeze: _squeeze, aten.expand: _expand,
     aten.linear: _linear, aten.matmul: _matmul, aten.mm: _matmul, aten.bmm: _matmul,
     aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm,
+    aten.batch_norm: _batch_norm, aten.group_norm: _group_norm, aten.instance_norm: _group_norm, aten.glu: _glu,
+    aten.outer: _outer, aten.ger: _outer,
+    aten.new_zeros: _fresh, aten.new_ones: _fresh, aten.new_empty: _fresh, aten.new_full: _fresh,
     aten.slice: _slice, aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _split,
     aten.unbind: _unbind, aten.select: _select, aten.cat: _cat, aten.stack: _stack,
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
@@ -1240,7 +1303,8 @@ _TOKEN_RULES = {
 _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _unsqueeze, _squeeze, _expand,
                _linear, _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
                _stack, _sdpa, _repeat, _complex_view, _convolution, _pad,
-               _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft}
+               _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft, _batch_norm, _group_norm, _glu, _outer,
+               _fresh}
 
 
 from . import side_sources, token_grid  # noqa: E402  (they use this module's rules; imported once those exist)

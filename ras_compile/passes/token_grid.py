@@ -10,7 +10,7 @@ token.
 A grid layout is followed through the operators that keep each grid position separate
 (views that keep the grid's axes together or merge them back into one, permutes that keep
 them together and in order, token-wise arithmetic, 1x1 convolutions, projections and norms
-over other axes, reductions / softmax / splits / slices / concatenations along other axes).
+over other axes (an eval-mode BatchNorm), GLU, reductions / softmax / splits / slices / concatenations along other axes).
 In the sparse graph the grid's axes have sizes ``(k, 1, ...)``: row-major, sparse token
 ``i`` sits at ``(i, 0, ...)``, so the rank and every other axis stay as they are and a 1x1
 convolution runs unchanged. Any other operator meeting a grid (a 3x3 convolution, a
@@ -210,7 +210,8 @@ def _rules() -> dict:
         _RULES.update({
             ta._pointwise: ta._pointwise, ta._same_shape: ta._same_shape, ta._expand: ta._expand,
             ta._squeeze: ta._squeeze, ta._linear: ta._linear, ta._layer_norm: ta._layer_norm,
-            ta._rms_norm: ta._rms_norm, ta._convolution: ta._convolution,
+            ta._rms_norm: ta._rms_norm, ta._convolution: ta._convolution, ta._batch_norm: ta._batch_norm,
+            ta._group_norm: ta._group_norm, ta._glu: ta._glu, ta._fresh: ta._fresh,
             ta._view: _view, ta._permute: _permute, ta._movedim: _movedim, ta._transpose: _transpose,
             ta._unsqueeze: _unsqueeze, ta._reduction: _reduction, ta._softmax: _softmax, ta._split: _split,
             ta._slice: _slice, ta._cat: _cat,
