@@ -9,7 +9,6 @@ runs on the active rows, and the step is exactly what it was.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ import ras_compile.passes.token_axis as ta
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import side_sources
 from ras_compile.passes.latent_grid import TokenGrid
+from sparse_checks import assert_sparse_after_dense_equals_the_model
 
 C, D, HEADS, N, TEXT = 4, 16, 2, 24, 5
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
@@ -74,16 +74,6 @@ def _inputs(seed: int = 0) -> dict:
     return dict(hidden_states=torch.randn(2, N, C, generator=g), timestep=t)
 
 
-def _sparse_after_dense(model, ras, kw, index):
-    ras(**kw)
-    ras.ras_controller.override_next_step("sparse", index)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the same timestep twice in a row, on purpose
-        got = ras(**kw)
-    with torch.no_grad():
-        torch.testing.assert_close(got, model(**kw), rtol=1e-5, atol=1e-5)
-
-
 def _without_moving(monkeypatch):
     monkeypatch.setattr(side_sources, "gather_at_sources", lambda gm, analysis, rerun: analysis)
 
@@ -107,7 +97,7 @@ def test_the_moved_gather_keeps_the_sparse_step_exact(data):
     model, kw = _model(), _inputs()
     k = data.draw(st.integers(1, N))
     index = torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(N)))[:k])) for _ in range(2)])
-    _sparse_after_dense(model, ras_compile(model, POLICY, backend=None), kw, index)
+    assert_sparse_after_dense_equals_the_model(model, ras_compile(model, POLICY, backend=None), kw, index)
 
 
 def test_a_compiled_loop_at_ratio_one_equals_the_model():
@@ -128,7 +118,7 @@ def test_a_flattened_per_token_timestep_is_gathered_as_folded_rows():
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert analysis.side_sources == ["timestep"] and analysis.layouts["timestep"].fold == 1
-    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
 
 
 def test_a_branch_that_is_also_reduced_over_the_tokens_keeps_its_late_gather():
@@ -138,7 +128,7 @@ def test_a_branch_that_is_also_reduced_over_the_tokens_keeps_its_late_gather():
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert analysis.side_sources == [] and len(analysis.side_inputs) > 0
-    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
 
 
 class RopeDiT(nn.Module):
@@ -166,7 +156,7 @@ def test_a_light_branch_stays_gathered_where_it_meets_the_stream():
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert analysis.side_sources == [] and len(analysis.side_inputs) >= 2
-    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
 
 
 def _analysis(batch=2, n=24, grid=(4, 6)) -> ta.TokenAnalysis:
@@ -213,7 +203,7 @@ def test_a_branch_that_feeds_attention_keys_keeps_its_late_gather():
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert analysis.side_sources == [] and analysis.cross_attention and not analysis.attention
-    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
 
 
 class WanStyleDiT(nn.Module):
@@ -263,7 +253,7 @@ def test_wan_style_timestep_branches_on_a_spatial_latent_are_gathered_where_they
     # the timestep input is read before the token sequence exists; the expand makes a token axis from none
     assert analysis.side_sources == (["timestep"] if per_token else ["expand"])
     assert any(reason.startswith("a per-sample loop") for reason in analysis.densify_reasons.values())
-    _sparse_after_dense(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 5, 9], [2, 3, 23]]))
     moved = explain(model, kw, POLICY, verbose=False).flop_fraction
     _without_moving(monkeypatch)
     assert moved < explain(model, kw, POLICY, verbose=False).flop_fraction - 0.05

@@ -22,6 +22,7 @@ from torch import nn
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import token_ops
 from ras_compile.passes.token_grid import grid_run
+from sparse_checks import assert_sparse_after_dense_equals_the_model
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 GH, GW = H // P, W // P
@@ -76,16 +77,6 @@ def _inputs(batch: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(latent=torch.randn(batch, C, H, W, generator=g),
                 timestep=torch.tensor([900.0, 300.0][:batch]))
-
-
-def _assert_sparse_after_dense_equals_the_model(model, ras, kw: dict, index: torch.Tensor) -> None:
-    ras(**kw)
-    ras.ras_controller.override_next_step("sparse", index)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the same timestep twice in a row, on purpose
-        got = ras(**kw)
-    with torch.no_grad():
-        torch.testing.assert_close(got, model(**kw), rtol=1e-5, atol=1e-5)
 
 
 # ---- the layout math ----------------------------------------------------------------------------
@@ -176,7 +167,7 @@ def test_sparse_step_after_dense_step_equals_the_model_for_random_active_sets(da
     k = data.draw(st.integers(1, N))
     index = torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(N)))[:k])) for _ in range(2)])
     ras = ras_compile(model, POLICY, backend=None)
-    _assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
 
 
 def test_ratio_one_equals_the_model_over_a_loop_compiled():
@@ -208,7 +199,7 @@ def test_a_transposed_grid_is_densified_and_stays_exact():
     ras = ras_compile(model, POLICY, backend=None)
     reasons = ras.ras_analysis(**kw).densify_reasons
     assert sum("reordered" in r for r in reasons.values()) == 2  # the transpose and the unpatchify
-    _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
 
 
 def test_a_model_the_grid_reading_refuses_is_read_without_grids():
@@ -218,7 +209,7 @@ def test_a_model_the_grid_reading_refuses_is_read_without_grids():
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert not any(getattr(lay, "grid", ()) for lay in analysis.layouts.values())
-    _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
 
 
 class PointwiseConv1d(nn.Module):
@@ -245,7 +236,7 @@ def test_a_1x1_convolution_over_the_token_axis_is_token_wise():
     analysis = ras.ras_analysis(**kw)
     assert analysis.layouts["conv1d"] is not None
     assert not any(key.startswith("conv1d:") for key in analysis.densify_at)
-    _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
 
 
 class NormsDiT(nn.Module):
@@ -292,4 +283,4 @@ def test_eval_batch_norm_and_glu_are_token_wise_and_group_norm_is_densified():
     reasons = set(analysis.densify_reasons.values())
     assert "a group / instance norm (statistics over the token axis)" in reasons
     assert "a convolution over the token axis" in reasons  # the depthwise Conv1d
-    _assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
