@@ -180,10 +180,11 @@ def test_ratio_one_equals_the_model_over_a_loop_compiled():
             torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_sparse_step_matches_the_eager_one():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # Inductor: the grid gathers and cache views
+def test_a_compiled_sparse_step_matches_the_eager_one(backend):
     model, kw = _model(), _inputs()
     index = torch.tensor([[0, 3, 7, 20], [1, 2, 11, 23]])
-    eager, compiled = ras_compile(model, POLICY, backend=None), ras_compile(model, POLICY, backend="aot_eager")
+    eager, compiled = ras_compile(model, POLICY, backend=None), ras_compile(model, POLICY, backend=backend)
     outs = []
     for ras in (eager, compiled):
         ras(**kw)
@@ -191,7 +192,7 @@ def test_a_compiled_sparse_step_matches_the_eager_one():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outs.append(ras(**{**kw, "latent": kw["latent"] * 0.5}))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_transposed_grid_is_densified_and_stays_exact():
