@@ -1307,7 +1307,7 @@ _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _
                _fresh}
 
 
-from . import side_sources, token_grid  # noqa: E402  (they use this module's rules; imported once those exist)
+from . import side_sources, stream_reentry, token_grid  # noqa: E402  (they use this module's rules; imported once those exist)
 
 _HOST_READS = {aten._local_scalar_dense.default, aten.item.default}
 
@@ -1407,7 +1407,7 @@ def analyze_tokens(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool = True
         again.reading = found.reading
         return again
 
-    return side_sources.gather_at_sources(gm, found, rerun)
+    return stream_reentry.pick_up_stream(gm, side_sources.gather_at_sources(gm, found, rerun), rerun)
 
 
 def _analyze(gm: fx.GraphModule, latent: fx.Node, *, kv_cache: bool, tubes: bool, grids: bool) -> TokenAnalysis:
