@@ -47,7 +47,7 @@ class Explanation:
     tube_axes: tuple[int, ...] = ()  # latent axes a token spans whole (in the batch axis, or leading the sequence)
     tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
     densified_sources: list[str] = field(default_factory=list)  # per densified value: its consumer in the model code
-    side_sources: list[str] = field(default_factory=list)  # side branches gathered where they start (side_sources.py)
+    side_sources: list[str] = field(default_factory=list)  # gathered where computed (side_sources, stream_reentry)
 
     @property
     def flop_fraction(self) -> float:
@@ -83,8 +83,8 @@ class Explanation:
         if self.side_inputs:
             lines.append(f"  side inputs gathered ({len(self.side_inputs)}): " + ", ".join(self.side_inputs))
         if self.side_sources:
-            lines.append(f"  side branches gathered where they start, run on the active tokens "
-                         f"({len(self.side_sources)}): " + ", ".join(self.side_sources))
+            lines.append(f"  side branches gathered where they start, and densified operators after which the "
+                         f"stream is picked up ({len(self.side_sources)}): " + ", ".join(self.side_sources))
         kv = sum(1 for name, _, _ in self.caches if name.endswith(("_key", "_value")))
         lines.append(f"  K/V projections fused with the cache write on CUDA: {len(self.fusible_projections)} of {kv}"
                      + (f" ({', '.join(self.fusible_projections)})" if self.fusible_projections else ""))

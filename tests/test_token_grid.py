@@ -156,6 +156,8 @@ def test_following_the_grid_saves_what_densifying_at_it_ran_densely(monkeypatch)
     import ras_compile.passes.token_axis as ta
     plain = ta._analyze
     monkeypatch.setattr(ta, "_analyze", lambda gm, latent, **k: plain(gm, latent, **{**k, "grids": False}))
+    # and no stream picked up after the densified unflatten (passes/stream_reentry.py): no grids at all
+    monkeypatch.setattr(ta.stream_reentry, "pick_up_stream", lambda gm, analysis, rerun: analysis)
     without = explain(model, kw, POLICY, verbose=False)
     assert with_grids.flop_fraction < without.flop_fraction - 0.1
 
@@ -205,11 +207,15 @@ def test_a_transposed_grid_is_densified_and_stays_exact():
 
 def test_a_model_the_grid_reading_refuses_is_read_without_grids():
     """Past a grid merged back into a sequence the model calls an operator no rule covers (cumsum);
-    that code ran on the densified value before grids were followed, so the model is still served."""
+    that code ran on the densified value before grids were followed, so the model is still served:
+    read without grids, the cumsum runs on the densified value (the blocks' grids are then picked
+    up again after their densified views, passes/stream_reentry.py)."""
     model, kw = _model(cumsum_after_grid=True), _inputs()
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
-    assert not any(getattr(lay, "grid", ()) for lay in analysis.layouts.values())
+    assert analysis.reading["grids"] is False
+    assert "cumsum" not in analysis.layouts
+    assert any(key.startswith("unflatten_1:") for key in analysis.densify_at)
     assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
 
 

@@ -8,6 +8,8 @@ axis through every node, and classifies what the rewrite must do:
 * side inputs with a token axis (position tables, RoPE) are gathered where they
   meet the token stream, or where their branch starts (passes/side_sources.py);
 * a token axis split into the patch grid is followed as a grid (passes/token_grid.py);
+* after a densified operator whose output is the stream, the stream is picked up again
+  (passes/stream_reentry.py);
 * where the token axis ends (unpatchify) or leaves the graph, the value is
   *densified*: active rows are scattered into a cache of the full value.
 
