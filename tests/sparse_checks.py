@@ -17,3 +17,25 @@ def assert_sparse_after_dense_equals_the_model(model, ras, kw: dict, index: torc
         got = ras(**kw)
     with torch.no_grad():
         torch.testing.assert_close(got, model(**kw), rtol=1e-5, atol=1e-5)
+
+
+def random_active_sets(data, num_tokens: int, batch: int = 2) -> torch.Tensor:
+    """``[batch, k]`` sorted active tokens drawn with hypothesis (``data``: ``st.data()``), one set per sample."""
+    from hypothesis import strategies as st
+
+    k = data.draw(st.integers(1, num_tokens))
+    return torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(num_tokens)))[:k]))
+                        for _ in range(batch)])
+
+
+def assert_ratio_one_loop_equals_the_model(model, inputs, steps: int = 3, backend: str = "aot_eager") -> None:
+    """A compiled loop at sample ratio 1 returns the model's output at every step; ``inputs(step)``
+    gives the step's keyword arguments, with a ``timestep`` that the loop scales down."""
+    from ras_compile import RASPolicy, ras_compile
+
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=backend)
+    for step in range(steps):
+        kw = inputs(step)
+        kw["timestep"] = kw["timestep"] * (1 - step / (steps + 1))
+        with torch.no_grad():
+            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ import ras_compile.passes.token_axis as ta
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import side_sources
 from ras_compile.passes.latent_grid import TokenGrid
-from sparse_checks import assert_sparse_after_dense_equals_the_model
+from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
+                           random_active_sets)
 
 C, D, HEADS, N, TEXT = 4, 16, 2, 24, 5
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
@@ -95,19 +96,13 @@ def test_a_per_token_timestep_branch_is_gathered_at_the_timestep(monkeypatch):
 @given(st.data())
 def test_the_moved_gather_keeps_the_sparse_step_exact(data):
     model, kw = _model(), _inputs()
-    k = data.draw(st.integers(1, N))
-    index = torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(N)))[:k])) for _ in range(2)])
+    index = random_active_sets(data, N)
     assert_sparse_after_dense_equals_the_model(model, ras_compile(model, POLICY, backend=None), kw, index)
 
 
 def test_a_compiled_loop_at_ratio_one_equals_the_model():
     model = _model()
-    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend="aot_eager")
-    for step in range(3):
-        kw = _inputs(step)
-        kw["timestep"] = kw["timestep"] * (1 - step / 4)
-        with torch.no_grad():
-            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert_ratio_one_loop_equals_the_model(model, _inputs)
 
 
 def test_a_flattened_per_token_timestep_is_gathered_as_folded_rows():

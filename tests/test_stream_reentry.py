@@ -16,7 +16,8 @@ from torch import nn
 
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import stream_reentry
-from sparse_checks import assert_sparse_after_dense_equals_the_model
+from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
+                           random_active_sets)
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 GH, GW = H // P, W // P
@@ -76,19 +77,13 @@ def test_the_stream_is_picked_up_after_each_roll(monkeypatch):
 @given(st.data())
 def test_sparse_step_after_dense_step_equals_the_model_for_random_active_sets(data):
     model, kw = _model(), _inputs()
-    k = data.draw(st.integers(1, N))
-    index = torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(N)))[:k])) for _ in range(2)])
+    index = random_active_sets(data, N)
     assert_sparse_after_dense_equals_the_model(model, ras_compile(model, POLICY, backend=None), kw, index)
 
 
 def test_ratio_one_equals_the_model_over_a_compiled_loop():
     model = _model()
-    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend="aot_eager")
-    for step in range(3):
-        kw = _inputs(step)
-        kw["timestep"] = kw["timestep"] * (1 - step / 4)
-        with torch.no_grad():
-            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert_ratio_one_loop_equals_the_model(model, _inputs)
 
 
 def test_an_output_that_runs_nothing_more_on_the_active_rows_is_not_picked_up():

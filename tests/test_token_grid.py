@@ -22,7 +22,8 @@ from torch import nn
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import token_ops
 from ras_compile.passes.token_grid import grid_run
-from sparse_checks import assert_sparse_after_dense_equals_the_model
+from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
+                           random_active_sets)
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 GH, GW = H // P, W // P
@@ -166,20 +167,13 @@ def test_following_the_grid_saves_what_densifying_at_it_ran_densely(monkeypatch)
 @given(st.data())
 def test_sparse_step_after_dense_step_equals_the_model_for_random_active_sets(data):
     model, kw = _model(), _inputs()
-    k = data.draw(st.integers(1, N))
-    index = torch.stack([torch.tensor(sorted(data.draw(st.permutations(range(N)))[:k])) for _ in range(2)])
+    index = random_active_sets(data, N)
     ras = ras_compile(model, POLICY, backend=None)
     assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
 
 
 def test_ratio_one_equals_the_model_over_a_loop_compiled():
-    model = _model()
-    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend="aot_eager")
-    for step, t in enumerate((900.0, 600.0, 300.0)):
-        kw = dict(latent=torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(step)),
-                  timestep=torch.tensor([t, t]))
-        with torch.no_grad():
-            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert_ratio_one_loop_equals_the_model(_model(), lambda step: _inputs(seed=step))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # Inductor: the grid gathers and cache views
