@@ -4,7 +4,7 @@
 reshape/permute); ``token_mixer`` adds an operator that mixes tokens: ones the pass
 densifies through an activation cache ("mean", "conv", "linear_attention"), one it
 recognises as attention ("manual_attention": softmax(h h^T) h, no projections) and ones
-it must refuse ("cumsum": no rule; "gram": (h h^T) h, a [N, N] product that is no
+it must refuse ("cummax": no rule; "gram": (h h^T) h, a [N, N] product that is no
 attention). ``attention`` picks how the blocks write their attention: with
 ``F.scaled_dot_product_attention`` ("sdpa") or by hand, in the forms of
 :data:`HAND_WRITTEN_ATTENTION`.
@@ -91,8 +91,8 @@ class Block(nn.Module):
         elif self.token_mixer == "linear_attention":
             kv = k.transpose(-1, -2) @ v  # [b, heads, d, d]: a reduction over tokens
             x = x + (q @ kv).transpose(1, 2).reshape(b, n, d) / n
-        elif self.token_mixer == "cumsum":
-            x = x + x.cumsum(dim=1) / n  # an operator the pass has no rule for
+        elif self.token_mixer == "cummax":
+            x = x + x.cummax(dim=1).values / n  # an operator the pass has no rule for
         elif self.token_mixer == "manual_attention":
             scores = (h @ h.transpose(1, 2)).softmax(dim=-1)
             x = x + scores @ h

@@ -9,7 +9,9 @@ import torch
 
 def assert_sparse_after_dense_equals_the_model(model, ras, kw: dict, index: torch.Tensor) -> None:
     """``ras`` (``ras_compile(model, ...)``) runs a dense step on ``kw``, then a sparse step with the
-    active tokens ``index`` ([B, k]) on the same inputs; it must return what ``model`` returns."""
+    active tokens ``index`` ([B, k]) on the same inputs; it must return what ``model`` returns. The
+    dense step is forced, so one compiled ``ras`` serves many examples."""
+    ras.ras_controller.override_next_step("dense")
     ras(**kw)
     ras.ras_controller.override_next_step("sparse", index)
     with warnings.catch_warnings():

@@ -35,8 +35,8 @@ def test_flop_fraction_is_one_at_ratio_one_and_grows_with_the_ratio():
 
 def test_explain_raises_for_a_refused_model_even_with_fallback_policy():
     inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.ones(1)}
-    with pytest.raises(UnsupportedModelError, match="cumsum"):
-        explain(PlainDiT(token_mixer="cumsum"), inputs, RASPolicy(on_unsupported="fallback"), verbose=False)
+    with pytest.raises(UnsupportedModelError, match="cummax"):
+        explain(PlainDiT(token_mixer="cummax"), inputs, RASPolicy(on_unsupported="fallback"), verbose=False)
 
 
 def test_fake_inputs_sit_on_the_device_of_the_graphs_weights():

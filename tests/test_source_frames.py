@@ -27,7 +27,7 @@ class TokenShuffle(nn.Module):
 
     def forward(self, x):
         order = torch.argsort(x[..., 0], dim=1)  # ranks tokens
-        return torch.gather(x, 1, order[..., None].expand_as(x))
+        return torch.gather(x, 1, order[..., None].expand_as(x))  # moves values between tokens
 
 
 class Block(nn.Module):
@@ -74,11 +74,11 @@ def test_a_refusal_names_the_submodule_and_the_model_line():
     with pytest.raises(UnsupportedModelError) as info:
         ras(**_inputs())
     error = info.value
-    line = _line_of(TokenShuffle.forward, "# ranks tokens")
-    assert error.op == "aten.argsort.default"
+    line = _line_of(TokenShuffle.forward, "# moves values")
+    assert error.op == "aten.gather.default"
     assert error.source == (f" in blocks.1.mix (TokenShuffle) at {HERE}:{line} "
-                            "`order = torch.argsort(x[..., 0], dim=1)  # ranks tokens`")
-    assert f"node '{error.node}' (aten.argsort.default) in blocks.1.mix (TokenShuffle) at {HERE}:{line}" in str(error)
+                            "`return torch.gather(x, 1, order[..., None].expand_as(x))  # moves values between tokens`")
+    assert f"node '{error.node}' (aten.gather.default) in blocks.1.mix (TokenShuffle) at {HERE}:{line}" in str(error)
 
 
 def test_explain_says_where_each_densified_value_is_read():

@@ -1,8 +1,8 @@
 """The token stream picked up again after a densified operator (ras_compile/passes/stream_reentry.py).
 
 ``RollDiT`` shifts its ``[B, h, w, D]`` token grid with ``torch.roll`` before a feed-forward and
-shifts it back after (Swin's shifted windows, without the windows). A roll has no token rule, so
-the grid is densified there and the roll runs on the full grid; its output is the residual stream
+shifts it back after (Swin's shifted windows, without the windows). A roll of the grid's axes moves values
+between tokens, so the grid is densified there and the roll runs on the full grid; its output is the residual stream
 from then on, and before the pick-up everything after the first roll (both feed-forwards, the
 second block's attention) ran on every token.
 """

@@ -32,9 +32,9 @@ POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 
 
 class GridDiT(nn.Module):
-    def __init__(self, transpose_grid: bool = False, cumsum_after_grid: bool = False):
+    def __init__(self, transpose_grid: bool = False, unruled_after_grid: bool = False):
         super().__init__()
-        self.transpose_grid, self.cumsum_after_grid = transpose_grid, cumsum_after_grid
+        self.transpose_grid, self.unruled_after_grid = transpose_grid, unruled_after_grid
         self.embed = nn.Conv2d(C, D, P, stride=P)
         self.time = nn.Linear(1, D)
         self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
@@ -63,8 +63,8 @@ class GridDiT(nn.Module):
         if self.transpose_grid:
             g = g.transpose(1, 2)
         x = x + g.reshape(b, N, D)
-        if self.cumsum_after_grid:  # no token rule: reached only through the grid
-            x = x + x.unflatten(1, (GH, GW)).flatten(1, 2).cumsum(-1) * 1e-2
+        if self.unruled_after_grid:  # no token rule: reached only through the grid
+            x = x + x.unflatten(1, (GH, GW)).flatten(1, 2).cummax(-1).values * 1e-2
         x = self.out(x).view(b, GH, GW, P, P, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
 
@@ -200,15 +200,15 @@ def test_a_transposed_grid_is_densified_and_stays_exact():
 
 
 def test_a_model_the_grid_reading_refuses_is_read_without_grids():
-    """Past a grid merged back into a sequence the model calls an operator no rule covers (cumsum);
+    """Past a grid merged back into a sequence the model calls an operator no rule covers (cummax);
     that code ran on the densified value before grids were followed, so the model is still served:
-    read without grids, the cumsum runs on the densified value (the blocks' grids are then picked
+    read without grids, the cummax runs on the densified value (the blocks' grids are then picked
     up again after their densified views, passes/stream_reentry.py)."""
-    model, kw = _model(cumsum_after_grid=True), _inputs()
+    model, kw = _model(unruled_after_grid=True), _inputs()
     ras = ras_compile(model, POLICY, backend=None)
     analysis = ras.ras_analysis(**kw)
     assert analysis.reading["grids"] is False
-    assert "cumsum" not in analysis.layouts
+    assert "cummax" not in analysis.layouts
     assert any(key.startswith("unflatten_1:") for key in analysis.densify_at)
     assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[1, 4, 9], [0, 2, 23]]))
 

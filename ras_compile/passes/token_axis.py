@@ -805,6 +805,82 @@ def _repeat(an, node):
     return lay
 
 
+def _scan(an, node):
+    """``cumsum`` / ``cumprod`` / ``logcumsumexp`` along an axis: token-wise along another axis (the
+    channels); along the token axis a running total over tokens (a linear recurrence, Mamba-style),
+    which runs on the full input."""
+    lay = _layout(an, node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if _norm_dim(dim, len(_shape(node.args[0]))) in lay.dims:
+        an.densify(node.args[0], node, "a cumulative sum / product over the token axis")
+        return None
+    return lay
+
+
+def _roll(an, node):
+    """``torch.roll`` of axes other than the token axis is token-wise; rolling the token axis (a token
+    shift) or the flattened tensor (``dims=[]``) moves values between tokens: the full input."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or any(_norm_dim(d, rank) in lay.dims for d in dims):
+        an.densify(node.args[0], node, "a roll along the token axis (or of the flattened tensor)")
+        return None
+    return lay
+
+
+def _flip(an, node):
+    """``torch.flip`` of other axes is token-wise; flipping the token axis reverses the tokens (a
+    bidirectional scan's backward pass): the full input."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    if any(_norm_dim(d, rank) in lay.dims for d in node.args[1]):
+        an.densify(node.args[0], node, "a flip of the token axis")
+        return None
+    return lay
+
+
+def _argsort(an, node):
+    """``argsort`` along another axis is token-wise; along the token axis it ranks tokens: the full input."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    names = [a.name for a in node.target._schema.arguments]
+    dim = node.kwargs.get("dim", -1)
+    if "dim" in names and names.index("dim") < len(node.args):
+        dim = node.args[names.index("dim")]
+    if _norm_dim(dim, rank) in lay.dims:
+        an.densify(node.args[0], node, "an argsort over the token axis")
+        return None
+    return lay
+
+
+_POOLS = {aten.avg_pool1d: 1, aten.avg_pool2d: 2, aten.avg_pool3d: 3, aten.max_pool1d: 1, aten.max_pool2d: 2,
+          aten.max_pool3d: 3, aten.adaptive_avg_pool1d: 1, aten.adaptive_avg_pool2d: 2, aten.adaptive_avg_pool3d: 3,
+          aten._adaptive_avg_pool2d: 2, aten._adaptive_avg_pool3d: 3}
+
+
+def _pool(an, node):
+    """A pooling over the trailing (spatial) axes: token-wise when the tokens are on a leading axis (the
+    channels of the pool, a 1D pool of each token's features); pooling the token axis mixes tokens."""
+    lay = _layout(an, node.args[0])
+    rank = len(_shape(node.args[0]))
+    if any(d >= rank - _POOLS[_packet(node)] for d in lay.dims):
+        an.densify(node.args[0], node, "a pooling over the token axis")
+        return None
+    return lay
+
+
+def _expand_as(an, node):
+    """``x.expand_as(y)``: ``x``'s layout where ``x`` has tokens (``F.normalize``'s norm), else ``y``'s,
+    whose shape (active rows included) the output takes."""
+    src, other = node.args[0], node.args[1]
+    lay = _layout(an, src)
+    if lay is not None:
+        return _align(lay, len(_shape(src)), len(_shape(node)))
+    return _layout(an, other)
+
+
 def _pad(an, node):
     """Padding other axes is token-wise; padding the token axis changes it, so it runs on the full input."""
     lay = _layout(an, node.args[0])
@@ -821,8 +897,9 @@ def _linear(an, node):
     lay = _layout(an, node.args[0])
     if any(_layout(an, a) is not None for a in node.args[1:] if isinstance(a, fx.Node)):
         an.refuse(node, "a weight operand carries image tokens")
-    if len(_shape(node.args[0])) - 1 in lay.dims:
-        an.refuse(node, "a projection over the token axis mixes image tokens")
+    if len(_shape(node.args[0])) - 1 in lay.dims:  # an MLP-Mixer token MLP: on the full input
+        an.densify(node.args[0], node, "a projection over the token axis (it mixes image tokens)")
+        return None
     if lay.batch_dim == len(_shape(node.args[0])) - 1 and an.batch_size > 1:
         an.refuse(node, "a projection over the batch axis mixes samples, whose active tokens differ")
     return lay
@@ -928,12 +1005,25 @@ def _fresh(an, node):
     return None
 
 
+def reduced_dims(node: fx.Node) -> set[int]:
+    """The axes a reduction node reduces, read by the name ``dim`` in its schema: where it sits moves
+    between overloads (``sum(x, dim)``, ``linalg_vector_norm(x, ord, dim)``, ``norm(x, p, dim)``); an
+    overload without one, ``dim=None`` or ``dim=[]`` reduces every axis."""
+    rank = len(_shape(node.args[0]))
+    dims = node.kwargs.get("dim")
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "dim" in names and names.index("dim") < len(node.args):
+        dims = node.args[names.index("dim")]
+    if dims is None or dims == [] or "dim" not in names:
+        return set(range(rank))
+    return {_norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
+
+
 def _reduction(an, node):
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
-    dims = {_norm_dim(d, rank) for d in dims}
+    dims = reduced_dims(node)
     if lay.token_dim in dims:
         an.densify(node.args[0], node, "a reduction (mean/sum/norm/...) over the token axis")
         return None
@@ -1283,6 +1373,8 @@ _TOKEN_RULES = {
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
     aten.convolution: _convolution, aten.conv_transpose1d: _convolution, aten.conv_transpose2d: _convolution,
     aten.conv_transpose3d: _convolution,
+    aten.flip: _flip, aten.argsort: _argsort, aten.expand_as: _expand_as, **{p: _pool for p in _POOLS},
+    aten.cumsum: _scan, aten.cumprod: _scan, aten.logcumsumexp: _scan, aten.roll: _roll,
     aten.pad: _pad, aten.constant_pad_nd: _pad, aten.copy_: _pointwise, aten.copy: _pointwise,
     aten.empty_like: _same_shape, aten.zeros_like: _same_shape, aten.ones_like: _same_shape,
     aten.full_like: _same_shape,
@@ -1306,7 +1398,7 @@ _FOLD_RULES = {_pointwise, _same_shape, _view, _permute, _movedim, _transpose, _
                _linear, _matmul, _layer_norm, _rms_norm, _reduction, _softmax, _split, _slice, _unbind, _select, _cat,
                _stack, _sdpa, _repeat, _complex_view, _convolution, _pad,
                _index_reduction, _sort_like, _gather_scatter, _one_hot, _fft, _batch_norm, _group_norm, _glu, _outer,
-               _fresh}
+               _fresh, _scan, _roll, _flip, _argsort, _pool, _expand_as}
 
 
 from . import side_sources, stream_reentry, token_grid  # noqa: E402  (they use this module's rules; imported once those exist)

@@ -153,10 +153,7 @@ def _on_other_axes(an, node: fx.Node, dims: set[int], what: str, rule):
 
 
 def _reduction(an, node):
-    rank = len(ta._shape(node.args[0]))
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
-    return _on_other_axes(an, node, {ta._norm_dim(d, rank) for d in dims}, "a reduction", ta._reduction)
+    return _on_other_axes(an, node, ta.reduced_dims(node), "a reduction", ta._reduction)
 
 
 def _softmax(an, node):
