@@ -158,6 +158,13 @@ def _in_place_on_scores_read_elsewhere(q, k, v, m):
      1.0, "boolean"),
     ("dtype softmax", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1), -1, dtype=torch.float32) @ v,
      1.0, None),
+    ("softmax cast back with type_as", lambda q, k, v, m: (q @ k.transpose(-2, -1)).float().softmax(-1).type_as(q) @ v,
+     1.0, None),
+    # a tensor scale constant over the keys (a learned per-head logit scale, here per query) scales the queries
+    ("tensor scale per query", lambda q, k, v, m: ((q @ k.transpose(-2, -1)) * m[..., :1].exp()).softmax(-1) @ v,
+     1.0, None),
+    ("tensor scale then bias", lambda q, k, v, m: (torch.einsum("bhnd,bhmd->bhnm", q, k) / m[..., :1].exp() * 0.5
+                                                   + m).softmax(-1) @ v, 0.5, "additive"),
 ])
 def test_rewrite_matches_the_hand_written_function(name, body, scale, mask):
     m = torch.randn(1, 1, 5, 7)
@@ -176,6 +183,9 @@ def test_rewrite_matches_the_hand_written_function(name, body, scale, mask):
     ("softmax over the query axis", lambda q, k, v, m: (q @ q.transpose(-2, -1)).softmax(-2) @ q),
     ("tensor-valued scale", lambda q, k, v, m: ((q @ k.transpose(-2, -1)) * m).softmax(-1) @ v),
     ("two additive masks", lambda q, k, v, m: (q @ k.transpose(-2, -1) + m + m * 2).softmax(-1) @ v),
+    # the scale applies to the bias too: softmax((q k^T + m) c) is no SDPA with mask m and scale c
+    ("bias scaled after", lambda q, k, v, m: ((q @ k.transpose(-2, -1) + m) * 0.5).softmax(-1) @ v),
+    ("bias scaled by a tensor after", lambda q, k, v, m: ((q @ k.transpose(-2, -1) + m) * m[..., :1]).softmax(-1) @ v),
     ("probabilities changed", lambda q, k, v, m: ((q @ k.transpose(-2, -1)).softmax(-1) * 2) @ v),
     ("mild fill", lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m < -1, -5.0).softmax(-1) @ v),
     ("no softmax", lambda q, k, v, m: (q @ k.transpose(-2, -1)) @ v),

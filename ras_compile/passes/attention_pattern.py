@@ -50,7 +50,7 @@ __all__ = ["RecognisedAttention", "recognise_attention"]
 
 _SOFTMAX = {aten.softmax, aten._softmax}
 _PRODUCT = {aten.matmul, aten.bmm}
-_CASTS = {aten.to, aten._to_copy}
+_CASTS = {aten.to, aten._to_copy, aten.type_as}
 _IDENTITY_AFTER = {aten.clone, aten.contiguous, aten.alias, aten.detach}
 _FILL_LIMIT = -1e4  # a masked_fill value at or below this removes the key from the softmax
 
@@ -80,6 +80,7 @@ class _Chain:
     expand_k: tuple | None = None  # ``expand`` sizes taking K / V to the queries' batch axes (size-1
     expand_v: tuple | None = None  # head axis: multi-query attention); () when they already match
     scale: float = 1.0
+    q_factors: list = dataclasses.field(default_factory=list)  # (tensor, "mul" | "div") constant over the keys
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "additive" or "fill"
     scores: fx.Node | None = None
@@ -172,7 +173,15 @@ def _score_product_from(q, kt) -> _Chain | None:
     return _Chain(q=q, k=kt, k_is_transposed=True)
 
 
-def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain | None:
+def _key_constant(scores: fx.Node, factor) -> bool:
+    """Whether tensor ``factor`` scales the scores ``scores`` by the same value for every key (its last
+    axis has size 1: a learned per-head logit scale ``[H, 1, 1]``), so that it can scale the queries."""
+    f, sv = _val(factor), _val(scores)
+    return (isinstance(f, torch.Tensor) and isinstance(sv, torch.Tensor) and f.dim() <= sv.dim()
+            and (f.dim() == 0 or f.shape[-1] == 1) and not f.is_complex())
+
+
+def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask, factors: tuple = ()) -> _Chain | None:
     """Walk from a softmax input back to the q-k product through scale / mask / cast nodes."""
     if _only_reader(node) is None:
         return None  # the scores are read elsewhere too: not a pure attention
@@ -185,32 +194,42 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain
         if chain is None or (chain.mask is not None and mask is not None):
             return None
         chain.scale *= scale
+        chain.q_factors.extend(factors)
         if mask is not None:
             chain.mask, chain.mask_kind = mask
         chain.scores, chain.nodes = node, here
         return chain
     if packet in _CASTS:
-        return _walk_scores(node.args[0], here, scale, mask)
+        return _walk_scores(node.args[0], here, scale, mask, factors)
     if packet is aten.mul:
         a, b = node.args[0], node.args[1]
         tensor, c = (a, b) if _is_number(b) else (b, a) if _is_number(a) else (None, None)
-        if tensor is None:
+        if tensor is None:  # a tensor scale constant over the keys moves to the queries
+            for scores, factor in ((a, b), (b, a)):
+                if isinstance(factor, fx.Node) and _key_constant(node, factor):
+                    chain = _walk_scores(scores, here, scale, mask, (*factors, (factor, "mul")))
+                    if chain is not None:
+                        return chain
             return None
-        return _walk_scores(tensor, here, scale * float(c), mask)
+        return _walk_scores(tensor, here, scale * float(c), mask, factors)
     if packet is aten.div:
-        if not _is_number(node.args[1]) or node.args[1] == 0 or node.kwargs.get("rounding_mode"):
+        if node.kwargs.get("rounding_mode"):
             return None
-        return _walk_scores(node.args[0], here, scale / float(node.args[1]), mask)
+        if isinstance(node.args[1], fx.Node) and _key_constant(node, node.args[1]):
+            return _walk_scores(node.args[0], here, scale, mask, (*factors, (node.args[1], "div")))
+        if not _is_number(node.args[1]) or node.args[1] == 0:
+            return None
+        return _walk_scores(node.args[0], here, scale / float(node.args[1]), mask, factors)
     if packet is aten.add:
         a, b = node.args[0], node.args[1]
         if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
             return None
         if _is_number(b) or _is_number(a):  # a constant shift of every score: softmax ignores it
-            return _walk_scores(a if _is_number(b) else b, here, scale, mask)
-        if mask is not None:
-            return None
+            return _walk_scores(a if _is_number(b) else b, here, scale, mask, factors)
+        if mask is not None or scale != 1.0 or factors:
+            return None  # ``(q k^T + bias) * c`` scales the bias too, which SDPA's mask is not
         for scores, extra in ((a, b), (b, a)):
-            chain = _walk_scores(scores, here, scale, (extra, "additive"))
+            chain = _walk_scores(scores, here, scale, (extra, "additive"), factors)
             if chain is not None:
                 return chain
         return None
@@ -220,7 +239,7 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask) -> _Chain
             return None
         if _val(node.args[1]) is None or _val(node.args[1]).dtype != torch.bool:
             return None
-        return _walk_scores(node.args[0], here, scale, (node.args[1], "fill"))
+        return _walk_scores(node.args[0], here, scale, (node.args[1], "fill"), factors)
     return None
 
 
@@ -354,9 +373,20 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
             dtype = _val(chain.q).dtype
             mask = graph.call_function(aten.to.dtype, (chain.mask, dtype))
             _fake(mask, aten.to.dtype, chain.mask, dtype)
+        q = chain.q
+        for factor, how in chain.q_factors:  # a per-head (per-query) score scale, applied to the queries
+            op = aten.mul.Tensor if how == "mul" else aten.div.Tensor
+            scaled = graph.call_function(op, (q, factor))
+            _fake(scaled, op, q, factor)
+            if _val(scaled).dtype != _val(chain.q).dtype:
+                dtype = _val(chain.q).dtype
+                scaled_cast = graph.call_function(aten.to.dtype, (scaled, dtype))
+                _fake(scaled_cast, aten.to.dtype, scaled, dtype)
+                scaled = scaled_cast
+            q = scaled
         kwargs = {"attn_mask": mask, "scale": chain.scale}
-        sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (chain.q, k, v), kwargs)
-        _fake(sdpa, aten.scaled_dot_product_attention.default, chain.q, k, v, **kwargs)
+        sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
+        _fake(sdpa, aten.scaled_dot_product_attention.default, q, k, v, **kwargs)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in output.meta:
             sdpa.meta[key] = output.meta[key]
