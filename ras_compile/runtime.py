@@ -19,6 +19,7 @@ from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .kernels.linear_scatter import triton_available
 from .passes.attention_pattern import recognise_attention
+from .passes.causal_mask import lower_causal_attention
 from .passes.einsum_permute import lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
@@ -220,6 +221,7 @@ class RASModule(torch.nn.Module):
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
+            lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
             reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
             analysis = analyze_tokens(gm, latent_node, **reading)
             if self._fuses(latent.device):
