@@ -24,6 +24,7 @@ from .passes.einsum_permute import lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.patch_views import lower_patch_views
+from .passes.shape_forms import lower_shape_forms
 from .passes.split_projection import split_packed_projections
 from .passes.masked_update import rewrite_masked_updates
 from .passes.rewrite import dense_graph, sparse_graph
@@ -218,6 +219,7 @@ class RASModule(torch.nn.Module):
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
             lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
             lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
+            lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node

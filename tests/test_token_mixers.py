@@ -9,7 +9,7 @@ token-wise ones (the same operators over the channels) must not be.
 Two bugs found by probes are pinned here: a norm over the token axis (``x.norm(dim=1)``,
 ``torch.norm(x, p=2, dim=1)``: ``linalg_vector_norm(x, ord, dim)``) was read with the order as
 its dims, so it ran token-wise and a sparse step returned wrong values; ``F.normalize`` (an order
-of ``2.0``) crashed the analysis.
+of ``2.0``) crashed the analysis. ``view_as`` / ``reshape_as`` to the grid and back had no rule.
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ MIXERS = {
                         "pooling"),
     "avg_pool_channels": (lambda x: F.avg_pool1d(x, 3, 1, 1), None),
     "adaptive_pool_tokens": (lambda x: x + F.adaptive_avg_pool1d(x.transpose(1, 2), 1).transpose(1, 2), "pooling"),
+    # the grid and back through the _as forms (passes/shape_forms.py): token-wise
+    "view_as_grid": (lambda x: (x.view(x.shape[0], GH, GW, D) * 0.5 + 1).view_as(x), None),
+    "reshape_as_grid": (lambda x: (x.reshape(x.shape[0], GH, GW, D) - 1).reshape_as(x), None),
 }
 
 
