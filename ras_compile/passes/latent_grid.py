@@ -138,6 +138,19 @@ def patch_conv(value: GridValue, out_shape: tuple[int, ...], kernel: list[int], 
     return GridValue(tuple(dims))
 
 
+def same_size_conv(value: GridValue, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> GridValue | None:
+    """Atoms after a convolution that keeps the spatial size (a 3x3 stem, stride 1, 'same' padding)
+    of a ``[B, C, *spatial]`` value: every output position is computed from its neighbourhood, but
+    before the token source every value is computed on the full latent, so the positions keep their
+    atoms (as through a GroupNorm there); the channels are new. None for any other size."""
+    if len(in_shape) != len(out_shape) or tuple(in_shape[2:]) != tuple(out_shape[2:]) or in_shape[0] != out_shape[0]:
+        return None
+    spatial_axes = {atom[0] for dim in value.dims[2:] for atom in dim}
+    if any(atom[0] in spatial_axes for atom in value.dims[1]):
+        return None  # the channels hold positions inside patches (a pixel unshuffle): the conv mixes them away
+    return GridValue((value.dims[0], fresh_atoms(out_shape[1]), *value.dims[2:]))
+
+
 def _expand(values, n: int) -> list[int]:
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     return values * n if len(values) == 1 else values

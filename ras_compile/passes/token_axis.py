@@ -182,6 +182,11 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 _VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten}
+# operators whose output may share storage with their input (an in-place write into it writes the input)
+_ALIASING = _VIEWS | {aten.slice, aten.select, aten.narrow, aten.as_strided, aten.permute, aten.transpose, aten.t,
+                      aten.expand, aten.unsqueeze, aten.squeeze, aten.diagonal, aten.unfold, aten.split,
+                      aten.chunk, aten.unbind, aten.alias, aten.detach, aten.view_as_real, aten.view_as_complex,
+                      aten.movedim, aten.swapaxes, aten.split_with_sizes, aten.contiguous, aten.to, aten.type_as}
 _SAME_SHAPE = {aten.to, aten._to_copy, aten.contiguous, aten.dropout, aten.alias, aten.detach, aten.type_as,
                aten.clone, aten.lift_fresh_copy}
 _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
@@ -368,9 +373,17 @@ class _Analyzer:
             out = lg.patch_conv(value, out_shape, kernel, list(stride) if isinstance(stride, (list, tuple)) else [stride],
                                 list(padding) if isinstance(padding, (list, tuple)) else [padding],
                                 list(dilation) if isinstance(dilation, (list, tuple)) else [dilation])
+            transposed = packet is aten.convolution and args[6]
+            if out is None and not transposed:  # a stem convolution before the patch embedding
+                out = lg.same_size_conv(value, _shape(src), out_shape)
+            if out is None and not transposed and tuple(_shape(src)[2:]) == tuple(out_shape[2:]):
+                self.refuse(node, "a convolution over the latent whose input channels hold positions inside the "
+                                  "patches (after a pixel unshuffle or patch views): it mixes neighbouring patches "
+                                  "into each position, so the latent cannot be split into tokens")
             if out is None:
                 self.refuse(node, "a convolution over the latent that does not cut non-overlapping patches "
-                                  "(kernel != stride, padding or dilation): the latent cannot be split into tokens")
+                                  "(kernel != stride, padding or dilation) and does not keep its size: the latent "
+                                  "cannot be split into tokens")
         elif packet in _SAME_SHAPE or packet in _GRID_NORMS or (isinstance(node.target, torch._ops.OpOverload)
                                         and torch.Tag.pointwise in node.target.tags):
             if out_shape == _shape(src):
@@ -408,6 +421,21 @@ class _Analyzer:
             self.layout[node] = TokenLayout(token_dim, batch_dim, 0, rows, group if batch_dim is not None else 1,
                                             outer=rows // grid.num_tokens)
             del self.grid_values[node]
+        elif found is not None and found[1] == self.analysis.grid and not found[1].tube_axes:
+            self.second_patchify(node, out, *found)
+
+    def second_patchify(self, node: fx.Node, value: lg.GridValue, token_dim: int, grid: lg.TokenGrid) -> None:
+        """Another patch sequence of the latent, cut like the token source (PixNerd's pixel patches
+        ``F.unfold(x)`` beside its patch embedding): the same token at the same row, so it is gathered
+        where it is made (a side source, passes/side_sources.py) and followed like the tokens."""
+        batch = lg.find_batch_dim(value, grid)
+        rows = _shape(node)[token_dim]
+        if (batch is None and self.batch_size > 1) or rows != grid.num_tokens:
+            return  # stays a dense value of the latent's grid
+        batch_dim, group = batch if batch is not None else (None, 1)
+        self.layout[node] = TokenLayout(token_dim, batch_dim, 0, rows, group if batch_dim is not None else 1)
+        self.analysis.side_sources.append(node.name)
+        del self.grid_values[node]
 
     def grid_batch_slice(self, node: fx.Node, value: lg.GridValue) -> lg.GridValue | None:
         """Rows of the batch axis taken before the token source (DiT's ``forward_with_cfg``:
@@ -474,6 +502,11 @@ class _Analyzer:
             grid_args = [a for a in inputs if a in self.grid_values]
             if grid_args and self.analysis is None:
                 self.visit_grid(node, grid_args)
+            elif grid_args:  # the latent's grid read on after the token source: a second patchify?
+                try:
+                    self.visit_grid(node, grid_args)
+                except UnsupportedModelError:
+                    pass  # not a patch sequence: a dense value of the latent, as before
             self.counts["untouched"] += 1
             return
         packet = _packet(node)
@@ -485,6 +518,7 @@ class _Analyzer:
         grid_inputs = [a for a in annotated if self.layout[a].grid]
         if handler is None and not grid_inputs:
             self.refuse(node, "no token rule for this operator: the pass cannot tell whether it mixes image tokens")
+        _check_write_target(self, node, annotated)
         if handler not in _FOLD_RULES and any(self.layout[a].fold for a in annotated):
             self.refuse(node, "this operator meets a tensor whose token axis is folded into the batch axis "
                               "(rows are sample x token); only views, token-wise arithmetic, projections, "
@@ -546,6 +580,26 @@ class _Analyzer:
 
 
 # ---- token rules: each returns the output layout (or a list for multi-output ops) ---------
+
+def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
+    """An in-place operator that writes image-token values into a tensor holding none (``buf[:, a:b] =
+    x`` into a buffer the forward made) is refused: on a sparse step that tensor is gathered, so the
+    write would land in the gathered copy while ``buf`` and its other views keep what they held. A
+    destination read by nothing else and no view of another tensor is safe (the write is seen only
+    through the operator's output)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments or not node.args:
+        return
+    alias = schema.arguments[0].alias_info
+    dst = node.args[0]
+    if alias is None or not alias.is_write or not isinstance(dst, fx.Node) or dst in annotated:
+        return
+    if len(dst.users) == 1 and _packet(dst) not in _ALIASING:
+        return
+    an.refuse(node, "an in-place write of image-token values into a tensor that holds none (`buf[:, a:b] = x` "
+                    "into a buffer made in the forward, or into one of its views): write the sequence with "
+                    "torch.cat instead")
+
 
 def _layout(an: _Analyzer, node) -> TokenLayout | None:
     v = an.layout.get(node)
@@ -1148,7 +1202,10 @@ def _select(an, node):
     if dim == lay.token_dim:
         an.refuse(node, "select of one row of the token axis")
     if dim == lay.batch_dim:
-        an.refuse(node, "select of one sample of the batch axis of a token sequence")
+        an.refuse(node, "select of one sample of the batch axis of a token sequence (a per-sample loop over the "
+                        "batch; one that runs the same code for every sample is batched before the analysis, "
+                        "so here the samples differ, e.g. captions of different lengths that put each sample's "
+                        "image tokens at other rows: pad them to one length, or call the model per sample)")
     drop = lambda x: None if x is None else (x - 1 if x > dim else x)
     return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
 
