@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from .errors import RASCallError, UnsupportedModelError
 from .fake_leaks import forget_capture_memos, snapshot
+from .host_reads import specialising_host_reads, value_inputs
 from .hooks import check_capturable_hooks
 from .source_frames import model_frame
 
@@ -67,6 +68,11 @@ def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
     for (path, _leaf), old, new in zip(flat, before[1], after[1]):
         if old != new and new[0] != "tensor":
             return f"argument {pytree.keystr(path)} changed from {old[2]!r} to {new[2]!r}"
+    if before[1] == after[1] and before[2:] != after[2:]:
+        changed = [new[0] for old, new in zip(before[2] if len(before) > 2 else (), after[2] if len(after) > 2 else ())
+                   if old != new] or [name for name, *_ in (after[2] if len(after) > 2 else ())]
+        return (f"the values of {', '.join(changed)} changed (the forward reads them on the host, so a "
+                "captured graph holds them; each set of values is captured once and kept)")
     return None
 
 
@@ -132,7 +138,103 @@ def _script_modules_called_directly(model: torch.nn.Module):
 
 
 def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
+    """The forward as an exported program. A forward that reads integer or boolean inputs on the
+    host (a mask's lengths, ``.tolist()``) is captured for the values of this call
+    (``host_reads``): ``program.ras_value_inputs`` names the inputs the graph is specialised on
+    (empty for every other model)."""
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
+    try:
+        program = _export(model, call, specialise=False)
+    except UnsupportedModelError as error:
+        if not value_inputs(call) or not _data_dependent(error.__cause__):
+            raise
+        program = _export_specialised(model, call, error)
+    else:
+        if value_inputs(call) and _has_data_dependent_shapes(program):
+            try:  # the traced host reads would leave shapes the analysis refuses: specialise them if they allow
+                program = _export_specialised(model, call, None)
+            except UnsupportedModelError as refused:  # kept as traced: the analysis names the data-dependent
+                program.ras_host_read_refused = refused.reason  # shape, and says why it was not specialised
+    if not hasattr(program, "ras_value_inputs"):
+        program.ras_value_inputs = []
+    bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
+    if bad:
+        raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "
+                                    "a stateless forward is required")
+    return program
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "UserError")
+
+
+def _data_dependent(exc: BaseException | None) -> bool:
+    """Whether export failed on a value it could not know (a host read, its hash or its branch)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return exc is not None and (any(name in text for name in _DATA_DEPENDENT) or "SymInt" in text
+                                or "data-dependent" in text or "tensor subclasses" in text)
+
+
+def _has_data_dependent_shapes(program: torch.export.ExportedProgram) -> bool:
+    for node in program.graph_module.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and any(not isinstance(d, int) for d in val.shape):
+            return True
+    return False
+
+
+def _has_symbolic_values(program: torch.export.ExportedProgram) -> bool:
+    """Whether a size or a value of the graph is symbolic (read from data inside an operator)."""
+    for node in program.graph_module.graph.nodes:
+        val = node.meta.get("val")
+        for v in val if isinstance(val, (list, tuple)) else [val]:
+            if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return True
+            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+                return True
+    return False
+
+
+def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedModelError | None):
+    """Export again with host reads of integer / boolean inputs answered from their values; when a read
+    cannot be specialised, the first failure (``error``) stands, naming that read."""
+    with specialising_host_reads(call) as reads, _quiet_shape_logs():
+        try:
+            program = _export(model, call, specialise=True)
+        except UnsupportedModelError as again:
+            first = error or again
+            if not reads.refused:
+                raise first from first.__cause__
+            named = UnsupportedModelError(first.reason.replace(
+                "; data-dependent control flow", f"; {reads.refused}; data-dependent control flow"))
+            named.partial_graph = getattr(first, "partial_graph", "")
+            raise named from first.__cause__
+    if reads.refused:
+        raise UnsupportedModelError(reads.refused)
+    if _has_symbolic_values(program):
+        # a value read where no patched method sees it (inside an operator): export decided its guards
+        # from real values the specialisation does not cover, so the graph is not kept
+        raise error or UnsupportedModelError(
+            "torch.export traced a value read from a tensor inside an operator (an unbacked size); "
+            "data-dependent control flow or shapes are not supported")
+    program.ras_value_inputs = list(reads.inputs)
+    return program
+
+
+@contextlib.contextmanager
+def _quiet_shape_logs():
+    """Real-value propagation logs every guard it decides (``propagate_real_tensors evaluate_expr``)."""
+    import logging
+
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export(model: torch.nn.Module, call: dict, specialise: bool) -> torch.export.ExportedProgram:
     printed = io.StringIO()  # torch.export prints the partial graph of a failed capture to stderr
     memos = snapshot(model)
     try:
@@ -151,13 +253,9 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
         raise error from exc
     finally:
         forget_capture_memos(memos)  # tables the forward memoised while tracing hold fake tensors
-    sys.stderr.write(printed.getvalue())
-    program = _inline_autocast(program)
-    bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
-    if bad:
-        raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "
-                                    "a stateless forward is required")
-    return program
+    if not specialise:
+        sys.stderr.write(printed.getvalue())
+    return _inline_autocast(program)
 
 
 def _inline_autocast(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -17,6 +17,7 @@ import torch
 from .capture import Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds, signature_change, signature_key
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
+from .host_reads import value_key
 from .kernels.linear_scatter import triton_available
 from .passes.attention_pattern import recognise_attention
 from .passes.causal_mask import lower_causal_attention
@@ -25,6 +26,8 @@ from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.patch_views import lower_patch_views
 from .passes.shape_forms import lower_shape_forms
+from .passes.sample_loops import rebatch_sample_stacks
+from .passes.buffer_writes import concatenate_buffer_writes
 from .passes.split_projection import split_packed_projections
 from .passes.masked_update import rewrite_masked_updates
 from .passes.rewrite import dense_graph, sparse_graph
@@ -55,6 +58,19 @@ def check_compile_mode(mode, backend) -> None:
     if mode is not None and backend != "inductor":
         raise ValueError(f"compile_mode={mode!r} needs backend='inductor' (the modes are Inductor's), "
                          f"got backend={backend!r}")
+
+
+def _analyze(program, gm, latent_node, reading: dict) -> TokenAnalysis:
+    """``analyze_tokens``; a refusal of a data-dependent shape also says why the host read it comes
+    from could not be specialised (``host_reads``)."""
+    try:
+        return analyze_tokens(gm, latent_node, **reading)
+    except UnsupportedModelError as exc:
+        why = getattr(program, "ras_host_read_refused", None)
+        if why is None or "depends on tensor values" not in exc.reason:
+            raise
+        raise UnsupportedModelError(f"{exc.reason}; it was not captured for the values read: {why}",
+                                    node=exc.node, op=exc.op, source=exc.source) from exc
 
 
 def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
@@ -148,6 +164,7 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
+        self._value_inputs: list[str] = []  # inputs whose values a capture read on the host (host_reads)
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
         self._warned_recapture = False
         self._warned_timestep = False
@@ -164,13 +181,22 @@ class RASModule(torch.nn.Module):
             return getattr(self._modules["model"], name)
 
     # -- capture ---------------------------------------------------------------------------
+    def _key(self, call: dict) -> tuple:
+        """The signature key of ``call``, with the values of the inputs a capture read on the host."""
+        values = value_key(call, self._value_inputs)
+        return signature_key(call) + ((values,) if values else ())
+
     def ras_captured(self, call: dict) -> Captured:
-        key = signature_key(call)
+        key = self._key(call)
         captured = self._captures.pop(key, None)
         if captured is None:
             self._warn_number_timestep(call)
             self._warn_recapture(key, call)
             captured = self._capture(key, call)
+            learned = [] if captured.program is None else captured.program.ras_value_inputs
+            if any(name not in self._value_inputs for name in learned):
+                self._value_inputs += [name for name in learned if name not in self._value_inputs]
+                key = captured.key = self._key(call)
             while len(self._captures) >= MAX_CAPTURES:  # forget the least recently used signature
                 self._captures.pop(next(iter(self._captures)))
         self._captures[key] = captured
@@ -220,12 +246,14 @@ class RASModule(torch.nn.Module):
             lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
             lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
             lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
+            rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
+            concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
             lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
             reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
-            analysis = analyze_tokens(gm, latent_node, **reading)
+            analysis = _analyze(program, gm, latent_node, reading)
             if self._fuses(latent.device):
                 if split_packed_projections(gm, analysis):  # one linear per part of a packed q/k/v
                     analysis = analyze_tokens(gm, latent_node, **reading)

@@ -594,6 +594,7 @@ def _sana_wm_inputs(model, batch, seed):
 VIDEO_FAMILIES.append(
     Family("sana_wm", "SanaWMTransformer3DModel", _sana_wm_build, _sana_wm_inputs, "hidden_states", F * VH * VW,
            (1, 1, 1), _same_as("hidden_states"),
+           tolerance=(1e-2, 5e-3),  # its softmax attention runs in bfloat16 (the processor casts q, k, v)
            notes="SANA-WM camera-controlled video DiT, patch (1, 1, 1); blocks alternate bidirectional "
                  "Gated-DeltaNet linear attention (a chunked state recurrence over frames, per pixel) and "
                  "softmax attention, each with a UCPE camera branch (per-ray transforms from the raymap "

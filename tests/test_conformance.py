@@ -19,14 +19,11 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 
 # family -> (node or op named in the refusal, words of the reason)
 REFUSED = {
-    "lumina2": (None, "torch.export could not capture"),
     "mochi": ("aten.nonzero.default", "depends on tensor values"),
     "hidream": (None, "torch.export could not capture"),  # MoE dispatch reads expert counts on the host
     "hidream_dense": ("aten.slice.Tensor", "depends on tensor values"),  # Llama tokens sliced by a traced length
-    "omnigen": (None, "data-dependent"),  # branches on max(position_ids)
     "z_image": (None, "is a list of 2 tensors"),  # per-sample latent lists, no batched token axis
     # newer classes (conformance_image / _video / _audio)
-    "bria_fibo2_masked": (None, "transformer_bria_fibo2.py:"),  # gist count from the mask, read on the host
     "qwen_image21": (None, "image_pad_mask.tolist()"),  # joint layout read from a mask on the host
     "nucleus_moe": ("aten.slice.Tensor", "depends on tensor values"),  # expert-choice routing per token count
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
@@ -41,7 +38,9 @@ REFUSED = {
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
     "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index
     "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
-    "plain_lumina2_loop": ("aten.zeros.default", "read from a tensor as a Python number"),  # cap lengths .tolist()
+    # caption lengths read on the host (specialised), but they differ between the samples, so the per-sample
+    # loop puts each sample's image tokens at other rows
+    "plain_lumina2_loop": ("aten.select.int", "per-sample loop over the batch"),
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:
@@ -104,7 +103,7 @@ def test_ratio_one_equals_the_dense_model_over_a_loop(name):
             t = _timestep(t0, i, steps)
             want = _prediction(model(**dict(kwargs, **{latent_arg: dense_latent, t_arg: t})))
             got = _prediction(ras(**dict(kwargs, **{latent_arg: ras_latent, t_arg: t})))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=family.tolerance[0], atol=family.tolerance[1])
             dense_latent = _euler_step(dense_latent, want)
             ras_latent = _euler_step(ras_latent, got)
     modes = [s.mode for s in ras.ras_controller.stats]
@@ -191,13 +190,14 @@ def test_sparse_step_after_dense_step_equals_dense_for_random_active_sets(name, 
     dense = _prediction(ras(**kwargs))
     with torch.no_grad():  # the model itself: a fused op that erred alike on both steps would pass a self-comparison
         want = _prediction(model(**kwargs))
-    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    rtol, atol = family.tolerance
+    torch.testing.assert_close(dense, want, rtol=rtol, atol=atol)
     k = data.draw(st.integers(1, n), label="k")
     rows = [sorted(data.draw(st.permutations(range(n)), label="perm")[:k]) for _ in range(BATCH)]
     ras.ras_controller.override_next_step("sparse", torch.tensor(rows))
     sparse = _prediction(ras(**kwargs))
     assert ras.ras_controller.stats[-1].mode == "sparse"
-    torch.testing.assert_close(sparse, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse, want, rtol=max(rtol, 1e-4), atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

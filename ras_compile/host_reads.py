@@ -1,0 +1,145 @@
+"""Host reads of integer and boolean inputs, specialised at capture.
+
+Some forwards read tensor values on the host: Lumina-Image-2.0 lays out its joint
+sequence with ``attention_mask.sum(dim=1).tolist()`` and loops over the lengths in
+Python. ``torch.export`` traces with fake tensors, whose values are unknown, so such a
+forward has no single graph. When the values come only from integer or boolean inputs
+(masks, ids, lengths), the graph is the same for every call with the same values of
+those inputs: it can be captured for those values and reused while they stay the same.
+
+``specialising_host_reads(call)`` is the context for that capture. Inside it export
+propagates real values beside the fake ones (``fake_tensor_propagate_real_tensors``)
+and ``Tensor.tolist`` / ``item`` / ``numpy`` / ``bool`` / ``int`` / ``float`` /
+``index`` answer from the real value, but only for a tensor whose value is computed
+from integer or boolean inputs of the call and constants: its ancestors in the graph
+being traced are checked at every read. A read of anything else (the latent, an
+embedding, a weight: values that change every step) is answered as export answers it,
+so the capture fails as before, and the refusal names the read. ``HostReads.inputs``
+lists the inputs the graph was specialised on: the caller adds their values to the
+capture's signature (a host read of them on every call, as the model makes itself).
+
+Propagating real values runs the forward once more on real tensors, with a real copy of
+every weight: only a capture that failed on a data-dependent value is tried this way.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental import proxy_tensor
+from torch.utils._python_dispatch import _disable_current_modes
+
+from .source_frames import is_model_file
+
+READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@dataclass
+class HostReads:
+    inputs: list[str] = field(default_factory=list)   # pytree key strings of the specialised inputs
+    refused: str | None = None                        # the first read that could not be specialised, and why
+
+
+def value_inputs(call: dict) -> list[tuple[str, torch.Tensor]]:
+    """The call's integer and boolean tensors by pytree key string: the inputs a capture may be
+    specialised on."""
+    flat, _ = pytree.tree_flatten_with_path(call)
+    return [(pytree.keystr(path), leaf) for path, leaf in flat
+            if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and not leaf.is_complex()]
+
+
+def value_key(call: dict, names: list[str]) -> tuple:
+    """The values of the inputs ``names`` of ``call``, hashable (a device-to-host copy of each)."""
+    if not names:
+        return ()
+    flat, _ = pytree.tree_flatten_with_path(call)
+    leaves = {pytree.keystr(path): leaf for path, leaf in flat}
+    key = []
+    for name in names:
+        leaf = leaves.get(name)
+        key.append((name, tuple(leaf.shape), str(leaf.dtype), leaf.detach().cpu().numpy().tobytes())
+                   if isinstance(leaf, torch.Tensor) else (name, None))
+    return tuple(key)
+
+
+def _model_line() -> str:
+    """`` at file.py:line `code` `` of the innermost model frame of the current stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if is_model_file(frame.filename):
+            code = (frame.line or "").strip()
+            name = frame.filename.rsplit("/", 1)[-1]
+            return f" at {name}:{frame.lineno}" + (f" `{code}`" if code else "")
+    return ""
+
+
+def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> tuple[list[str], str | None]:
+    """The candidate inputs ``tensor``'s value is computed from, or why it is not computed only from them."""
+    mode = proxy_tensor.get_proxy_mode()
+    if mode is None:
+        return [], "no graph is being traced"
+    slot = proxy_tensor.get_proxy_slot(tensor, mode.tracer, None)
+    if slot is None:
+        return [], None  # not traced: made from Python values alone
+    seen, todo, names = set(), [slot.proxy.node], []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        real = getattr(val, "real_tensor", None)
+        if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex() or real is None:
+            kind = "a floating-point tensor" if isinstance(val, torch.Tensor) else "an input"
+            return [], f"it is computed from {kind} (the latent, an embedding or a weight: values that change)"
+        with _disable_current_modes():
+            match = [name for name, leaf in candidates
+                     if leaf.shape == real.shape and leaf.dtype == real.dtype and torch.equal(leaf.cpu(), real.cpu())]
+        if not match:
+            return [], "it is computed from an integer buffer or parameter of the model, not from an input"
+        names.extend(m for m in match if m not in names)
+    return names, None
+
+
+def _patched(name: str, original, candidates, record: HostReads):
+    def read(self, *args, **kwargs):
+        if not isinstance(self, FakeTensor):
+            return original(self, *args, **kwargs)
+        real = getattr(self, "real_tensor", None)
+        names, why = _sources(self, candidates)
+        if real is None or why is not None:
+            if record.refused is None:
+                record.refused = f"`{name}` reads a tensor value on the host{_model_line()}, and {why or 'its value is unknown'}"
+            return original(self, *args, **kwargs)
+        record.inputs.extend(n for n in names if n not in record.inputs)
+        with _disable_current_modes():
+            return original(real, *args, **kwargs)
+    return read
+
+
+@contextlib.contextmanager
+def specialising_host_reads(call: dict):
+    """While a capture runs: host reads of values computed from the call's integer and boolean
+    inputs return those values (see the module docstring); yields the ``HostReads`` record."""
+    import torch._functorch.config as functorch_config
+
+    record = HostReads()
+    candidates = value_inputs(call)
+    originals = {name: torch.Tensor.__dict__.get(name) for name in READS}
+    for name in READS:
+        setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
+    try:
+        with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+            yield record
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)

@@ -1,0 +1,126 @@
+"""Host reads of integer / boolean inputs, specialised at capture (ras_compile/host_reads.py).
+
+``CaptionDiT`` reads its caption mask on the host, as Lumina-Image-2.0 does: the caption lengths
+(``mask.sum(1).tolist()``) decide how many caption tokens join the image tokens, and a Python
+branch on ``mask.all()``. torch.export cannot trace that with fake values; captured for the
+mask's values, the graph holds for every call with the same mask, and a new mask is a new
+capture. A read of anything else (a value computed from the latent or a weight) is refused,
+naming the read.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
+from ras_compile.capture import export_model
+from sparse_checks import assert_sparse_after_dense_equals_the_model, random_active_sets
+
+C, D, HEADS, H, W, P, T = 4, 16, 2, 8, 12, 2, 6
+N = (H // P) * (W // P)
+POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+HERE = __file__.rsplit("/", 1)[-1]
+
+
+class CaptionDiT(nn.Module):
+    def __init__(self, read: str = "mask"):
+        super().__init__()
+        self.read = read
+        self.embed, self.text = nn.Conv2d(C, D, P, stride=P), nn.Linear(8, D)
+        self.qkv = nn.ModuleList(nn.Linear(D, 3 * D) for _ in range(2))
+        self.out = nn.Linear(D, P * P * C)
+        self.register_buffer("ids", torch.arange(T))
+
+    def forward(self, latent, timestep, caption, mask):
+        b = latent.shape[0]
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        if self.read == "latent" and (latent.abs().amax() > 100).item():  # reads the latent: refused
+            x = x * 2
+        if self.read == "buffer":
+            x = x[:, : self.ids.max().item() + N - T + 1]  # reads a buffer of the model: refused
+        lengths = mask.sum(1).tolist()  # the caption lengths, on the host
+        text = self.text(caption[:, : max(lengths)])
+        if not mask.all():  # a branch on the mask
+            text = text * mask[:, : max(lengths), None]
+        n_text = text.shape[1]
+        for qkv in self.qkv:
+            seq = torch.cat([text, x], 1)
+            q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
+            seq = seq + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            text, x = seq[:, :n_text], seq[:, n_text:]
+        x = self.out(x).view(b, H // P, W // P, P, P, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+
+def _model(read: str = "mask") -> CaptionDiT:
+    torch.manual_seed(0)
+    return CaptionDiT(read).eval()
+
+
+def _inputs(seed: int = 0, length: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[:, :length] = True
+    return dict(latent=torch.randn(2, C, H, W, generator=g), timestep=torch.tensor([500.0, 300.0]),
+                caption=torch.randn(2, T, 8, generator=g), mask=mask)
+
+
+def test_the_capture_is_specialised_on_the_mask_it_read():
+    program = export_model(_model(), _inputs())
+    assert program.ras_value_inputs == ["['mask']"]
+    reads = [n for n in program.graph.nodes if n.target in (torch.ops.aten._local_scalar_dense.default,
+                                                            torch.ops.aten.item.default)]
+    assert reads == []  # the lengths are constants of the graph
+    plain = export_model(_model(), {**_inputs(), "mask": torch.ones(2, T, dtype=torch.bool)})
+    assert plain.ras_value_inputs == ["['mask']"]  # the all-ones mask is read too (the branch)
+
+
+_ras: dict = {}
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_sparse_step_after_dense_step_equals_the_model(data):
+    if not _ras:
+        _ras["model"] = model = _model()
+        _ras["ras"] = ras_compile(model, POLICY, backend=None)
+    length = data.draw(st.sampled_from([2, 4, T]))
+    assert_sparse_after_dense_equals_the_model(_ras["model"], _ras["ras"], _inputs(data.draw(st.integers(0, 3)), length),
+                                               random_active_sets(data, N))
+
+
+def test_each_mask_is_captured_once_and_kept():
+    model = _model()
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, length in enumerate([4, 4, 2, 4, 2]):
+            kw = _inputs(step, length)
+            with torch.no_grad():
+                torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert len(ras._captures) == 2  # one graph per mask, reused when the mask comes back
+    messages = [str(w.message) for w in caught if "captures the model again" in str(w.message)]
+    assert len(messages) == 1 and "the values of ['mask'] changed" in messages[0]
+
+
+def _line(marker: str) -> int:
+    lines, start = inspect.getsourcelines(CaptionDiT.forward)
+    return start + next(i for i, line in enumerate(lines) if marker in line)
+
+
+@pytest.mark.parametrize("read,what,marker", [("latent", "floating-point tensor", "# reads the latent"),
+                                              ("buffer", "integer buffer", "# reads a buffer")])
+def test_a_read_of_anything_else_is_refused_naming_it(read, what, marker):
+    ras = ras_compile(_model(read), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs())
+    message = str(info.value)
+    assert "reads a tensor value on the host" in message and what in message
+    assert f"{HERE}:{_line(marker)}" in message
