@@ -15,13 +15,15 @@ import traceback
 
 import torch
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*(?:\n(?!\s*File ")(?P<code>[^\n]*))?')
 
 
 def is_model_file(filename: str) -> bool:
-    """Not torch's, not ours, not ``contextlib``'s wrappers."""
+    """Not torch's, not ours, not ``contextlib``'s wrappers (``filename`` as a frame names it: the
+    package imported through a relative path, ``docs/../ras_compile``, is still ours)."""
+    filename = os.path.abspath(filename)
     return not filename.startswith((_TORCH_DIR, _PACKAGE_DIR)) and os.sep + "contextlib.py" not in filename
 
 

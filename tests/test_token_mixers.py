@@ -55,6 +55,11 @@ MIXERS = {
                         "pooling"),
     "avg_pool_channels": (lambda x: F.avg_pool1d(x, 3, 1, 1), None),
     "adaptive_pool_tokens": (lambda x: x + F.adaptive_avg_pool1d(x.transpose(1, 2), 1).transpose(1, 2), "pooling"),
+    # einsum read by its letters: the tokens' letter kept is token-wise, summed away it mixes tokens
+    "einsum_projection": (lambda x: torch.einsum("bnd,de->bne", x, torch.eye(D) * 0.5), None),
+    "einsum_token_mix": (lambda x: torch.einsum("bnd,mn->bmd", x, torch.ones(N, N) / N), "einsum that sums"),
+    "einsum_linear_attention": (lambda x: torch.einsum("bnd,bde->bne", x, torch.einsum("bnd,bne->bde", x, x) / N),
+                                "einsum that sums"),
     # the grid and back through the _as forms (passes/shape_forms.py): token-wise
     "view_as_grid": (lambda x: (x.view(x.shape[0], GH, GW, D) * 0.5 + 1).view_as(x), None),
     "reshape_as_grid": (lambda x: (x.reshape(x.shape[0], GH, GW, D) - 1).reshape_as(x), None),

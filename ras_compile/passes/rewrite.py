@@ -239,6 +239,10 @@ class _SparseBuilder:
                 end = src_lay.length if args[3] is None else (args[3] + src_lay.length if args[3] < 0 else args[3])
                 args[2] = self.remap_position(start, src_lay)
                 args[3] = self.remap_position(min(end, src_lay.length), src_lay) if end < 2**62 else end
+        elif packet is aten.select and src_lay is not None and f"{node.name}:{node.args[0].name}" not in self.a.densify_at:
+            dim = args[1] % node.args[0].meta["val"].dim()
+            if dim == src_lay.token_dim and args[2] >= 0:  # a context row after the image rows moves with k
+                args[2] = self.remap_position(args[2], src_lay)
         elif packet in (aten.split, aten.split_with_sizes, aten.chunk) and src_lay is not None:
             rank = node.args[0].meta["val"].dim()
             dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

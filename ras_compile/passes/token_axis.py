@@ -852,10 +852,14 @@ def _repeat(an, node):
     if _packet(node) is aten.repeat:
         if node.args[1][lay.token_dim] != 1:
             an.refuse(node, "a repeat along the token axis")
+        if lay.batch_dim is not None and node.args[1][lay.batch_dim] != 1:
+            an.refuse(node, _BATCH_CHANGED)
     else:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if dim is None or _norm_dim(dim, len(_shape(src))) == lay.token_dim:
             an.refuse(node, "a repeat_interleave along (or flattening) the token axis")
+        if lay.batch_dim is not None and _norm_dim(dim, len(_shape(src))) == lay.batch_dim:
+            an.refuse(node, _BATCH_CHANGED)
     return lay
 
 
@@ -933,6 +937,46 @@ def _expand_as(an, node):
     if lay is not None:
         return _align(lay, len(_shape(src)), len(_shape(node)))
     return _layout(an, other)
+
+
+def _einsum(an, node):
+    """``einsum(equation, operands)`` read by its index letters: the tokens' letter (the same in every
+    operand that carries them) kept in the output is token-wise (a projection ``"bnd,de->bne"``, a
+    per-head product over another axis); summed away it mixes the tokens (``"bnd,mn->bmd"``, linear
+    attention's ``K^T V``): densified. Attention itself was rewritten as SDPA before the analysis."""
+    equation, operands = node.args[0], list(node.args[1])
+    if "..." in equation or "->" not in equation:
+        an.refuse(node, "an einsum over image tokens with an ellipsis or an implicit output")
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    letters, laid = set(), []
+    for term, operand in zip(terms, operands):
+        lay = _layout(an, operand) if isinstance(operand, fx.Node) else None
+        if lay is None:
+            continue
+        if lay.grid or lay.fold or len(term) != len(_shape(operand)):
+            an.refuse(node, "an einsum over a token grid or folded token rows")
+        letters.add(term[lay.token_dim])
+        laid.append((term, operand, lay))
+    if len(letters) > 1:
+        an.refuse(node, "an einsum between two image-token tensors (two token axes) that is not part of an "
+                        "attention the pass recognises; write it with scaled_dot_product_attention")
+    letter = letters.pop()
+    if letter not in output:
+        for _term, operand, _lay in laid:
+            an.densify(operand, node, "an einsum that sums over the token axis (it mixes image tokens)")
+        return None
+    for term, operand in zip(terms, operands):
+        if isinstance(operand, fx.Node) and _layout(an, operand) is None and letter in term:
+            if _shape(operand)[term.index(letter)] != 1:
+                an.refuse(node, "an einsum operand indexed by the tokens' letter that does not descend from the "
+                                "latent (per-token weights)")
+    term, _operand, lay = laid[0]
+    batch = term[lay.batch_dim] if lay.batch_dim is not None else None
+    if batch is not None and batch not in output and an.batch_size > 1:
+        an.refuse(node, "an einsum that sums over the batch axis mixes samples, whose active tokens differ")
+    return lay.shifted(token_dim=output.index(letter),
+                       batch_dim=output.index(batch) if batch is not None and batch in output else None)
 
 
 def _pad(an, node):
@@ -1159,6 +1203,8 @@ def _slice(an, node):
     rank = len(_shape(node.args[0]))
     args = list(node.args) + [None] * 4
     dim = _norm_dim(args[1] if args[1] is not None else 0, rank)
+    if dim == lay.batch_dim and tuple(_shape(node)) != tuple(_shape(node.args[0])):
+        an.refuse(node, _BATCH_CHANGED)
     if dim != lay.token_dim:
         return lay
     if args[4] not in (None, 1):
@@ -1173,6 +1219,8 @@ def _split(an, node):
     dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = _norm_dim(dim_arg, rank)
     outs = node.meta["val"]
+    if dim == lay.batch_dim and len(outs) > 1:
+        an.refuse(node, _BATCH_CHANGED)
     if dim != lay.token_dim:
         return [lay for _ in outs]
     sizes = [int(v.shape[dim]) for v in outs]
@@ -1200,7 +1248,12 @@ def _select(an, node):
     lay = _layout(an, node.args[0])
     dim = _norm_dim(node.args[1], len(_shape(node.args[0])))
     if dim == lay.token_dim:
-        an.refuse(node, "select of one row of the token axis")
+        if lay.fold or lay.outer > 1 or lay.grid:
+            an.refuse(node, "select of one row of the token axis")
+        index = node.args[2] % lay.length
+        if lay.offset <= index < lay.offset + an.analysis.num_tokens:  # one image token's row: the full input
+            an.densify(node.args[0], node, "a select of one image token's row")
+        return None  # a context row (a class or label token): always computed, a value without tokens
     if dim == lay.batch_dim:
         an.refuse(node, "select of one sample of the batch axis of a token sequence (a per-sample loop over the "
                         "batch; one that runs the same code for every sample is batched before the analysis, "
@@ -1208,6 +1261,13 @@ def _select(an, node):
                         "image tokens at other rows: pad them to one length, or call the model per sample)")
     drop = lambda x: None if x is None else (x - 1 if x > dim else x)
     return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
+
+
+_BATCH_CHANGED = ("a concatenation, repeat, split or slice along the batch axis of a token sequence (the batch "
+                  "doubled or processed in groups inside the forward: classifier-free guidance on the token "
+                  "features, perturbed-attention guidance's attention processors); RAS keeps one active set per "
+                  "latent sample, so every token tensor must hold the latent's samples in order: double the latent "
+                  "before calling the model, or use the standard attention processors")
 
 
 def _cat(an, node):
@@ -1227,6 +1287,8 @@ def _cat(an, node):
         index = annotated[0][0]
         before = sum(_shape(t)[dim] for t in tensors[:index])
         return first.shifted(offset=first.offset + before, length=_shape(node)[dim])
+    if first.batch_dim is not None and dim == first.batch_dim:
+        an.refuse(node, _BATCH_CHANGED)
     for i, t in enumerate(tensors):
         lay = _layout(an, t)
         if lay is None:
@@ -1430,7 +1492,7 @@ _TOKEN_RULES = {
     aten.conv1d: _convolution, aten.conv2d: _convolution, aten.conv3d: _convolution,
     aten.convolution: _convolution, aten.conv_transpose1d: _convolution, aten.conv_transpose2d: _convolution,
     aten.conv_transpose3d: _convolution,
-    aten.flip: _flip, aten.argsort: _argsort, aten.expand_as: _expand_as, **{p: _pool for p in _POOLS},
+    aten.einsum: _einsum, aten.flip: _flip, aten.argsort: _argsort, aten.expand_as: _expand_as, **{p: _pool for p in _POOLS},
     aten.cumsum: _scan, aten.cumprod: _scan, aten.logcumsumexp: _scan, aten.roll: _roll,
     aten.pad: _pad, aten.constant_pad_nd: _pad, aten.copy_: _pointwise, aten.copy: _pointwise,
     aten.empty_like: _same_shape, aten.zeros_like: _same_shape, aten.ones_like: _same_shape,
