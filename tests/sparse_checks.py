@@ -41,3 +41,17 @@ def assert_ratio_one_loop_equals_the_model(model, inputs, steps: int = 3, backen
         kw["timestep"] = kw["timestep"] * (1 - step / (steps + 1))
         with torch.no_grad():
             torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_once(key, make_model, policy):
+    """``(model, ras_compile(model, policy, backend=None))``, made once per ``key`` (the test module and
+    its parameter), so that the examples hypothesis draws share one capture."""
+    from ras_compile import ras_compile
+
+    if key not in _COMPILED:
+        model = make_model()
+        _COMPILED[key] = (model, ras_compile(model, policy, backend=None))
+    return _COMPILED[key]

@@ -21,7 +21,7 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.passes.buffer_writes import concatenate_buffer_writes
 from ras_compile.passes.sample_loops import rebatch_sample_stacks
 from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
-                           random_active_sets)
+                           compiled_once, random_active_sets)
 
 aten = torch.ops.aten
 C, D, HEADS, H, W, P, T = 4, 16, 2, 8, 12, 2, 5
@@ -76,17 +76,13 @@ def _inputs(seed: int = 0) -> dict:
                 caption=torch.randn(2, T, 8, generator=g))
 
 
-_compiled: dict = {}
 
 
 @pytest.mark.parametrize("mode", ["slices", "loop"])
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(mode, data):
-    if mode not in _compiled:
-        model = _model(mode)
-        _compiled[mode] = (model, ras_compile(model, POLICY, backend=None))
-    model, ras = _compiled[mode]
+    model, ras = compiled_once((__name__, mode), lambda: _model(mode), POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
                                                random_active_sets(data, N))
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ras_compile import RASPolicy, explain, ras_compile
+from ras_compile import RASPolicy, explain
 from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
-                           random_active_sets)
+                           compiled_once, random_active_sets)
 
 C, D, HEADS, H, W, P, T = 4, 16, 2, 8, 12, 2, 5
 N = (H // P) * (W // P)
@@ -62,16 +62,13 @@ def _inputs(seed: int = 0) -> dict:
                 text=torch.randn(2, T, D, generator=g))
 
 
-_ras: dict = {}
 
 
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_a_sparse_step_after_a_dense_step_keeps_each_query_its_causal_row(data):
-    if not _ras:
-        _ras["model"] = model = _model()
-        _ras["ras"] = ras_compile(model, POLICY, backend=None)
-    assert_sparse_after_dense_equals_the_model(_ras["model"], _ras["ras"], _inputs(data.draw(st.integers(0, 3))),
+    model, ras = compiled_once(__name__, _model, POLICY)
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
                                                random_active_sets(data, N))
 
 

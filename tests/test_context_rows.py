@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, explain, ras_compile
-from sparse_checks import assert_sparse_after_dense_equals_the_model, random_active_sets
+from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 N = (H // P) * (W // P)
@@ -88,7 +88,6 @@ def _model(read: str) -> LabelTokenDiT:
     return LabelTokenDiT(read).eval()
 
 
-_compiled: dict = {}
 READS = ["cls", "last", "label_position", "image_row"]
 
 
@@ -96,10 +95,7 @@ READS = ["cls", "last", "label_position", "image_row"]
 @settings(max_examples=5, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(read, data):
-    if read not in _compiled:
-        model = _model(read)
-        _compiled[read] = (model, ras_compile(model, POLICY, backend=None))
-    model, ras = _compiled[read]
+    model, ras = compiled_once((__name__, read), lambda: _model(read), POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
                                                random_active_sets(data, N))
 

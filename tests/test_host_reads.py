@@ -21,7 +21,7 @@ from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.capture import export_model
-from sparse_checks import assert_sparse_after_dense_equals_the_model, random_active_sets
+from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
 
 C, D, HEADS, H, W, P, T = 4, 16, 2, 8, 12, 2, 6
 N = (H // P) * (W // P)
@@ -82,17 +82,14 @@ def test_the_capture_is_specialised_on_the_mask_it_read():
     assert plain.ras_value_inputs == ["['mask']"]  # the all-ones mask is read too (the branch)
 
 
-_ras: dict = {}
 
 
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(data):
-    if not _ras:
-        _ras["model"] = model = _model()
-        _ras["ras"] = ras_compile(model, POLICY, backend=None)
+    model, ras = compiled_once(__name__, _model, POLICY)
     length = data.draw(st.sampled_from([2, 4, T]))
-    assert_sparse_after_dense_equals_the_model(_ras["model"], _ras["ras"], _inputs(data.draw(st.integers(0, 3)), length),
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3)), length),
                                                random_active_sets(data, N))
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
-from sparse_checks import assert_sparse_after_dense_equals_the_model, random_active_sets
+from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 N = (H // P) * (W // P)
@@ -129,17 +129,13 @@ def _inputs(name, seed: int = 0) -> dict:
     return dict(latent=torch.randn(2, C, *MODELS[name][1], generator=g), timestep=torch.tensor([500.0, 300.0]))
 
 
-_compiled: dict = {}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @settings(max_examples=5, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(name, data):
-    if name not in _compiled:
-        model = _model(name)
-        _compiled[name] = (model, ras_compile(model, POLICY, backend=None))
-    model, ras = _compiled[name]
+    model, ras = compiled_once((__name__, name), lambda: _model(name), POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, _inputs(name, data.draw(st.integers(0, 3))),
                                                random_active_sets(data, MODELS[name][2]))
 

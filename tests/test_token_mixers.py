@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ras_compile import RASPolicy, explain, ras_compile
-from sparse_checks import assert_sparse_after_dense_equals_the_model, random_active_sets
+from ras_compile import RASPolicy, explain
+from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 GH, GW = H // P, W // P
@@ -103,7 +103,6 @@ def _inputs(seed: int = 0) -> dict:
 
 NAMES = [*MIXERS, "token_mlp"]
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
-_compiled: dict = {}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -111,10 +110,7 @@ _compiled: dict = {}
                                                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(name, data):
-    if name not in _compiled:
-        model = _model(name)
-        _compiled[name] = (model, ras_compile(model, POLICY, backend=None))
-    model, ras = _compiled[name]
+    model, ras = compiled_once((__name__, name), lambda: _model(name), POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
                                                random_active_sets(data, N))
 
