@@ -54,8 +54,9 @@ def _leaf_key(leaf):
 
 def signature_key(call: dict):
     """What a captured graph is specialised on: structure, tensor shapes/dtypes/devices, other values."""
-    leaves, spec = pytree.tree_flatten(call)
-    return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+    leaves, _spec = pytree.tree_flatten(call)
+    structure = tuple((name, str(pytree.tree_structure(value))) for name, value in call.items())
+    return (structure, tuple(_leaf_key(leaf) for leaf in leaves))
 
 
 def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
@@ -63,7 +64,13 @@ def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
     tensor's shape, dtype or device (a new resolution is expected to capture again; a changing Python
     value or structure is not): ``None`` when only tensors changed. Runs only when a capture is made."""
     if before[0] != after[0]:
-        return "the structure of the arguments changed (a list or dict argument gained or lost entries)"
+        old, new = dict(before[0]), dict(after[0])
+        changed = [name for name in new if old.get(name) != new[name]] + [name for name in old if name not in new]
+        value = call.get(changed[0]) if changed else None
+        what = ("None" if value is None else f"a {type(value).__name__}"
+                + (f" of {len(value)}" if isinstance(value, (list, tuple, dict)) else ""))
+        return (f"the structure of argument '{changed[0]}' changed (now {what})" if changed else
+                "the structure of the arguments changed (a list or dict argument gained or lost entries)")
     flat, _ = pytree.tree_flatten_with_path(call)
     for (path, _leaf), old, new in zip(flat, before[1], after[1]):
         if old != new and new[0] != "tensor":

@@ -213,7 +213,9 @@ class RASModule(torch.nn.Module):
             f"ras_compile captures the model again: {change} between calls. Every new value is a new "
             "capture and compile, and the first step on it runs dense with empty caches. Keep non-tensor "
             "arguments fixed over a generation (pass a fresh copy of a dict the forward mutates), or pass "
-            "a value that changes every step as a tensor.", stacklevel=4)
+            "a value that changes every step as a tensor. A pipeline that alternates two kinds of call in one "
+            "step on purpose (skip-layer guidance's extra call, separate conditional and unconditional passes) "
+            "should pass RASPolicy(calls_per_step=2): each call slot then keeps its own caches.", stacklevel=4)
 
     def _warn_number_timestep(self, call: dict) -> None:
         """Once per module, at the first capture: a timestep passed as a Python number is a constant of

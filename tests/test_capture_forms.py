@@ -330,7 +330,7 @@ def test_a_dict_argument_that_gains_entries_is_named_when_it_forces_a_new_captur
     ras = ras_compile(Flags("qkv_select").eval(), POLICY, backend=None)
     kw = _inputs("qkv_select")
     ras(**kw, flags={"mode": 0})
-    with pytest.warns(UserWarning, match="the structure of the arguments changed"):
+    with pytest.warns(UserWarning, match=r"the structure of argument 'flags' changed \(now a dict of 2\)"):
         ras(**dict(kw, timestep=torch.full((2,), 900.0)), flags={"mode": 0, "cached_tokens": 4})
 
 
