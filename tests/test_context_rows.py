@@ -63,7 +63,9 @@ class DoubledBatchDiT(nn.Module):
     def forward(self, latent, timestep, y):
         b = latent.shape[0]
         x = self.embed(latent).flatten(2).transpose(1, 2)
-        if self.how == "groups":  # perturbed-attention guidance's processors: each half of the batch its own way
+        if self.how == "output_guidance":
+            pass
+        elif self.how == "groups":  # perturbed-attention guidance's processors: each half of the batch its own way
             first, second = x.chunk(2)
             x = torch.cat([first * 2.0, second], 0)
             x = torch.cat([x, x], 0)
@@ -72,6 +74,10 @@ class DoubledBatchDiT(nn.Module):
                  "repeat_interleave": lambda: x.repeat_interleave(2, dim=0)}[self.how]()
         q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        if self.how == "output_guidance":  # the batch halved after the unpatchify: one prediction for two
+            out = self.out(x).view(b, H // P, W // P, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+            cond, uncond = out.chunk(2)
+            return uncond + 2.0 * (cond - uncond)
         cond, uncond = x.chunk(2) if self.how != "repeat_interleave" else (x[0::2], x[1::2])
         x = self.out(uncond + 2.0 * (cond - uncond)).view(b, H // P, W // P, P, P, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
@@ -117,3 +123,11 @@ def test_a_token_batch_doubled_inside_the_forward_is_refused_by_name(how):
     assert "along the batch axis of a token sequence" in str(info.value)
     assert info.value.op == ("aten.chunk.default" if how == "groups" else info.value.op)
     assert "double the latent before calling the model" in str(info.value)
+
+
+def test_a_prediction_with_another_batch_than_the_latent_says_so():
+    torch.manual_seed(0)
+    ras = ras_compile(DoubledBatchDiT("output_guidance").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs())
+    assert "the prediction has the latent's grid but a batch of 1, not the latent's 2" in str(info.value)

@@ -548,9 +548,16 @@ class _Analyzer:
                 a.output_leaf = i
                 break
         if a.output_leaf is None:
+            other_batch = [_shape(leaf)[0] for leaf in leaves if _is_tensor(leaf) and a.grid is not None
+                           and len(_shape(leaf)) == len(a.grid.latent_shape)
+                           and all(_shape(leaf)[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes)]
+            why = (f": the prediction has the latent's grid but a batch of {other_batch[0]}, not the latent's "
+                   f"{a.batch_size} (guidance combined inside the forward); RAS scores each latent sample from "
+                   "its own prediction, so return one prediction per latent sample (combine the guided halves "
+                   "outside the model)" if other_batch else "")
             raise UnsupportedModelError(
                 "no output has the latent's layout (the latent's grid axes, any channel count, or [B, N, C] for "
-                "token latents), so the next active tokens cannot be scored from the prediction")
+                f"token latents), so the next active tokens cannot be scored from the prediction{why}")
 
     # -- sites --------------------------------------------------------------------------
     def add_cache(self, node: fx.Node, kind: str, layout: TokenLayout, reader: fx.Node) -> str:
