@@ -157,3 +157,27 @@ def test_a_same_size_convolution_over_patch_channels_is_refused_naming_it():
         ras(latent=torch.randn(2, C, H, W), timestep=torch.tensor([500.0, 300.0]))
     assert "whose input channels hold positions inside the patches" in str(info.value)
     assert info.value.op == "aten.conv2d.default"
+
+
+class DiptychDiT(nn.Module):
+    """In-context diptych: a reference latent concatenated beside the noisy one before the patch
+    embedding, the prediction cut back to the noisy half."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.blocks, self.out = nn.Conv2d(C, D, P, stride=P), Blocks(), nn.Linear(D, P * P * C)
+
+    def forward(self, latent, timestep, ref):
+        b = latent.shape[0]
+        x = self.embed(torch.cat([latent, ref], dim=-1)).flatten(2).transpose(1, 2)  # the pair, side by side
+        x = self.out(self.blocks(x * (1 + timestep[:, None, None] / 1000))).view(b, H // P, 2 * W // P, P, P, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, 2 * W)[..., :W]
+
+
+def test_a_latent_joined_along_a_spatial_axis_is_refused_naming_the_cat():
+    torch.manual_seed(0)
+    ras = ras_compile(DiptychDiT().eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(latent=torch.randn(2, C, H, W), timestep=torch.tensor([500.0, 300.0]), ref=torch.randn(2, C, H, W))
+    assert "concatenated with another tensor along a spatial axis at 'cat'" in str(info.value)
+    assert "the pair, side by side" in str(info.value)

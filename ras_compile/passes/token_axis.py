@@ -280,6 +280,7 @@ class _Analyzer:
         self.grid_values: dict[fx.Node, lg.GridValue] = {}
         self.grid_stops: list[fx.Node] = []  # consumers of the latent's grid that no grid rule follows
         self.batch_regrouped: list[fx.Node] = []  # grid-phase slices / cats along the batch axis
+        self.grid_joins: list[fx.Node] = []  # grid-phase cats along a latent axis that holds positions
         self.layout: dict[fx.Node, object] = {}
         shape = _shape(latent)
         self.batch_size = shape[0]
@@ -327,7 +328,10 @@ class _Analyzer:
             raise UnsupportedModelError(
                 f"no token sequence found: the latent '{self.latent.name}' never becomes a sequence of patch "
                 "tokens (expected a non-overlapping patch convolution or patch views followed by a flatten)"
-                + (f"; the latent's grid was followed up to {stops}, which no grid rule covers" if stops else ""))
+                + (f"; the latent's grid was followed up to {stops}, which no grid rule covers" if stops else "")
+                + "".join(f"; the latent was concatenated with another tensor along a spatial axis at '{n.name}'"
+                          f"{node_frame(n)} (a diptych or extra rows / frames): its patches are then not the "
+                          "latent's patch grid" for n in self.grid_joins[:1]))
         a = self.analysis
         a.layouts = {n.name: v for n, v in self.layout.items()}
         a.counts = dict(self.counts)
@@ -473,6 +477,8 @@ class _Analyzer:
         rest = lambda v: v.dims[:dim] + v.dims[dim + 1:]  # noqa: E731
         if any(rest(self.grid_values[t]) != rest(value) for t in node.args[0] if t in self.grid_values):
             return None
+        if any(axis.startswith("s") and not _channel_atom(value, axis) for axis, _, _ in value.dims[dim]):
+            self.grid_joins.append(node)
         return lg.GridValue(value.dims[:dim] + (lg.concatenated_atoms(_shape(node)[dim]),) + value.dims[dim + 1:])
 
     # -- token phase --------------------------------------------------------------------
@@ -587,6 +593,13 @@ class _Analyzer:
 
 
 # ---- token rules: each returns the output layout (or a list for multi-output ops) ---------
+
+def _channel_atom(value: lg.GridValue, axis: str) -> bool:
+    """Whether latent axis ``axis`` is read as channels so far: it appears only in dimension 1 (a
+    ``[B, C, *spatial]`` latent's channels), not in a spatial dimension."""
+    return all(atom[0] != axis for dim in value.dims[2:] for atom in dim) and value.dims[1:2] and \
+        any(atom[0] == axis for atom in value.dims[1])
+
 
 def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
     """An in-place operator that writes image-token values into a tensor holding none (``buf[:, a:b] =
