@@ -201,9 +201,28 @@ def _has_symbolic_values(program: torch.export.ExportedProgram) -> bool:
     return False
 
 
+def _short_of_memory(model: torch.nn.Module) -> str | None:
+    """Why the specialised export cannot run here: propagating real values allocates a real copy of every
+    weight, which must fit in the free memory of the weights' CUDA device (None: it fits, or the weights
+    are not on CUDA)."""
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    if not devices:
+        return None
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+    if need < 0.9 * free:
+        return None
+    return (f"reading the values the forward reads on the host needs a second copy of the weights "
+            f"({need / 2**30:.1f} GiB) while capturing, more than the {free / 2**30:.1f} GiB free on the device")
+
+
 def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedModelError | None):
     """Export again with host reads of integer / boolean inputs answered from their values; when a read
     cannot be specialised, the first failure (``error``) stands, naming that read."""
+    short = _short_of_memory(model)
+    if short:
+        raise UnsupportedModelError(f"{error.reason if error else 'the forward reads tensor values on the host'}; "
+                                    f"{short}") from (error.__cause__ if error else None)
     with specialising_host_reads(call) as reads, _quiet_shape_logs():
         try:
             program = _export(model, call, specialise=True)
