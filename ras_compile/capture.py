@@ -346,6 +346,23 @@ def _inline_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         gm.graph.erase_node(body_attr)
 
 
+def training_mode_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The nodes that run as in training (dropout with ``train=True`` and ``p > 0``, batch norm with
+    ``training=True``): a model left in ``train()`` mode, whose outputs are then random or batch-dependent."""
+    aten = torch.ops.aten
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = list(node.args)
+        if node.target in (aten.dropout.default, aten.native_dropout.default) and len(args) > 2 \
+                and args[2] and args[1]:
+            found.append(node.name)
+        elif node.target is aten.batch_norm.default and len(args) > 5 and args[5]:
+            found.append(node.name)
+    return found
+
+
 def mark_input_kinds(program: torch.export.ExportedProgram) -> None:
     """Record on every placeholder what it holds (``meta["ras_input_kind"]``: ``USER_INPUT``,
     ``PARAMETER``, ``BUFFER``, ...), for passes that must tell a model input from a weight."""

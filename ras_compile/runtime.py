@@ -14,7 +14,8 @@ from math import prod
 
 import torch
 
-from .capture import Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds, signature_change, signature_key
+from .capture import (Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds, signature_change,
+                      signature_key, training_mode_ops)
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .host_reads import value_key
@@ -168,6 +169,7 @@ class RASModule(torch.nn.Module):
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
         self._warned_recapture = False
         self._warned_timestep = False
+        self._warned_training = False
 
     @property
     def ras_controller(self) -> RASController:
@@ -217,6 +219,17 @@ class RASModule(torch.nn.Module):
             "step on purpose (skip-layer guidance's extra call, separate conditional and unconditional passes) "
             "should pass RASPolicy(calls_per_step=2): each call slot then keeps its own caches.", stacklevel=4)
 
+    def _warn_training_mode(self, program) -> None:
+        """Once per module: the captured graph runs dropout or batch norm as in training."""
+        found = training_mode_ops(program.graph_module)
+        if not found or self._warned_training:
+            return
+        self._warned_training = True
+        warnings.warn(
+            f"the model runs {len(found)} dropout / batch-norm node(s) in training mode ({', '.join(found[:3])}): "
+            "it is in train() mode, so every call is random (or uses the batch's statistics), and the dense and "
+            "sparse steps cannot match. Call model.eval() before sampling.", stacklevel=4)
+
     def _warn_number_timestep(self, call: dict) -> None:
         """Once per module, at the first capture: a timestep passed as a Python number is a constant of
         the captured graph, so every step would capture again and run dense."""
@@ -237,11 +250,16 @@ class RASModule(torch.nn.Module):
                     f"the latent argument '{self._latent_arg}' is a {type(latent).__name__} of {len(latent)} tensors "
                     "(one sequence per sample); RAS needs one batched latent tensor whose token rows it can "
                     "gather, so models that take per-sample latent lists are not supported")
+            if self._latent_arg not in call:
+                raise RASCallError(f"the call has no argument '{self._latent_arg}', the latent argument (it has "
+                                   f"{', '.join(call)}); pass latent_arg= to ras_compile to name the argument that "
+                                   "holds the noisy latent")
             if not isinstance(latent, torch.Tensor):
                 raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
             program = export_model(self.model, call)
             mark_input_kinds(program)
+            self._warn_training_mode(program)
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)

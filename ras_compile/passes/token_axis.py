@@ -394,6 +394,8 @@ class _Analyzer:
                 out = value
         elif packet in (aten.linear,):
             out = lg.GridValue(value.dims[:-1] + (lg.fresh_atoms(out_shape[-1]),))
+        elif packet in (aten.pad, aten.constant_pad_nd) and out_shape == _shape(src):
+            out = value  # a pad by nothing (`F.pad(x, (0, (-W) % p, 0, (-H) % p))` on a latent the patch divides)
         elif packet is aten.cat:
             out = self.grid_cat(node, value)
         elif packet is aten.slice:
@@ -614,6 +616,14 @@ def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
     dst = node.args[0]
     if alias is None or not alias.is_write or not isinstance(dst, fx.Node) or dst in annotated:
         return
+    base = dst
+    while base.op == "call_function" and _packet(base) in _ALIASING and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    if base.op == "placeholder":  # a buffer, parameter or input of the model: state seen after the call
+        kind = {"BUFFER": "a buffer", "PARAMETER": "a parameter"}.get(base.meta.get("ras_input_kind"), "an input")
+        an.refuse(node, f"an in-place write of image-token values into the model's state ('{base.name}', {kind}): "
+                        "on a sparse step only the active tokens are computed, so the stored tokens would be "
+                        "wrong; keep per-token features out of module state (return them instead)")
     if len(dst.users) == 1 and _packet(dst) not in _ALIASING:
         return
     an.refuse(node, "an in-place write of image-token values into a tensor that holds none (`buf[:, a:b] = x` "

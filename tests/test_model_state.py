@@ -1,0 +1,115 @@
+"""A model's own state and mode, and calls the module cannot serve (found by probes).
+
+* Per-token features copied into a module buffer in the forward (a feature hook, a
+  DeepCache-style store) would keep only what a sparse step computed: refused, naming the
+  buffer. Per-channel state (a step counter, a running mean) is left as it is.
+* A model left in ``train()`` mode runs its dropout at random: warned once.
+* ``F.pad`` by nothing before the patch embedding (``F.pad(x, (0, (-W) % p, 0, (-H) % p))`` on a
+  latent the patch divides) is followed.
+* A ``forward(x, t, **kwargs)`` called without the default latent name is told which
+  arguments the call has.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ras_compile import RASCallError, RASPolicy, UnsupportedModelError, ras_compile
+from sparse_checks import assert_sparse_after_dense_equals_the_model
+
+C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
+N = (H // P) * (W // P)
+POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+
+
+class StateDiT(nn.Module):
+    def __init__(self, form: str = "plain", dropout: float = 0.0):
+        super().__init__()
+        self.form = form
+        self.embed, self.qkv = nn.Conv2d(C, D, P, stride=P), nn.Linear(D, 3 * D)
+        self.drop, self.out = nn.Dropout(dropout), nn.Linear(D, P * P * C)
+        self.register_buffer("last_feat", torch.zeros(2, N, D))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, latent, timestep):
+        b = latent.shape[0]
+        if self.form == "pad":
+            latent = F.pad(latent, (0, (-latent.shape[-1]) % P, 0, (-latent.shape[-2]) % P))
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        x = x + self.drop(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        if self.form == "feature_store":
+            self.last_feat.copy_(x)  # the tokens kept for the next call
+        if self.form == "counter":
+            self.calls += 1
+        x = self.out(x).view(b, H // P, W // P, P, P, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+
+class KwargsDiT(StateDiT):
+    def forward(self, x, t, **kwargs):
+        return super().forward(x, t)
+
+
+def _inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(latent=torch.randn(2, C, H, W, generator=g), timestep=torch.tensor([500.0, 300.0]))
+
+
+def _model(**kw) -> StateDiT:
+    torch.manual_seed(0)
+    return StateDiT(**kw).eval()
+
+
+def test_per_token_features_written_into_a_buffer_are_refused_naming_it():
+    ras = ras_compile(_model(form="feature_store"), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError) as info:
+        ras(**_inputs())
+    assert "into the model's state ('b_last_feat', a buffer)" in str(info.value)
+    assert info.value.op == "aten.copy_.default"
+
+
+def test_a_step_counter_buffer_counts_every_call():
+    model, eager = _model(form="counter"), _model(form="counter")
+    ras = ras_compile(model, POLICY, backend=None)
+    with torch.no_grad():
+        for _ in range(3):
+            ras(**_inputs())
+            eager(**_inputs())
+    assert model.calls.item() == eager.calls.item() == 3
+
+
+def test_a_model_in_train_mode_is_warned_once():
+    torch.manual_seed(0)
+    model = StateDiT(dropout=0.1)  # never .eval()
+    ras = ras_compile(model, POLICY, backend=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ras(**_inputs())
+        ras(**_inputs(1))
+    messages = [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert len(messages) == 1 and "model.eval()" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # eval mode: no such warning
+        ras_compile(_model(dropout=0.1), POLICY, backend=None)(**_inputs())
+
+
+def test_a_pad_by_nothing_before_the_patch_embedding_is_followed():
+    model = _model(form="pad")
+    ras = ras_compile(model, POLICY, backend=None)
+    assert ras.ras_analysis(**_inputs()).num_tokens == N
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(), torch.tensor([[0, 5, 9], [2, 3, 23]]))
+
+
+def test_a_call_without_the_default_latent_name_says_which_arguments_it_has():
+    torch.manual_seed(0)
+    ras = ras_compile(KwargsDiT().eval(), POLICY, backend=None)
+    with pytest.raises(RASCallError, match=r"the call has no argument 'hidden_states', the latent argument "
+                                           r"\(it has x, t\); pass latent_arg="):
+        ras(x=torch.randn(2, C, H, W), t=torch.tensor([500.0, 300.0]))
+    ok = ras_compile(KwargsDiT().eval(), POLICY, backend=None, latent_arg="x", timestep_arg="t")
+    assert ok(x=torch.randn(2, C, H, W), t=torch.tensor([500.0, 300.0])).shape == (2, C, H, W)
