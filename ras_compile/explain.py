@@ -48,6 +48,7 @@ class Explanation:
     tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
     densified_sources: list[str] = field(default_factory=list)  # per densified value: its consumer in the model code
     side_sources: list[str] = field(default_factory=list)  # gathered where computed (side_sources, stream_reentry)
+    value_inputs: list[str] = field(default_factory=list)  # inputs whose values the forward reads on the host
 
     @property
     def flop_fraction(self) -> float:
@@ -61,6 +62,9 @@ class Explanation:
             f"{self.model}: {self.num_tokens} image tokens ({latent}), batch {self.batch_size}",
             f"  token source: {self.source}",
         ]
+        if self.value_inputs:
+            lines.append(f"  captured for the values of {', '.join(self.value_inputs)} (the forward reads them on "
+                         "the host): other values are another capture")
         if self.tube_axes:
             where = (f"kept in the token sequence ({self.tube_rows} rows per token)" if self.tube_rows > 1
                      else "folded into the batch axis")
@@ -212,6 +216,7 @@ def explain(model: torch.nn.Module, example_inputs: dict, policy: RASPolicy | No
     captured = module.ras_captured(call_arguments(module._signature, (), dict(example_inputs)))
     result = explanation_of(type(model).__name__, captured.analysis, captured.dense, captured.sparse, policy,
                             policy.sample_ratio if ratio is None else ratio)
+    result.value_inputs = list(getattr(captured.program, "ras_value_inputs", []))
     fused = _fusible_on_cuda(captured, policy)
     result.fusible_projections = [f.linear for f in fused]
     result.fused_norms = [f.linear for f in fused if f.norm is not None]

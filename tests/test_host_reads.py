@@ -121,3 +121,11 @@ def test_a_read_of_anything_else_is_refused_naming_it(read, what, marker):
     message = str(info.value)
     assert "reads a tensor value on the host" in message and what in message
     assert f"{HERE}:{_line(marker)}" in message
+
+
+def test_explain_says_which_inputs_the_capture_holds():
+    from ras_compile import explain
+
+    ex = explain(_model(), _inputs(), POLICY, verbose=False)
+    assert ex.value_inputs == ["['mask']"]
+    assert "captured for the values of ['mask'] (the forward reads them on the host)" in str(ex)
