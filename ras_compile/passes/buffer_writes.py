@@ -32,7 +32,7 @@ __all__ = ["concatenate_buffer_writes"]
 
 _FRESH = {aten.new_zeros: 0.0, aten.zeros: 0.0, aten.new_empty: 0.0, aten.empty: 0.0, aten.new_ones: 1.0,
           aten.ones: 1.0, aten.zeros_like: 0.0, aten.empty_like: 0.0, aten.ones_like: 1.0}
-_FULL = {aten.new_full: 1, aten.full: 1, aten.full_like: 1}  # the fill value's argument index
+_FULL = {aten.new_full: 2, aten.full: 1, aten.full_like: 1}  # the fill value's argument index
 _WRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor}
 _ASSERTS = {aten._assert_tensor_metadata.default}
 
@@ -46,8 +46,7 @@ def _fill_value(buf: fx.Node):
     if packet in _FRESH:
         return _FRESH[packet]
     if packet in _FULL:
-        value = buf.args[_FULL[packet] + (1 if packet is aten.new_full else 0)] if packet is aten.new_full \
-            else buf.args[_FULL[packet]]
+        value = buf.args[_FULL[packet]]
         return value if isinstance(value, (int, float, bool)) else None
     return None
 
