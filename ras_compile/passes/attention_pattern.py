@@ -40,6 +40,7 @@ import numbers
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
 from .token_axis import _SKIPPED, _arg, _packet, _readers, _val
@@ -338,12 +339,14 @@ def _match(softmax: fx.Node) -> tuple[_Chain, fx.Node] | None:
     return chain, output
 
 
-def _fake(node: fx.Node, fn, *args, **kwargs) -> None:
-    """Compute ``node.meta['val']`` by running ``fn`` on the inputs' fake values."""
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    kw = {k: (v.meta["val"] if isinstance(v, fx.Node) else v) for k, v in kwargs.items()}
-    mode = detect_fake_mode([v for v in (*vals, *kw.values()) if isinstance(v, torch.Tensor)])
-    with mode:
+def _fake(node: fx.Node, fn, *args, like: fx.Node | None = None, **kwargs) -> None:
+    """Compute ``node.meta['val']`` by running ``fn`` on the inputs' fake values (operands may be lists
+    of nodes, ``cat``'s); a factory with no tensor operand (``ones``, ``full``) runs in the fake mode of
+    ``like``'s value."""
+    fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
+    vals, kw = fx.node.map_aggregate(args, fake), fx.node.map_aggregate(kwargs, fake)
+    tensors = [v for v in pytree.tree_leaves((vals, kw)) if isinstance(v, torch.Tensor)]
+    with detect_fake_mode(tensors or [like.meta["val"]]):
         node.meta["val"] = fn(*vals, **kw)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .attention_pattern import _fake
 from .sample_loops import batched_chain, emit_batched, erase_unused
 
 aten = torch.ops.aten
@@ -236,7 +237,7 @@ def concatenate_buffer_writes(gm: fx.GraphModule) -> int:
             continue
         first_reader = min(readers, key=order.get)
         with graph.inserting_before(first_reader):
-            cat = _emit_cat(graph, buf, pieces, axis, shape, fill, val)
+            cat = _emit_cat(graph, buf, pieces, axis, shape, fill)
         if cat is None:
             continue
         buf.replace_all_uses_with(cat, delete_user_cb=lambda user: user in readers)
@@ -251,56 +252,45 @@ def concatenate_buffer_writes(gm: fx.GraphModule) -> int:
     return count
 
 
-def _emit_cat(graph: fx.Graph, buf: fx.Node, pieces: list, axis: int, shape, fill, val) -> fx.Node | None:
+def _emit_cat(graph: fx.Graph, buf: fx.Node, pieces: list, axis: int, shape, fill) -> fx.Node | None:
     parts, at = [], 0
     for piece in sorted(pieces, key=lambda p: p.box[axis][0]):
         lo, hi = piece.box[axis]
         if lo > at:
             size = list(shape)
             size[axis] = lo - at
-            parts.append(_full(graph, size, fill, val))
-        parts.append(_emit_piece(graph, piece, [b - a for a, b in piece.box], val, shape[0]))
+            parts.append(_full(graph, size, fill, buf))
+        parts.append(_emit_piece(graph, piece, [b - a for a, b in piece.box], buf, shape[0]))
         at = hi
     if at < shape[axis]:
         size = list(shape)
         size[axis] = shape[axis] - at
-        parts.append(_full(graph, size, fill, val))
+        parts.append(_full(graph, size, fill, buf))
     if len(parts) == 1:
         return parts[0]
     cat = _call(graph, aten.cat.default, parts, axis)
     return cat if tuple(cat.meta["val"].shape) == tuple(shape) else None
 
 
-def _full(graph: fx.Graph, size: list, fill, val) -> fx.Node:
-    from torch._guards import detect_fake_mode
-
-    node = graph.call_function(aten.full.default, (size, fill), {"dtype": val.dtype, "device": val.device})
-    with detect_fake_mode([val]):
-        node.meta["val"] = aten.full.default(size, fill, dtype=val.dtype, device=val.device)
-    return node
+def _full(graph: fx.Graph, size: list, fill, buf: fx.Node) -> fx.Node:
+    val = buf.meta["val"]
+    return _call(graph, aten.full.default, size, fill, dtype=val.dtype, device=val.device, like=buf)
 
 
-def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+def _call(graph: fx.Graph, target, *args, like=None, **kwargs) -> fx.Node:
     """``target(*args, **kwargs)`` as a new node with its fake value (operands may be lists of nodes)."""
-    from torch._guards import detect_fake_mode
-
     node = graph.call_function(target, args, kwargs)
-    fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
-    vals = fx.node.map_aggregate(args, fake)
-    kw = fx.node.map_aggregate(kwargs, fake)
-    tensors = [v for v in fx.node.map_aggregate(vals, lambda v: v) if isinstance(v, torch.Tensor)]
-    tensors = tensors or [t for a in vals if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-    with detect_fake_mode(tensors):
-        node.meta["val"] = target(*vals, **kw)
+    _fake(node, target, *args, like=like, **kwargs)
     return node
 
 
-def _emit_piece(graph: fx.Graph, piece: _Piece, box_shape: list, val, batch: int) -> fx.Node:
+def _emit_piece(graph: fx.Graph, piece: _Piece, box_shape: list, buf: fx.Node, batch: int) -> fx.Node:
     """The values written into ``piece``'s box, in the buffer's dtype and the box's shape: the value
     broadcast to the written view (as ``copy_`` does), then the selected axes put back."""
+    val = buf.meta["val"]
     view_shape = [n for axis, n in enumerate(box_shape) if axis not in piece.dropped]
     if piece.kind == "fill":
-        node = _full(graph, view_shape, piece.payload, val)
+        node = _full(graph, view_shape, piece.payload, buf)
     else:
         if piece.kind == "chain":
             node = emit_batched(graph, *piece.payload, batch)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from torch._guards import detect_fake_mode
+from .attention_pattern import _fake
 
 aten = torch.ops.aten
 
@@ -52,10 +52,9 @@ def lower_causal_attention(gm: fx.GraphModule, latent: fx.Node) -> list[str]:
         with gm.graph.inserting_before(node):
             ones = gm.graph.call_function(aten.ones.default, ([rows, cols],),
                                           {"dtype": torch.bool, "device": device})
+            _fake(ones, aten.ones.default, [rows, cols], dtype=torch.bool, device=device, like=q)
             tril = gm.graph.call_function(aten.tril.default, (ones,))
-        with detect_fake_mode([q.meta["val"]]):  # the fake values of the capture, for the analysis
-            ones.meta["val"] = aten.ones.default([rows, cols], dtype=torch.bool, device=device)
-            tril.meta["val"] = aten.tril.default(ones.meta["val"])
+            _fake(tril, aten.tril.default, ones)
         for key in ("nn_module_stack", "stack_trace"):
             if key in node.meta:
                 ones.meta[key] = tril.meta[key] = node.meta[key]
