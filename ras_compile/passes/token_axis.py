@@ -597,17 +597,18 @@ class _Analyzer:
 # ---- token rules: each returns the output layout (or a list for multi-output ops) ---------
 
 def _channel_atom(value: lg.GridValue, axis: str) -> bool:
-    """Whether latent axis ``axis`` is read as channels so far: it appears only in dimension 1 (a
-    ``[B, C, *spatial]`` latent's channels), not in a spatial dimension."""
-    return all(atom[0] != axis for dim in value.dims[2:] for atom in dim) and value.dims[1:2] and \
-        any(atom[0] == axis for atom in value.dims[1])
+    """Whether latent axis ``axis`` is read as channels so far: it appears in dimension 1 (a
+    ``[B, C, *spatial]`` latent's channels) and in no spatial dimension."""
+    return (any(atom[0] == axis for atom in value.dims[1])
+            and all(atom[0] != axis for dim in value.dims[2:] for atom in dim))
 
 
 def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
     """An in-place operator that writes image-token values into a tensor holding none (``buf[:, a:b] =
     x`` into a buffer the forward made) is refused: on a sparse step that tensor is gathered, so the
     write would land in the gathered copy while ``buf`` and its other views keep what they held. A
-    destination read by nothing else and no view of another tensor is safe (the write is seen only
+    write into the model's state (a buffer, through any views) is refused too: it outlives the call.
+    A destination read by nothing else and no view of another tensor is safe (the write is seen only
     through the operator's output)."""
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.arguments or not node.args:
@@ -933,11 +934,7 @@ def _argsort(an, node):
     """``argsort`` along another axis is token-wise; along the token axis it ranks tokens: the full input."""
     lay = _layout(an, node.args[0])
     rank = len(_shape(node.args[0]))
-    names = [a.name for a in node.target._schema.arguments]
-    dim = node.kwargs.get("dim", -1)
-    if "dim" in names and names.index("dim") < len(node.args):
-        dim = node.args[names.index("dim")]
-    if _norm_dim(dim, rank) in lay.dims:
+    if _norm_dim(_named_arg(node, "dim", -1), rank) in lay.dims:
         an.densify(node.args[0], node, "an argsort over the token axis")
         return None
     return lay
@@ -1138,14 +1135,21 @@ def reduced_dims(node: fx.Node) -> set[int]:
     between overloads (``sum(x, dim)``, ``linalg_vector_norm(x, ord, dim)``, ``norm(x, p, dim)``); an
     overload without one, ``dim=None`` or ``dim=[]`` reduces every axis."""
     rank = len(_shape(node.args[0]))
-    dims = node.kwargs.get("dim")
     schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
-    if "dim" in names and names.index("dim") < len(node.args):
-        dims = node.args[names.index("dim")]
-    if dims is None or dims == [] or "dim" not in names:
+    if schema is None or "dim" not in [a.name for a in schema.arguments]:
+        return set(range(rank))
+    dims = _named_arg(node, "dim", None)
+    if dims is None or dims == []:
         return set(range(rank))
     return {_norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
+
+
+def _named_arg(node: fx.Node, name: str, default):
+    """Argument ``name`` of ``node``, positional or keyword, found by its place in the op's schema."""
+    names = [a.name for a in node.target._schema.arguments]
+    if name in names and names.index(name) < len(node.args):
+        return node.args[names.index(name)]
+    return node.kwargs.get(name, default)
 
 
 def _reduction(an, node):
