@@ -75,9 +75,9 @@ def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
     for (path, _leaf), old, new in zip(flat, before[1], after[1]):
         if old != new and new[0] != "tensor":
             return f"argument {pytree.keystr(path)} changed from {old[2]!r} to {new[2]!r}"
-    if before[1] == after[1] and before[2:] != after[2:]:
-        changed = [new[0] for old, new in zip(before[2] if len(before) > 2 else (), after[2] if len(after) > 2 else ())
-                   if old != new] or [name for name, *_ in (after[2] if len(after) > 2 else ())]
+    if before[1] == after[1] and before[2:] != after[2:]:  # the values a capture read on the host (host_reads)
+        old_values = {v[0]: v for v in (before[2] if len(before) > 2 else ())}
+        changed = [v[0] for v in (after[2] if len(after) > 2 else ()) if old_values.get(v[0]) != v]
         return (f"the values of {', '.join(changed)} changed (the forward reads them on the host, so a "
                 "captured graph holds them; each set of values is captured once and kept)")
     return None
@@ -157,7 +157,7 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
             raise
         program = _export_specialised(model, call, error)
     else:
-        if value_inputs(call) and _has_data_dependent_shapes(program):
+        if value_inputs(call) and _has_symbolic(program, sizes_only=True):
             try:  # the traced host reads would leave shapes the analysis refuses: specialise them if they allow
                 program = _export_specialised(model, call, None)
             except UnsupportedModelError as refused:  # kept as traced: the analysis names the data-dependent
@@ -181,20 +181,13 @@ def _data_dependent(exc: BaseException | None) -> bool:
                                 or "data-dependent" in text or "tensor subclasses" in text)
 
 
-def _has_data_dependent_shapes(program: torch.export.ExportedProgram) -> bool:
-    for node in program.graph_module.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and any(not isinstance(d, int) for d in val.shape):
-            return True
-    return False
-
-
-def _has_symbolic_values(program: torch.export.ExportedProgram) -> bool:
-    """Whether a size or a value of the graph is symbolic (read from data inside an operator)."""
+def _has_symbolic(program: torch.export.ExportedProgram, sizes_only: bool = False) -> bool:
+    """Whether a tensor size of the graph (or, unless ``sizes_only``, any value) is symbolic: read from
+    data at trace time."""
     for node in program.graph_module.graph.nodes:
         val = node.meta.get("val")
         for v in val if isinstance(val, (list, tuple)) else [val]:
-            if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            if not sizes_only and isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
                 return True
             if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
                 return True
@@ -236,7 +229,7 @@ def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedMo
             raise named from first.__cause__
     if reads.refused:
         raise UnsupportedModelError(reads.refused)
-    if _has_symbolic_values(program):
+    if _has_symbolic(program):
         # a value read where no patched method sees it (inside an operator): export decided its guards
         # from real values the specialisation does not cover, so the graph is not kept
         raise error or UnsupportedModelError(

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .attention_pattern import _fake
-from .sample_loops import batched_chain, emit_batched, erase_unused
+from .sample_loops import _packet, batched_chain, emit_batched, erase_unused, is_assert
 
 aten = torch.ops.aten
 
@@ -35,11 +35,6 @@ _FRESH = {aten.new_zeros: 0.0, aten.zeros: 0.0, aten.new_empty: 0.0, aten.empty:
           aten.ones: 1.0, aten.zeros_like: 0.0, aten.empty_like: 0.0, aten.ones_like: 1.0}
 _FULL = {aten.new_full: 2, aten.full: 1, aten.full_like: 1}  # the fill value's argument index
 _WRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor}
-_ASSERTS = {aten._assert_tensor_metadata.default}
-
-
-def _packet(node: fx.Node):
-    return getattr(node.target, "overloadpacket", node.target)
 
 
 def _fill_value(buf: fx.Node):
@@ -94,7 +89,7 @@ def _views_to(write: fx.Node, buf: fx.Node) -> list[fx.Node] | None:
     while node is not buf:
         if not isinstance(node, fx.Node) or _packet(node) not in (aten.slice, aten.select):
             return None
-        if [u for u in node.users if u.target not in _ASSERTS] != ([write] if not chain else [chain[-1]]):
+        if [u for u in node.users if not is_assert(u)] != ([write] if not chain else [chain[-1]]):
             return None  # a view read by anything but the next view / the write
         chain.append(node)
         node = node.args[0]
@@ -107,7 +102,7 @@ def _writes_of(buf: fx.Node, order: dict) -> tuple[list[_Write], list[fx.Node]] 
     writes, readers = [], []
     seen = set()
     for user in buf.users:
-        if user.target in _ASSERTS:
+        if is_assert(user):
             continue
         tops = [user]
         if _packet(user) in (aten.slice, aten.select):
@@ -139,7 +134,7 @@ def _write_below(view: fx.Node) -> fx.Node | None:
     """The write at the end of a chain of single-reader views starting at ``view``, if any."""
     node = view
     while True:
-        users = [u for u in node.users if u.target not in _ASSERTS]
+        users = [u for u in node.users if not is_assert(u)]
         if len(users) != 1:
             return None
         user = users[0]

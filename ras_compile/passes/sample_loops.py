@@ -19,7 +19,7 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
-__all__ = ["batched_chain", "emit_batched", "erase_unused", "rebatch_sample_stacks"]
+__all__ = ["batched_chain", "emit_batched", "erase_unused", "is_assert", "rebatch_sample_stacks"]
 
 # (packet) -> how its dim arguments move when a batch axis is put in front
 _DIM_ARG = {aten.slice: 1, aten.select: 1, aten.transpose: (1, 2), aten.flatten: (1, 2), aten.unflatten: 1,
@@ -32,6 +32,11 @@ _ASSERTS = {aten._assert_tensor_metadata, aten._assert_scalar}
 
 def _packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", node.target)
+
+
+def is_assert(node: fx.Node) -> bool:
+    """Export's metadata checks (``_assert_tensor_metadata``): they read a value but compute nothing."""
+    return _packet(node) in _ASSERTS
 
 
 def _rank(node: fx.Node) -> int:
@@ -134,10 +139,10 @@ def erase_unused(graph: fx.Graph, nodes) -> None:
         node = todo.pop()
         if getattr(node, "_erased", False):
             continue
-        if node.op == "call_function" and node.users and all(_packet(u) in _ASSERTS for u in node.users):
+        if node.op == "call_function" and node.users and all(is_assert(u) for u in node.users):
             for user in list(node.users):  # export's metadata checks of a value nothing else reads
                 graph.erase_node(user)
-        if node.op == "call_function" and not node.users and node.graph is graph:
+        if node.op == "call_function" and not node.users:
             inputs = node.all_input_nodes
             graph.erase_node(node)
             todo.extend(inputs)
