@@ -66,7 +66,8 @@ class RASController:
     def override_next_step(self, mode: str, active_index: torch.Tensor | None = None) -> None:
         """Force the next call's mode (and active set), e.g. to test a sparse step on any mask.
 
-        ``active_index`` is ``[B, k]`` int64 token ids, or ``[k]`` for every sample.
+        ``active_index`` is ``[B, k]`` int64 token ids, or ``[k]`` for every sample; any order (they
+        are sorted), each id at most once per sample.
         A sparse override still needs caches filled by an earlier dense step.
         """
         if mode not in ("dense", "sparse"):
@@ -157,7 +158,11 @@ class RASController:
         index = index.to(torch.int64)
         if bool(((index < 0) | (index >= num_tokens)).any()):
             raise RASCallError(f"active_index values must lie in [0, {num_tokens})")
-        return torch.sort(index, dim=1).values.contiguous()
+        index = torch.sort(index, dim=1).values.contiguous()
+        if bool((index[:, 1:] == index[:, :-1]).any()):
+            raise RASCallError("active_index repeats a token id within a sample; give each active token once "
+                               "(order does not matter: ids are sorted)")
+        return index
 
     def record_outputs(self, outputs) -> None:
         """After a computed step, with a step cache: keep a copy of its flat outputs (the last

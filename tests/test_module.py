@@ -274,6 +274,23 @@ def test_bad_arguments_get_clear_errors():
     with pytest.raises(RASCallError, match=r"\[0, 16\)"):
         ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 16]]))
         ras(torch.randn(1, 4, 8, 8), torch.ones(1))
+    with pytest.raises(RASCallError, match="repeats a token id"):
+        ras.ras_controller.override_next_step("sparse", torch.tensor([[3, 5, 3]]))
+        ras(torch.randn(1, 4, 8, 8), torch.ones(1))
+
+
+def test_an_override_in_any_order_is_the_sorted_active_set():
+    model = PlainDiT()
+    ras = ras_compile(model, RASPolicy(), backend=None)
+    x = torch.randn(1, 4, 8, 8)
+    outs = []
+    for ids in ([9, 2, 14, 5], [2, 5, 9, 14]):
+        ras.ras_controller.reset()
+        ras(x, torch.ones(1))
+        ras.ras_controller.override_next_step("sparse", torch.tensor(ids))
+        outs.append(ras(x * 0.5, torch.ones(1)))
+        assert ras.ras_controller.last_index.tolist() == [[2, 5, 9, 14]]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart"])
