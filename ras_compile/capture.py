@@ -148,16 +148,17 @@ def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedPro
     """The forward as an exported program. A forward that reads integer or boolean inputs on the
     host (a mask's lengths, ``.tolist()``) is captured for the values of this call
     (``host_reads``): ``program.ras_value_inputs`` names the inputs the graph is specialised on
-    (empty for every other model)."""
+    (empty for every other model, and for one whose reads are of values made from Python numbers
+    alone: Wan's official ``torch.tensor(u.shape[2:])`` grid sizes read back with ``.tolist()``)."""
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     try:
         program = _export(model, call, specialise=False)
     except UnsupportedModelError as error:
-        if not value_inputs(call) or not _data_dependent(error.__cause__):
+        if not _data_dependent(error.__cause__):
             raise
         program = _export_specialised(model, call, error)
     else:
-        if value_inputs(call) and _has_symbolic(program, sizes_only=True):
+        if _has_symbolic(program, sizes_only=True):
             try:  # the traced host reads would leave shapes the analysis refuses: specialise them if they allow
                 program = _export_specialised(model, call, None)
             except UnsupportedModelError as refused:  # kept as traced: the analysis names the data-dependent
@@ -363,6 +364,21 @@ def mark_input_kinds(program: torch.export.ExportedProgram) -> None:
     for node in program.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in kinds:
             node.meta["ras_input_kind"] = kinds[node.name]
+
+
+def mark_nested_outputs(program: torch.export.ExportedProgram) -> None:
+    """Record on the output node which flat outputs sit inside a nested list or tuple of the returned
+    structure (``meta["ras_nested_outputs"]``): per-block features such as a ControlNet's residuals,
+    ``(tuple_of_block_samples, tuple_of_single_block_samples)``, never the prediction, which is the
+    returned tensor or an entry of the returned tuple / dict / output object."""
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return
+    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
+    nested = frozenset(i for i, (path, _leaf) in enumerate(paths) if len(path) > 1)
+    for node in program.graph_module.graph.nodes:
+        if node.op == "output":
+            node.meta["ras_nested_outputs"] = nested
 
 
 def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:

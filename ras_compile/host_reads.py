@@ -10,7 +10,8 @@ those inputs: it can be captured for those values and reused while they stay the
 ``specialising_host_reads(call)`` is the context for that capture. Inside it export
 propagates real values beside the fake ones (``fake_tensor_propagate_real_tensors``)
 and ``Tensor.tolist`` / ``item`` / ``numpy`` / ``bool`` / ``int`` / ``float`` /
-``index`` answer from the real value, but only for a tensor whose value is computed
+``index`` answer from the real value, and ``nonzero`` / ``argwhere`` (whose output size
+is a count of true values) return that call's result as a constant, but only for a tensor whose value is computed
 from integer or boolean inputs of the call and constants: its ancestors in the graph
 being traced are checked at every read. A read of anything else (the latent, an
 embedding, a weight: values that change every step) is answered as export answers it,
@@ -36,6 +37,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .source_frames import is_model_file
 
 READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# operators whose output size is read from their input's values: answered with a constant
+SIZED_BY_VALUES = ("nonzero", "argwhere")
 
 
 @dataclass
@@ -123,6 +126,35 @@ def _patched(name: str, original, candidates, record: HostReads):
     return read
 
 
+def _constant(real):
+    """``real`` (a tensor, or a tuple of them) made again under the active tracing modes: a constant
+    of the graph being traced."""
+    if isinstance(real, tuple):
+        return tuple(_constant(r) for r in real)
+    return torch.tensor(real.tolist(), dtype=real.dtype, device=real.device).reshape(real.shape)
+
+
+def _patched_sized(name: str, original, candidates, record: HostReads):
+    """``torch.nonzero(mask)`` and its kin: the output's size is the count of the input's true values,
+    unknown to export; for a mask computed from integer / boolean inputs the result is that call's
+    constant (Mochi's attention loop takes each sample's valid caption rows with ``nonzero``)."""
+    def sized(self, *args, **kwargs):
+        if not isinstance(self, FakeTensor):
+            return original(self, *args, **kwargs)
+        real = getattr(self, "real_tensor", None)
+        names, why = _sources(self, candidates)
+        if real is None or why is not None:
+            if record.refused is None:
+                record.refused = (f"`{name}` sizes its output by tensor values{_model_line()}, and "
+                                  f"{why or 'its value is unknown'}")
+            return original(self, *args, **kwargs)
+        record.inputs.extend(n for n in names if n not in record.inputs)
+        with _disable_current_modes():
+            value = original(real, *args, **kwargs)
+        return _constant(value)
+    return sized
+
+
 @contextlib.contextmanager
 def specialising_host_reads(call: dict):
     """While a capture runs: host reads of values computed from the call's integer and boolean
@@ -131,9 +163,13 @@ def specialising_host_reads(call: dict):
 
     record = HostReads()
     candidates = value_inputs(call)
-    originals = {name: torch.Tensor.__dict__.get(name) for name in READS}
+    originals = {name: torch.Tensor.__dict__.get(name) for name in READS + SIZED_BY_VALUES}
+    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES}
     for name in READS:
         setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
+    for name in SIZED_BY_VALUES:
+        setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
+        setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
     try:
         with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             yield record
@@ -143,3 +179,5 @@ def specialising_host_reads(call: dict):
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, original)
+        for name, function in functions.items():
+            setattr(torch, name, function)

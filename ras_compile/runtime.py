@@ -14,14 +14,15 @@ from math import prod
 
 import torch
 
-from .capture import (Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds, signature_change,
-                      signature_key, training_mode_ops)
+from .capture import (Captured, call_arguments, export_model, latent_placeholder, mark_input_kinds,
+                      mark_nested_outputs, signature_change, signature_key, training_mode_ops)
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .host_reads import value_key
 from .kernels.linear_scatter import triton_available
 from .passes.attention_pattern import recognise_attention
 from .passes.causal_mask import lower_causal_attention
+from .passes.dead_values import drop_dead_values
 from .passes.einsum_permute import lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
@@ -259,10 +260,12 @@ class RASModule(torch.nn.Module):
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
             program = export_model(self.model, call)
             mark_input_kinds(program)
+            mark_nested_outputs(program)
             self._warn_training_mode(program)
             name = latent_placeholder(program, self._latent_arg)
             gm = program.graph_module
             latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+            drop_dead_values(gm)  # values nothing reads (nn.MultiheadAttention's unused averaged weights)
             lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
             lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
             lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes

@@ -452,8 +452,13 @@ def _mochi_build(seed):
 def _mochi_inputs(model, batch, seed):
     r = _Rand(seed)
     return dict(hidden_states=r.randn(batch, 4, F, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
-                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
-                return_dict=False)
+                timestep=r.timestep(batch), encoder_attention_mask=_prompt_mask(batch), return_dict=False)
+
+
+def _prompt_mask(batch):
+    """A padded prompt's mask: sample ``i`` has ``TEXT_LEN - 2 * i`` valid tokens (at least 1), as a
+    batch of prompts of different lengths (or a prompt and an empty negative prompt) has."""
+    return (torch.arange(TEXT_LEN)[None] < torch.tensor([max(1, TEXT_LEN - 2 * i) for i in range(batch)])[:, None]).long()
 
 
 # --------------------------------------------------------------------------- HunyuanVideo
@@ -818,8 +823,13 @@ def _sana_video_build(seed):
 def _sana_video_inputs(model, batch, seed):
     r = _Rand(seed)
     return dict(hidden_states=r.randn(batch, 4, F, VH, VW), encoder_hidden_states=r.randn(batch, TEXT_LEN, 32),
-                timestep=r.timestep(batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
-                return_dict=False)
+                timestep=r.timestep(batch), encoder_attention_mask=_prompt_mask(batch), return_dict=False)
+
+
+def _prompt_mask(batch):
+    """A padded prompt's mask: sample ``i`` has ``TEXT_LEN - 2 * i`` valid tokens (at least 1), as a
+    batch of prompts of different lengths (or a prompt and an empty negative prompt) has."""
+    return (torch.arange(TEXT_LEN)[None] < torch.tensor([max(1, TEXT_LEN - 2 * i) for i in range(batch)])[:, None]).long()
 
 
 # --------------------------------------------------------------------------- Kandinsky 5

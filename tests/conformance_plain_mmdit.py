@@ -12,7 +12,8 @@ reference code writes them, unknown to diffusers:
    ``view_as_real(...).flatten(3)``) on ``[B, L, H, D]``, the table a plain attribute sliced to the grid.
 4. ``plain_mha``: a PixArt-alpha-like DiT with ``nn.MultiheadAttention(batch_first=True)`` for self- and
    cross-attention (traced through the sequence-first ``F.multi_head_attention_forward``: heads folded
-   into the batch with a feature split, and ``[L * B, E]`` rows for the out-projection).
+   into the batch with a feature split, and ``[L * B, E]`` rows for the out-projection); the
+   self-attention called as usual, ``attn(h, h, h)[0]``, computes the head-averaged weights and drops them.
 
 The models return a tuple, as diffusers' ``return_dict=False`` does (``_tuple_out``). Same record, helpers
 and rules as tests/conformance_models.py, which appends these entries.
@@ -617,7 +618,7 @@ class PixArtMHABlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn(h, h, h, need_weights=False)[0]
+        x = x + gate_msa * self.attn(h, h, h)[0]  # the default need_weights=True: averaged weights dropped
         x = x + self.cross_attn(x, y, y, key_padding_mask=key_padding_mask, need_weights=False)[0]
         return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 

@@ -19,7 +19,6 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 
 # family -> (node or op named in the refusal, words of the reason)
 REFUSED = {
-    "mochi": ("aten.nonzero.default", "depends on tensor values"),
     "hidream": (None, "torch.export could not capture"),  # MoE dispatch reads expert counts on the host
     "hidream_dense": ("aten.slice.Tensor", "depends on tensor values"),  # Llama tokens sliced by a traced length
     "z_image": (None, "is a list of 2 tensors"),  # per-sample latent lists, no batched token axis
@@ -39,8 +38,8 @@ REFUSED = {
     "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index
     "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
     # caption lengths read on the host (specialised), but they differ between the samples, so the per-sample
-    # loop puts each sample's image tokens at other rows
-    "plain_lumina2_loop": ("aten.select.int", "per-sample loop over the batch"),
+    # loop writes each sample's image tokens at other rows of one buffer
+    "plain_lumina2_loop": ("aten.copy_.default", "each sample's tokens are written at their own rows"),
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:

@@ -6,9 +6,9 @@
   with the active count).
 * ``x[:, i]`` of an image token's row reads that token, active or not: it is densified.
 * A batch doubled (or tiled, or split into groups) after the patch embedding, classifier-free
-  guidance on the token features or perturbed-attention guidance's processors, is refused by
-  name: one active set per latent sample needs the token rows to be the latent's samples (it
-  crashed at the first sparse step).
+  guidance on the token features or perturbed-attention guidance's processors: each batch row
+  runs on its latent sample's active tokens (``TokenLayout.samples``; tests/test_sample_rows.py).
+  A prediction with another batch than the latent is refused by name.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class DoubledBatchDiT(nn.Module):
 
     def __init__(self, how: str):
         super().__init__()
+        torch.manual_seed(0)
         self.how = how
         self.embed, self.qkv, self.out = nn.Conv2d(C, D, P, stride=P), nn.Linear(D, 3 * D), nn.Linear(D, P * P * C)
 
@@ -115,14 +116,12 @@ def test_a_context_row_is_read_sparse_and_an_image_row_densified(read):
 
 
 @pytest.mark.parametrize("how", ["cat", "repeat", "repeat_interleave", "groups"])
-def test_a_token_batch_doubled_inside_the_forward_is_refused_by_name(how):
-    torch.manual_seed(0)
-    ras = ras_compile(DoubledBatchDiT(how).eval(), POLICY, backend=None)
-    with pytest.raises(UnsupportedModelError) as info:
-        ras(**_inputs())
-    assert "along the batch axis of a token sequence" in str(info.value)
-    assert info.value.op == ("aten.chunk.default" if how == "groups" else info.value.op)
-    assert "double the latent before calling the model" in str(info.value)
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_a_token_batch_doubled_inside_the_forward_runs_each_row_on_its_samples_tokens(how, data):
+    model, ras = compiled_once((__name__, "doubled", how), lambda: DoubledBatchDiT(how).eval(), POLICY)
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
+                                               random_active_sets(data, N))
 
 
 def test_a_prediction_with_another_batch_than_the_latent_says_so():

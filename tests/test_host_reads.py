@@ -82,6 +82,29 @@ def test_the_capture_is_specialised_on_the_mask_it_read():
     assert plain.ras_value_inputs == ["['mask']"]  # the all-ones mask is read too (the branch)
 
 
+class ShapeReadDiT(CaptionDiT):
+    """Wan's official code: the grid sizes as a tensor made from the shape, read back on the host."""
+
+    def forward(self, latent, timestep, caption, mask):
+        grid = torch.tensor(latent.shape[2:]) // P
+        h, w = grid.tolist()  # a value made from Python numbers alone: the same on every call of this shape
+        x = self.embed(latent).flatten(2).transpose(1, 2)[:, : h * w] * (1 + timestep[:, None, None] / 1000)
+        q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv[0](x).chunk(3, -1))
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.out(x).view(-1, h, w, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(latent.shape)
+
+
+def test_a_read_of_a_value_made_from_shapes_is_answered_without_value_inputs():
+    model = ShapeReadDiT().eval()
+    kw = {k: v for k, v in _inputs().items()}
+    kw["mask"] = torch.ones(2, T)  # a float mask: no integer or boolean input to specialise on
+    program = export_model(model, kw)
+    assert program.ras_value_inputs == []
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
+    with torch.no_grad():
+        torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+
+
 
 
 @settings(max_examples=6, deadline=None)

@@ -345,3 +345,42 @@ def test_compile_mode_is_validated_and_reaches_inductor(monkeypatch):
         torch.testing.assert_close(prediction_of(ras(**call)), prediction_of(ref(**call)), rtol=1e-4, atol=1e-4)
     assert seen and set(seen) == {"reduce-overhead"}
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
+
+
+class _ResidualsDiT(torch.nn.Module):
+    """A token-latent model ([B, N, C]) that returns per-block features in a list (a ControlNet's
+    residuals), or a prediction beside such a list (``features=True``: REPA-style)."""
+
+    def __init__(self, features: bool):
+        super().__init__()
+        from plain_dits import Block
+
+        self.features = features
+        self.embed, self.time = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16)
+        self.blocks = torch.nn.ModuleList(Block(16, 2, None, "sdpa") for _ in range(2))
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, hidden_states, timestep):
+        x, emb = self.embed(hidden_states), self.time(timestep.reshape(-1, 1) / 1000.0)
+        residuals = []
+        for block in self.blocks:
+            x = block(x, emb, (4, 4))
+            residuals.append(x)
+        return (self.out(x), residuals) if self.features else (tuple(residuals),)
+
+
+def test_per_block_features_in_a_list_are_not_taken_for_the_prediction():
+    torch.manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.tensor([800.0, 300.0]))
+    with pytest.raises(UnsupportedModelError, match="lists of per-block features .* not a prediction"):
+        ras_compile(_ResidualsDiT(False).eval(), RASPolicy(), backend=None)(**kw)
+    model = _ResidualsDiT(True).eval()
+    ras = ras_compile(model, RASPolicy(), backend=None)
+    assert ras.ras_analysis(**kw).output_leaf == 0  # the prediction, not a block's features
+    ras.ras_controller.override_next_step("dense")
+    ras(**kw)
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[1, 4, 9], [0, 2, 15]]))
+    got, want = ras(**kw), model(**kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

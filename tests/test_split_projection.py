@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conformance_models import FAMILIES
 from ras_compile import RASPolicy, explain, ras_compile
 from ras_compile.passes import token_ops
 
 C, P, D, HEADS = 4, 2, 16, 2
-FORMS = ("unbind", "select", "split", "float_then_select")
+FORMS = ("unbind", "select", "split", "float_then_select", "columns_split", "columns_chunk")
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
 
 
@@ -33,7 +34,10 @@ class PackedDiT(nn.Module):
         x = self.embed(hidden_states).flatten(2).transpose(1, 2) * (timestep.reshape(-1, 1, 1) / 1000.0)
         n = x.shape[1]
         qkv = self.qkv(x).reshape(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
-        if self.form == "unbind":
+        if self.form.startswith("columns"):  # diffusers' fused processors: the features cut directly
+            parts = torch.split(self.qkv(x), D, dim=-1) if self.form == "columns_split" else self.qkv(x).chunk(3, -1)
+            q, k, v = (t.reshape(b, n, HEADS, D // HEADS).transpose(1, 2) for t in parts)
+        elif self.form == "unbind":
             q, k, v = qkv.unbind(0)
         elif self.form == "select":
             q, k, v = qkv[0], qkv[1], qkv[2]
@@ -93,3 +97,22 @@ def test_split_and_fused_steps_equal_the_model_and_the_unfused_sparse_step(form)
 def test_explain_counts_the_split_projections_as_fusible_on_cuda():
     text = str(explain(_model("unbind"), _inputs(), POLICY, verbose=False))
     assert "K/V projections fused with the cache write on CUDA: 2 of 2" in text
+
+
+def test_diffusers_fused_qkv_projections_split_again_for_the_cache_writes():
+    """``fuse_qkv_projections()`` packs SD3's to_q / to_k / to_v into one to_qkv (and the context's into
+    to_added_qkv); the image part's K and V still fuse with their cache writes."""
+    family = FAMILIES["sd3"]
+    model = family.build(0)
+    kw = family.inputs(model, 2, 0)
+    before = explain(model, kw, POLICY, verbose=False).fusible_projections
+    model.fuse_qkv_projections()
+    after = explain(model, kw, POLICY, verbose=False).fusible_projections
+    assert len(after) == len(before) == 4
+    ras = ras_compile(model, POLICY, backend=None, fuse_kv_projection=True)
+    dense = ras(**kw)
+    ras.ras_controller.override_next_step("sparse", torch.tensor([[0, 5, 9], [2, 3, 15]]))
+    with torch.no_grad():
+        want = model(**kw)[0]
+    torch.testing.assert_close(dense[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ras(**kw)[0], want, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ the token axis ends, after which the graph is dense again.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -119,11 +120,15 @@ class _SparseBuilder:
 
     def positions(self, lay: TokenLayout) -> fx.Node:
         """The ``[rows, k]`` dense positions of the active tokens on an axis laid out as ``lay``
-        (one row per sample, repeated ``batch_group`` times where axes are folded into the batch)."""
+        (one row per sample, repeated ``batch_group`` times where axes are folded into the batch; one row
+        per batch row of a tensor whose rows hold other samples, ``lay.samples``)."""
         group = lay.batch_group if lay.batch_dim is not None else 1
-        key = (lay.offset, lay.length, group, lay.outer)
+        key = (lay.offset, lay.length, group, lay.outer, lay.samples)
         if key not in self._pos:
-            if group == 1 and lay.outer > 1:  # rows (o, token): every block's active rows, blocks in order
+            if lay.samples is not None:
+                self._pos[key] = self.graph.call_function(
+                    token_ops.sample_rows, (self.positions(dataclasses.replace(lay, samples=None)), lay.samples))
+            elif group == 1 and lay.outer > 1:  # rows (o, token): every block's active rows, blocks in order
                 self._pos[key] = self.graph.call_function(
                     token_ops.tube_positions, (self.index, lay.outer, self.a.num_tokens))
             elif group == 1:
@@ -225,6 +230,8 @@ class _SparseBuilder:
         packet = _packet(node) if node.op == "call_function" else None
         out_lay = self.layout(node)
         src_lay = self.layout(node.args[0]) if node.args else None
+        if src_lay is not None and f"{node.name}:{node.args[0].name}" in self.a.densify_at:
+            src_lay = None  # it reads the full value (densified): its positions and sizes are the dense ones
         if packet in (aten.view, aten.reshape, aten._unsafe_view, aten.expand) and out_lay is not None:
             args[1] = self.sparse_shape(node)
         elif packet is aten.unflatten and out_lay is not None:  # the grid's axes, or B * k folded rows
@@ -239,7 +246,7 @@ class _SparseBuilder:
                 end = src_lay.length if args[3] is None else (args[3] + src_lay.length if args[3] < 0 else args[3])
                 args[2] = self.remap_position(start, src_lay)
                 args[3] = self.remap_position(min(end, src_lay.length), src_lay) if end < 2**62 else end
-        elif packet is aten.select and src_lay is not None and f"{node.name}:{node.args[0].name}" not in self.a.densify_at:
+        elif packet is aten.select and src_lay is not None:
             dim = args[1] % node.args[0].meta["val"].dim()
             if dim == src_lay.token_dim and args[2] >= 0:  # a context row after the image rows moves with k
                 args[2] = self.remap_position(args[2], src_lay)
@@ -281,7 +288,7 @@ class _SparseBuilder:
         def gather(value):
             # a RoPE or position table meets the token stream in every layer: gather it once
             key = (value, lay.offset, lay.length, lay.batch_dim, lay.token_dim, side.rank, lay.fold, lay.token_major,
-                   lay.outer, lay.grid)
+                   lay.outer, lay.grid, lay.samples)
             if key not in self._side_gathers:
                 if lay.grid:
                     self._side_gathers[key] = self.graph.call_function(

@@ -3,7 +3,8 @@
 Most research DiTs project queries, keys and values with one ``linear`` to ``[.., 3 * D]``, view the
 result as ``[.., 3, heads, d]``, move the packed axis to the front and take the parts (timm's
 ``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``, U-ViT's ``qkv[0]``,
-``nn.MultiheadAttention``'s ``unflatten(-1, (3, E))``). The fused K/V projection
+``nn.MultiheadAttention``'s ``unflatten(-1, (3, E))``), or cut the features into the parts directly
+(``torch.split(qkv, D, dim=-1)``: diffusers' fused processors after ``fuse_qkv_projections()``). The fused K/V projection
 (passes/fuse_projection.py) needs a ``linear`` whose output is exactly one cache, so here each part
 gets its own ``linear`` on a row block of the weight (and bias), followed by the same layout chain
 with the packed axis of size one, and the part selected at index 0. Values are the same up to the
@@ -181,10 +182,49 @@ def _split_one(gm: fx.GraphModule, linear: fx.Node, analysis: TokenAnalysis) -> 
     return True
 
 
+def _split_columns(gm: fx.GraphModule, linear: fx.Node, analysis: TokenAnalysis) -> bool:
+    """The packed output cut into its parts along the features directly, ``q, k, v = torch.split(qkv,
+    D, dim=-1)`` (diffusers' fused processors after ``fuse_qkv_projections()``): each part its own
+    ``linear`` on its rows of the weight."""
+    readers = _readers(linear)
+    if len(readers) != 1 or readers[0].op != "call_function" \
+            or _packet(readers[0]) not in (aten.split, aten.split_with_sizes, aten.chunk):
+        return False
+    cut, rank = readers[0], _val(linear).dim()
+    dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
+    items = _readers(cut)
+    if dim % rank != rank - 1 or not items or any(i.target is not operator.getitem for i in items):
+        return False
+    if not any(_reaches_cached_kv(i, analysis) for i in items):
+        return False
+    sizes = [int(v.shape[-1]) for v in _val(cut)]
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    mode = detect_fake_mode([_val(linear)])
+    graph = gm.graph
+    x, weight = linear.args[0], linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    with graph.inserting_before(linear):
+        for item in items:
+            j = item.args[1]
+            rows = lambda t: graph.call_function(aten.slice.Tensor, (t, 0, starts[j], starts[j] + sizes[j]))  # noqa: E731
+            new = [rows(weight)] + ([rows(bias)] if bias is not None else [])
+            new.append(graph.call_function(aten.linear.default, (x, *new)))
+            for n in new:
+                _fake(n, mode)
+                n.meta["stack_trace"] = linear.meta.get("stack_trace")
+            item.replace_all_uses_with(new[-1])
+    for node in [*items, cut, linear]:
+        for check in [u for u in node.users if u.op == "call_function" and _packet(u) in _SKIPPED]:
+            graph.erase_node(check)
+        if not node.users:
+            graph.erase_node(node)
+    return True
+
+
 def split_packed_projections(gm: fx.GraphModule, analysis: TokenAnalysis) -> int:
     """Split every packed projection whose parts feed cached K/V (in place); how many were split."""
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
-    split = sum(_split_one(gm, linear, analysis) for linear in linears)
+    split = sum(_split_one(gm, linear, analysis) or _split_columns(gm, linear, analysis) for linear in linears)
     if split:
         gm.graph.lint()
         gm.recompile()

@@ -22,6 +22,7 @@ sorts or convolves along that axis; the batch axis is known wherever rows move.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from math import prod
@@ -63,7 +64,13 @@ class TokenLayout:
     unflattened back into its patch grid, ``[B, N, C] -> [B, C, h, w]`` (a convolutional
     feed-forward, HDiT's ``[B, h, w, C]``). The axis holds image tokens only. In the sparse graph
     those axes have sizes ``(k, 1, ...)``, so the rank and every other axis stay as they are
-    (passes/token_grid.py)."""
+    (passes/token_grid.py).
+
+    ``samples``: None, or the tensor's batch rows are not the latent's samples in order: row ``j`` of
+    the batch axis holds latent sample ``samples[j]`` (a per-sample loop's ``x[i:i + 1]``, or ``x[i]``
+    whose tensors then have no batch axis and one sample; the batch doubled by ``torch.cat([x, x])``
+    for guidance inside the forward; halves split by ``chunk(2)``). Row ``j`` gets the active tokens
+    of sample ``samples[j]``; tensors whose samples differ never meet in one operator."""
 
     token_dim: int
     batch_dim: int | None
@@ -74,6 +81,7 @@ class TokenLayout:
     token_major: bool = False
     outer: int = 1
     grid: tuple[int, ...] = ()
+    samples: tuple[int, ...] | None = None
 
     def shifted(self, token_dim: int | None = None, batch_dim: int | None | str = "same",
                 offset: int | None = None, length: int | None = None,
@@ -89,12 +97,25 @@ class TokenLayout:
             self.token_major,
             self.outer,
             self.grid,
+            self.samples,
         )
+
+    def for_samples(self, samples, batch_size: int, batch_dim: int | None | str = "same") -> "TokenLayout":
+        """The same layout with batch rows holding latent samples ``samples`` (None where they are
+        the latent's samples in order)."""
+        samples = tuple(samples)
+        moved = self.shifted(batch_dim=batch_dim)
+        return dataclasses.replace(moved, samples=None if samples == tuple(range(batch_size)) else samples)
+
+    def sample_rows(self, batch_size: int) -> tuple[int, ...]:
+        """The latent sample of each batch row (``samples``, or every sample in order)."""
+        return tuple(range(batch_size)) if self.samples is None else self.samples
 
     @property
     def axis(self) -> tuple:
         """What two operands must share to carry their tokens on the same axis the same way."""
-        return self.token_dim, self.offset, self.length, self.fold, self.token_major, self.outer, self.grid
+        return (self.token_dim, self.offset, self.length, self.fold, self.token_major, self.outer, self.grid,
+                self.samples)
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -506,6 +527,7 @@ class _Analyzer:
                 return
             return
         annotated = [a for a in inputs if a in self.layout and isinstance(self.layout[a], TokenLayout)]
+        _check_densified_write(self, node)
         if not annotated:
             grid_args = [a for a in inputs if a in self.grid_values]
             if grid_args and self.analysis is None:
@@ -544,25 +566,27 @@ class _Analyzer:
         a = self.analysis
         if a is None:
             return
-        for i, leaf in enumerate(leaves):
-            if not _is_tensor(leaf):
-                continue
+        def prediction_like(leaf) -> bool:
             shape = _shape(leaf)
-            if a.grid is not None and len(shape) == len(a.grid.latent_shape) and shape[0] == a.batch_size \
-                    and all(shape[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes):
-                a.output_leaf = i
-                break
-            if a.grid is None and len(shape) == 3 and shape[:2] == (a.batch_size, a.num_tokens):
-                a.output_leaf = i
-                break
+            if a.grid is not None:
+                return len(shape) == len(a.grid.latent_shape) and shape[0] == a.batch_size \
+                    and all(shape[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes)
+            return len(shape) == 3 and shape[:2] == (a.batch_size, a.num_tokens)
+
+        nested = node.meta.get("ras_nested_outputs", frozenset())
+        candidates = [i for i, leaf in enumerate(leaves) if _is_tensor(leaf) and prediction_like(leaf)]
+        a.output_leaf = next((i for i in candidates if i not in nested), None)
         if a.output_leaf is None:
+            nested = [i for i in candidates if i in nested]
             other_batch = [_shape(leaf)[0] for leaf in leaves if _is_tensor(leaf) and a.grid is not None
                            and len(_shape(leaf)) == len(a.grid.latent_shape)
                            and all(_shape(leaf)[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes)]
             why = (f": the prediction has the latent's grid but a batch of {other_batch[0]}, not the latent's "
                    f"{a.batch_size} (guidance combined inside the forward); RAS scores each latent sample from "
                    "its own prediction, so return one prediction per latent sample (combine the guided halves "
-                   "outside the model)" if other_batch else "")
+                   "outside the model)" if other_batch else
+                   ": the outputs are lists of per-block features (a ControlNet's residuals), not a prediction; "
+                   "compile the transformer they feed instead" if nested else "")
             raise UnsupportedModelError(
                 "no output has the latent's layout (the latent's grid axes, any channel count, or [B, N, C] for "
                 f"token latents), so the next active tokens cannot be scored from the prediction{why}")
@@ -573,7 +597,7 @@ class _Analyzer:
         if layout.fold:
             self.refuse(node, "a value whose token axis is folded into the batch axis would have to be cached "
                               f"(for {reader.name}); only token-wise operators may follow such a fold")
-        if layout.batch_dim is None and self.batch_size > 1:
+        if layout.batch_dim is None and self.batch_size > 1 and len(layout.samples or ()) != 1:
             self.refuse(node, "the batch axis of this token tensor is merged with another axis; "
                               "rows cannot be cached per sample")
         name = f"ras_cache_{len(a.caches)}_{kind}"
@@ -627,9 +651,38 @@ def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
                         "wrong; keep per-token features out of module state (return them instead)")
     if len(dst.users) == 1 and _packet(dst) not in _ALIASING:
         return
+    per_sample, view = False, dst
+    while view is not base:
+        per_sample |= _packet(view) is aten.select and _norm_dim(view.args[1], len(_shape(view.args[0]))) == 0
+        view = view.args[0]
+    why = ("; here each sample's tokens are written at their own rows (`buf[i, a_i:b_i] = x[i]` in a per-sample "
+           "loop, e.g. after captions of different lengths), which no single row layout of the active tokens "
+           "serves: pad the captions to one length, or call the model per sample" if per_sample else "")
     an.refuse(node, "an in-place write of image-token values into a tensor that holds none (`buf[:, a:b] = x` "
                     "into a buffer made in the forward, or into one of its views): write the sequence with "
-                    "torch.cat instead")
+                    f"torch.cat instead{why}")
+
+
+def _check_densified_write(an: _Analyzer, node: fx.Node) -> None:
+    """An in-place write into a view of a densified value (``out = zeros_like(x); out[:, 1:] = ...``
+    where the slice densified ``out``) writes into the full copy the sparse graph scatters for that
+    view, while every other reader of ``out`` reads its active rows: the write would be lost. Refused."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    alias = schema.arguments[0].alias_info
+    if alias is None or not alias.is_write or an.analysis is None:
+        return
+    view = node.args[0]
+    while view.op == "call_function" and view.args and isinstance(view.args[0], fx.Node):
+        if f"{view.name}:{view.args[0].name}" in an.analysis.densify_at:
+            an.refuse(node, f"an in-place write into a view ('{view.name}') of a token tensor that is densified "
+                            f"there ({an.analysis.densify_reasons[f'{view.name}:{view.args[0].name}']}): the other "
+                            "readers of that tensor would not see the write; build the value with torch.cat "
+                            "instead of writing into slices of it")
+        if _packet(view) not in _ALIASING:
+            return
+        view = view.args[0]
 
 
 def _layout(an: _Analyzer, node) -> TokenLayout | None:
@@ -733,11 +786,11 @@ def _split_rows(lay: TokenLayout, in_shape, batch_size: int) -> tuple[TokenLayou
         token_dim += 1
         if batch_dim is not None and batch_dim > lay.token_dim:
             batch_dim += 1
-        lay = TokenLayout(token_dim, batch_dim, 0, n, lay.batch_group)
+        lay = TokenLayout(token_dim, batch_dim, 0, n, lay.batch_group, samples=lay.samples)
     if batch_dim is not None and lay.batch_group > 1:
         shape[batch_dim:batch_dim + 1] = [batch_size, lay.batch_group]
         token_dim += token_dim > batch_dim
-        lay = TokenLayout(token_dim, batch_dim, lay.offset, lay.length, 1, outer=lay.outer)
+        lay = TokenLayout(token_dim, batch_dim, lay.offset, lay.length, 1, outer=lay.outer, samples=lay.samples)
     return lay, tuple(shape)
 
 
@@ -760,7 +813,7 @@ def _merge_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape) -> TokenLa
                 if bd is not None and batch is None:
                     return None
                 an.relaxed_used = True
-                return TokenLayout(j, batch, 0, size, 1, outer=size // lay.length)
+                return TokenLayout(j, batch, 0, size, 1, outer=size // lay.length, samples=lay.samples)
     return None
 
 
@@ -783,7 +836,7 @@ def _fold_view(an: _Analyzer, lay: TokenLayout, in_shape, out_shape, token_major
     n, batch = lay.length, an.batch_size
     outer, inner = (lay.token_dim, lay.batch_dim) if token_major else (lay.batch_dim, lay.token_dim)
     if lay.batch_dim is None or lay.batch_group != 1 or inner != outer + 1 \
-            or lay.offset != 0 or n != an.analysis.num_tokens:
+            or lay.offset != 0 or n != an.analysis.num_tokens or lay.samples is not None:
         return None
     j = _start_dim(in_shape, out_shape, outer)
     if j is None or out_shape[j] % (batch * n):
@@ -865,7 +918,12 @@ def _squeeze(an, node):
 
 def _expand(an, node):
     src = node.args[0]
-    return _align(_layout(an, src), len(_shape(src)), len(_shape(node)))
+    lay = _align(_layout(an, src), len(_shape(src)), len(_shape(node)))
+    if lay.batch_dim is not None and _shape(node)[lay.batch_dim] != _shape(src)[lay.batch_dim - len(_shape(node))
+                                                                                + len(_shape(src))]:
+        rows = _sample_rows(an, node, lay)  # one sample's tokens broadcast over a batch
+        return lay.for_samples(rows * _shape(node)[lay.batch_dim], an.batch_size)
+    return lay
 
 
 def _complex_view(an, node):
@@ -883,14 +941,18 @@ def _repeat(an, node):
     if _packet(node) is aten.repeat:
         if node.args[1][lay.token_dim] != 1:
             an.refuse(node, "a repeat along the token axis")
-        if lay.batch_dim is not None and node.args[1][lay.batch_dim] != 1:
-            an.refuse(node, _BATCH_CHANGED)
+        if lay.batch_dim is not None and node.args[1][lay.batch_dim] != 1:  # the batch tiled: x.repeat(2, 1, 1)
+            return lay.for_samples(_sample_rows(an, node, lay) * node.args[1][lay.batch_dim], an.batch_size)
     else:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if dim is None or _norm_dim(dim, len(_shape(src))) == lay.token_dim:
             an.refuse(node, "a repeat_interleave along (or flattening) the token axis")
         if lay.batch_dim is not None and _norm_dim(dim, len(_shape(src))) == lay.batch_dim:
-            an.refuse(node, _BATCH_CHANGED)
+            repeats = node.args[1]
+            if not isinstance(repeats, int):
+                an.refuse(node, "a repeat_interleave of the batch axis by per-sample counts")
+            return lay.for_samples(tuple(r for r in _sample_rows(an, node, lay) for _ in range(repeats)),
+                                   an.batch_size)
     return lay
 
 
@@ -1012,10 +1074,18 @@ def _pad(an, node):
     rank = len(_shape(node.args[0]))
     amounts = list(node.args[1])
     padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
-    if lay.token_dim in padded:
-        an.densify(node.args[0], node, "padding along the token axis")
-        return None
-    return lay
+    if lay.token_dim not in padded:
+        return lay
+    pair = 2 * (rank - 1 - lay.token_dim)
+    before, after = (amounts + [0, 0])[pair:pair + 2]
+    constant = _packet(node) is aten.constant_pad_nd or _named_arg(node, "mode", "constant") == "constant"
+    tail = lay.length - lay.offset - an.analysis.num_tokens
+    if constant and not lay.fold and lay.outer == 1 and -before <= lay.offset and -after <= tail:
+        # rows of a constant added (or context rows cropped) before or after the image rows: the
+        # same amounts pad the sparse sequence
+        return lay.shifted(offset=lay.offset + before, length=lay.length + before + after)
+    an.densify(node.args[0], node, "padding along the token axis")
+    return None
 
 
 def _linear(an, node):
@@ -1238,7 +1308,9 @@ def _slice(an, node):
     args = list(node.args) + [None] * 4
     dim = _norm_dim(args[1] if args[1] is not None else 0, rank)
     if dim == lay.batch_dim and tuple(_shape(node)) != tuple(_shape(node.args[0])):
-        an.refuse(node, _BATCH_CHANGED)
+        rows = _sample_rows(an, node, lay)  # x[i:i + 1] of a per-sample loop, x[:B] of a doubled batch
+        start, end = _slice_bounds(len(rows), args[2], args[3])
+        return lay.for_samples(rows[start:end:args[4] or 1], an.batch_size)
     if dim != lay.token_dim:
         return lay
     if args[4] not in (None, 1):
@@ -1253,8 +1325,13 @@ def _split(an, node):
     dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = _norm_dim(dim_arg, rank)
     outs = node.meta["val"]
-    if dim == lay.batch_dim and len(outs) > 1:
-        an.refuse(node, _BATCH_CHANGED)
+    if dim == lay.batch_dim and len(outs) > 1:  # the halves of a doubled batch, chunk(2)
+        rows, start, pieces = _sample_rows(an, node, lay), 0, []
+        for out in outs:
+            size = int(out.shape[dim])
+            pieces.append(lay.for_samples(rows[start:start + size], an.batch_size))
+            start += size
+        return pieces
     if dim != lay.token_dim:
         return [lay for _ in outs]
     sizes = [int(v.shape[dim]) for v in outs]
@@ -1270,10 +1347,11 @@ def _unbind(an, node):
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node.args[0])))
     if dim == lay.token_dim:
         an.refuse(node, "unbind along the token axis")
-    if dim == lay.batch_dim:  # `for u in x`: each sample's piece has no batch axis left to index rows by
-        an.densify(node.args[0], node, "a per-sample loop over the batch axis (unbind, `for u in x`)")
-        return None
     drop = lambda x: None if x is None else (x - 1 if x > dim else x)
+    if dim == lay.batch_dim:  # `for u in x`: each piece is one sample's, with no batch axis
+        rows = _sample_rows(an, node, lay)
+        return [lay.shifted(token_dim=drop(lay.token_dim)).for_samples((r,), an.batch_size, batch_dim=None)
+                for r in rows]
     return [lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim)) for _ in node.meta["val"]]
 
 
@@ -1288,20 +1366,35 @@ def _select(an, node):
         if lay.offset <= index < lay.offset + an.analysis.num_tokens:  # one image token's row: the full input
             an.densify(node.args[0], node, "a select of one image token's row")
         return None  # a context row (a class or label token): always computed, a value without tokens
-    if dim == lay.batch_dim:
-        an.refuse(node, "select of one sample of the batch axis of a token sequence (a per-sample loop over the "
-                        "batch; one that runs the same code for every sample is batched before the analysis, "
-                        "so here the samples differ, e.g. captions of different lengths that put each sample's "
-                        "image tokens at other rows: pad them to one length, or call the model per sample)")
     drop = lambda x: None if x is None else (x - 1 if x > dim else x)
+    if dim == lay.batch_dim:  # x[i] of a per-sample loop: one sample's tokens, no batch axis
+        rows = _sample_rows(an, node, lay)
+        return lay.shifted(token_dim=drop(lay.token_dim)).for_samples((rows[node.args[2]],), an.batch_size,
+                                                                       batch_dim=None)
     return lay.shifted(token_dim=drop(lay.token_dim), batch_dim=drop(lay.batch_dim))
 
 
-_BATCH_CHANGED = ("a concatenation, repeat, split or slice along the batch axis of a token sequence (the batch "
-                  "doubled or processed in groups inside the forward: classifier-free guidance on the token "
-                  "features, perturbed-attention guidance's attention processors); RAS keeps one active set per "
-                  "latent sample, so every token tensor must hold the latent's samples in order: double the latent "
-                  "before calling the model, or use the standard attention processors")
+def _sample_rows(an, node, lay: TokenLayout) -> tuple[int, ...]:
+    """The latent sample of each batch row of a token tensor that an operator is about to take apart
+    or put together along its batch axis (refused where the axis is not one row per sample)."""
+    if lay.fold or lay.batch_group != 1:
+        an.refuse(node, "rows of a batch axis that also holds another axis (attention heads folded into the "
+                        "batch, or the token axis) taken apart or put together")
+    return lay.sample_rows(an.batch_size)
+
+
+def _joined_samples(an, node, pieces: list, tensors: list) -> tuple[int, ...]:
+    """The samples of the batch rows of ``cat`` / ``stack`` of token tensors along the batch axis: the
+    pieces' samples in order. Every operand must carry the image tokens the same way."""
+    if len(pieces) != len(tensors):
+        an.refuse(node, "a concatenation along the batch axis of image tokens with a tensor that holds none "
+                        "(those rows would have no active tokens)")
+    plain = [dataclasses.replace(p, samples=None) for p in pieces]
+    if any(p.axis != plain[0].axis or p.batch_dim != plain[0].batch_dim for p in plain):
+        an.refuse(node, "samples joined along the batch axis carry their image tokens at other rows (e.g. "
+                        "captions of different lengths before the image in a per-sample loop): pad them to one "
+                        "length, or call the model per sample")
+    return tuple(r for p in pieces for r in _sample_rows(an, node, p))
 
 
 def _cat(an, node):
@@ -1321,8 +1414,9 @@ def _cat(an, node):
         index = annotated[0][0]
         before = sum(_shape(t)[dim] for t in tensors[:index])
         return first.shifted(offset=first.offset + before, length=_shape(node)[dim])
-    if first.batch_dim is not None and dim == first.batch_dim:
-        an.refuse(node, _BATCH_CHANGED)
+    if first.batch_dim is not None and dim == first.batch_dim:  # guidance halves or per-sample pieces joined
+        samples = _joined_samples(an, node, [_layout(an, t) for _, t in annotated], tensors)
+        return first.for_samples(samples, an.batch_size)
     for i, t in enumerate(tensors):
         lay = _layout(an, t)
         if lay is None:
@@ -1339,6 +1433,10 @@ def _stack(an, node):
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
     first = _layout(an, next(t for t in tensors if _layout(an, t) is not None))
     bump = lambda x: None if x is None else (x + 1 if x >= dim else x)
+    if first.batch_dim is None and len(first.samples or ()) == 1:  # one sample's pieces of a per-sample loop
+        samples = _joined_samples(an, node, [_layout(an, t) for t in tensors if _layout(an, t) is not None],
+                                  tensors)
+        return first.shifted(token_dim=bump(first.token_dim)).for_samples(samples, an.batch_size, batch_dim=dim)
     for i, t in enumerate(tensors):
         lay = _layout(an, t)
         if lay is None:

@@ -77,7 +77,7 @@ def split_view(an, lay: ta.TokenLayout, in_shape, out_shape) -> ta.TokenLayout |
         batch = ta._map_dim_through_view(in_shape, out_shape, lay.batch_dim)
         if batch is None:
             return None
-    return ta.TokenLayout(j, batch, 0, lay.length, 1, grid=sizes)
+    return ta.TokenLayout(j, batch, 0, lay.length, 1, grid=sizes, samples=lay.samples)
 
 
 def _view(an, node: fx.Node):

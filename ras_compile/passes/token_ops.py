@@ -43,6 +43,15 @@ def tube_positions(index: torch.Tensor, outer: int, num_tokens: int) -> torch.Te
     return (blocks[None, :, None] + index[:, None, :]).reshape(index.shape[0], outer * index.shape[1])
 
 
+def sample_rows(pos: torch.Tensor, samples: tuple[int, ...]) -> torch.Tensor:
+    """Rows ``samples`` of per-sample positions ``pos``: the positions of a tensor whose batch row ``j``
+    holds latent sample ``samples[j]`` (a per-sample loop's piece, a doubled batch)."""
+    lo = samples[0]
+    if samples == tuple(range(lo, lo + len(samples))):
+        return pos[lo:lo + len(samples)]
+    return pos[list(samples)]
+
+
 def repeat_rows(pos: torch.Tensor, group: int) -> torch.Tensor:
     """``pos`` with every sample's row repeated ``group`` times: the position map of a batch
     axis into which a view folded a per-sample axis (``[B, H, N, d] -> [B * H, N, d]``)."""
