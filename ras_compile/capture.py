@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from .errors import RASCallError, UnsupportedModelError
 from .fake_leaks import forget_capture_memos, snapshot
-from .host_reads import specialising_host_reads, value_inputs
+from .host_reads import specialising_host_reads
 from .hooks import check_capturable_hooks
 from .source_frames import model_frame
 

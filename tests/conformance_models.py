@@ -455,12 +455,6 @@ def _mochi_inputs(model, batch, seed):
                 timestep=r.timestep(batch), encoder_attention_mask=_prompt_mask(batch), return_dict=False)
 
 
-def _prompt_mask(batch):
-    """A padded prompt's mask: sample ``i`` has ``TEXT_LEN - 2 * i`` valid tokens (at least 1), as a
-    batch of prompts of different lengths (or a prompt and an empty negative prompt) has."""
-    return (torch.arange(TEXT_LEN)[None] < torch.tensor([max(1, TEXT_LEN - 2 * i) for i in range(batch)])[:, None]).long()
-
-
 # --------------------------------------------------------------------------- HunyuanVideo
 
 
