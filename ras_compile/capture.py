@@ -374,11 +374,19 @@ def mark_nested_outputs(program: torch.export.ExportedProgram) -> None:
     spec = program.call_spec.out_spec
     if spec is None:
         return
-    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
-    nested = frozenset(i for i, (path, _leaf) in enumerate(paths) if len(path) > 1)
+    nested = frozenset(i for i, depth in enumerate(_leaf_depths(spec)) if depth > 1)
     for node in program.graph_module.graph.nodes:
         if node.op == "output":
             node.meta["ras_nested_outputs"] = nested
+
+
+def _leaf_depths(spec: pytree.TreeSpec, depth: int = 0) -> list[int]:
+    """How many containers hold each leaf of ``spec``, in flat order; read from the spec itself, so
+    output types registered without key paths (diffusers' output classes) work too."""
+    if spec.is_leaf():
+        return [depth]
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    return [d for child in children for d in _leaf_depths(child, depth + 1)]
 
 
 def latent_placeholder(program: torch.export.ExportedProgram, latent_name: str) -> str:
