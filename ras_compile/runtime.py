@@ -28,6 +28,7 @@ from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.patch_views import lower_patch_views
 from .passes.shape_forms import lower_shape_forms
+from .passes.token_chunks import join_token_chunks
 from .passes.sample_loops import rebatch_sample_stacks
 from .passes.buffer_writes import concatenate_buffer_writes
 from .passes.split_projection import split_packed_projections
@@ -270,6 +271,7 @@ class RASModule(torch.nn.Module):
             lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
             lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
             rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
+            join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x), ff row-wise
             concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA

@@ -1,0 +1,213 @@
+"""Computations run chunk by chunk along the token axis (passes/token_chunks.py).
+
+diffusers' forward chunking (``enable_forward_chunking`` / ``set_chunk_feed_forward``) and
+memory-saving research code run a feed-forward, or an attention's queries, over pieces of the
+sequence and concatenate the results. When every operator of the piece's computation is row-wise
+along the cut axis, the pieces joined are the computation on the whole sequence: the pass
+replaces them with it, and a sparse step after a dense step equals the model for any active set.
+A computation that mixes rows of its piece (a softmax over the cut axis) keeps its chunks, which
+the analysis refuses by name (or, with ``on_unsupported="fallback"``, runs as the model does).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
+from ras_compile.passes.token_chunks import join_token_chunks
+from ras_compile.tiny_models import example_inputs, tiny_pixart_transformer, tiny_sd3_transformer
+from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
+
+aten = torch.ops.aten
+C, D, HEADS, H, W, P = 4, 16, 2, 8, 8, 2
+N = (H // P) * (W // P)
+POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
+
+
+class ChunkedDiT(nn.Module):
+    """A DiT whose feed-forward (``ff``: linear, GELU, linear; ``geglu``: a gated one that chunks its
+    own features) or attention queries (``queries``) run over four pieces of the token axis."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.embed = nn.Conv2d(C, D, P, stride=P)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.norm = nn.LayerNorm(D)
+        self.up = nn.Linear(D, 4 * D if mode == "geglu" else 2 * D)
+        self.down = nn.Linear(2 * D, D)
+        self.out = nn.Linear(D, P * P * C)
+
+    def _ff(self, x):
+        if self.mode == "geglu":
+            value, gate = self.up(x).chunk(2, dim=-1)
+            return self.down(value * F.gelu(gate))
+        return self.down(F.gelu(self.up(self.norm(x)), approximate="tanh"))
+
+    def forward(self, latent, timestep):
+        b = latent.shape[0]
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        if self.mode == "queries":
+            attn = torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.chunk(4, dim=2)], dim=2)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v)
+        x = x + attn.transpose(1, 2).flatten(2)
+        if self.mode == "mixing":  # a softmax over each piece's tokens: the pieces are not row-wise
+            x = x + torch.cat([self.up(p).softmax(dim=1)[..., :D] for p in x.chunk(2, dim=1)], dim=1)
+        else:
+            x = x + torch.cat([self._ff(p) for p in x.chunk(4, dim=1)], dim=1)
+        out = self.out(x).view(b, H // P, W // P, P, P, C)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+
+def _model(mode: str) -> ChunkedDiT:
+    torch.manual_seed(0)
+    return ChunkedDiT(mode).eval()
+
+
+def _inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(latent=torch.randn(2, C, H, W, generator=g), timestep=torch.tensor([500.0, 300.0]))
+
+
+def _only_the_unpatchify_is_dense(analysis) -> bool:
+    """Whether the one value read densely is the output's unpatchify (as in every model)."""
+    reasons = analysis.densify_reasons.values()
+    return all(r.startswith("the token grid's axes are reordered") for r in reasons) and len(reasons) <= 1
+
+
+@pytest.mark.parametrize("mode", ["ff", "geglu", "queries"])
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_sparse_step_after_dense_step_equals_the_model(mode, data):
+    model, ras = compiled_once((__name__, mode), lambda: _model(mode), POLICY)
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
+                                               random_active_sets(data, N))
+
+
+@pytest.mark.parametrize("mode", ["ff", "geglu", "queries"])
+def test_the_chunked_model_runs_token_sparse(mode):
+    analysis = ras_compile(_model(mode), POLICY, backend=None).ras_analysis(**_inputs())
+    assert analysis.num_tokens == N and len(analysis.attention) == 1
+    assert _only_the_unpatchify_is_dense(analysis)
+
+
+def test_a_computation_that_mixes_the_rows_of_its_piece_keeps_its_chunks_and_is_refused():
+    model = _model("mixing")
+    with pytest.raises(UnsupportedModelError) as info:
+        ras_compile(model, POLICY, backend=None).ras_analysis(**_inputs())
+    assert info.value.op == "aten.chunk.default" and "cuts through the image tokens" in str(info.value)
+    ras = ras_compile(model, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=(), on_unsupported="fallback"),
+                      backend=None)
+    with pytest.warns(UserWarning):
+        ras(**_inputs())
+    for step in range(1, 4):  # the fallback runs the model as it is
+        kw = _inputs(step)
+        kw["timestep"] = kw["timestep"] * (1 - step / 4)
+        with torch.no_grad():
+            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the rewrite on its own
+
+
+def _program(fn, *args):
+    class Wrap(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+    return torch.export.export(Wrap(), args, strict=False)
+
+
+def _count(program, packet) -> int:
+    return sum(1 for n in program.graph_module.graph.nodes
+               if getattr(n.target, "overloadpacket", None) is packet)
+
+
+_WEIGHT, _BIAS, _GATED = torch.randn(6, 5), torch.randn(6), torch.randn(10, 5)
+
+
+def _linear_gelu(x):
+    return torch.cat([F.gelu(F.linear(p, _WEIGHT, _BIAS)) * 2 for p in x.chunk(3, dim=1)], dim=1)
+
+
+def _split_sizes(x):
+    return torch.cat([F.layer_norm(p, (5,)).relu() for p in x.split([2, 4, 3], dim=1)], dim=1)
+
+
+def _gated(x):
+    def ff(p):
+        a, g = F.linear(p, _GATED).chunk(2, -1)
+        return a * F.silu(g)
+    return torch.cat([ff(p) for p in x.chunk(3, dim=1)], dim=1)
+
+
+@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated])
+def test_row_wise_pieces_joined_are_one_computation_with_the_same_values(fn):
+    x = torch.randn(2, 9, 5)
+    program = _program(fn, x)
+    assert join_token_chunks(program.graph_module) == 1
+    assert _count(program, aten.cat) == 0
+    assert _count(program, aten.chunk) + _count(program, aten.split) + _count(program, aten.split_with_sizes) \
+        == (1 if fn is _gated else 0)  # the gate's own chunk over the features stays
+    torch.testing.assert_close(program.module()(x), fn(x))
+
+
+def _mixing(x):
+    return torch.cat([p.softmax(dim=1) for p in x.chunk(3, dim=1)], dim=1)
+
+
+def _different(x):
+    a, b, c = x.chunk(3, dim=1)
+    return torch.cat([a.relu(), b.relu(), c.sigmoid()], dim=1)
+
+
+def _out_of_order(x):
+    a, b, c = x.chunk(3, dim=1)
+    return torch.cat([b.relu(), a.relu(), c.relu()], dim=1)
+
+
+def _read_elsewhere(x):
+    pieces = [p.relu() for p in x.chunk(3, dim=1)]
+    return torch.cat(pieces, dim=1), pieces[0].sum()
+
+
+def _other_axis(x):
+    return torch.cat([p.relu() for p in x.chunk(3, dim=1)], dim=2)
+
+
+def _other_chunks(x):
+    a = [p.relu() for p in x.chunk(3, dim=1)]
+    b = [p.relu() for p in (x * 2).chunk(3, dim=1)]
+    return torch.cat([a[0], b[1], a[2]], dim=1)
+
+
+@pytest.mark.parametrize("fn", [_mixing, _different, _out_of_order, _read_elsewhere, _other_axis, _other_chunks])
+def test_pieces_that_are_not_one_row_wise_computation_are_left_alone(fn):
+    x = torch.randn(2, 9, 5)
+    program = _program(fn, x)
+    assert join_token_chunks(program.graph_module) == 0
+    torch.testing.assert_close(program.module()(x), fn(x))
+
+
+# --------------------------------------------------------------------------- diffusers' forward chunking
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_diffusers_feed_forward_chunking_runs_token_sparse(family):
+    build = tiny_pixart_transformer if family == "pixart" else tiny_sd3_transformer
+    model = build(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=2, sample_size=8, seed=0)
+    for block in model.transformer_blocks:
+        block.set_chunk_feed_forward(4, dim=1)
+    kw = example_inputs(model, batch=2, height=8, width=8, seed=0, text_len=7)
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert analysis.num_tokens == 16 and _only_the_unpatchify_is_dense(analysis)
+    torch.manual_seed(1)
+    for _ in range(3):
+        index = torch.stack([torch.randperm(16)[:5].sort().values for _ in range(2)])
+        assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
