@@ -146,7 +146,12 @@ def _gated(x):
     return torch.cat([ff(p) for p in x.chunk(3, dim=1)], dim=1)
 
 
-@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated])
+def _queries(x):
+    q = x.unsqueeze(1)
+    return torch.cat([F.scaled_dot_product_attention(p, q, q) for p in q.chunk(3, dim=2)], dim=2)
+
+
+@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated, _queries])
 def test_row_wise_pieces_joined_are_one_computation_with_the_same_values(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)
@@ -186,7 +191,13 @@ def _other_chunks(x):
     return torch.cat([a[0], b[1], a[2]], dim=1)
 
 
-@pytest.mark.parametrize("fn", [_mixing, _different, _out_of_order, _read_elsewhere, _other_axis, _other_chunks])
+def _causal_queries(x):  # is_causal aligns the mask to each piece: not the mask over the whole
+    q = x.unsqueeze(1)
+    return torch.cat([F.scaled_dot_product_attention(p, q, q, is_causal=True) for p in q.chunk(3, dim=2)], dim=2)
+
+
+@pytest.mark.parametrize("fn", [_mixing, _different, _out_of_order, _read_elsewhere, _other_axis, _other_chunks,
+                                _causal_queries])
 def test_pieces_that_are_not_one_row_wise_computation_are_left_alone(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)

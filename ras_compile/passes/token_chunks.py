@@ -10,7 +10,8 @@ axis the analysis would see the image tokens cut into pieces whose active tokens
 When every operator of the chain is **row-wise along** ``dim`` (each output row depends on the same
 input row only: ``linear`` over the features, pointwise operators whose other operands broadcast
 along ``dim``, ``layer_norm`` / ``rms_norm`` over trailing features, dropout in eval mode, casts,
-and ``scaled_dot_product_attention`` whose chunked operand is the queries), the chunks' results
+and ``scaled_dot_product_attention`` whose chunked operand is the queries, without ``is_causal``, which
+aligns its mask to each piece), the chunks' results
 joined in order are the chain applied to ``x``: the cat is replaced by one copy of the chain on
 ``x``. Any other operator keeps the chunked form (which the analysis then judges).
 """
@@ -80,7 +81,9 @@ def _row_wise(node: fx.Node, inner: set, dim: int) -> bool:
     if packet in _NORMS:
         return first_only and dim < rank - len(node.args[_NORMS[packet]])
     if packet is aten.scaled_dot_product_attention:  # the chunked operand is the queries
-        return first_only and dim == rank - 2 and all(_broadcasts_along(a, rank, dim) for a in operands[3:])
+        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        return first_only and dim == rank - 2 and not causal \
+            and all(_broadcasts_along(a, rank, dim) for a in operands[3:])  # is_causal aligns to each piece
     if packet in _ROW_WISE:
         return first_only
     if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
