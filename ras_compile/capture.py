@@ -20,6 +20,7 @@ from .errors import RASCallError, UnsupportedModelError
 from .fake_leaks import forget_capture_memos, snapshot
 from .host_reads import specialising_host_reads
 from .hooks import check_capturable_hooks
+from .leaf_names import keyless_argument, named_leaves
 from .source_frames import model_frame
 
 
@@ -71,10 +72,9 @@ def signature_change(before: tuple, after: tuple, call: dict) -> str | None:
                 + (f" of {len(value)}" if isinstance(value, (list, tuple, dict)) else ""))
         return (f"the structure of argument '{changed[0]}' changed (now {what})" if changed else
                 "the structure of the arguments changed (a list or dict argument gained or lost entries)")
-    flat, _ = pytree.tree_flatten_with_path(call)
-    for (path, _leaf), old, new in zip(flat, before[1], after[1]):
+    for (name, _leaf), old, new in zip(named_leaves(call), before[1], after[1]):
         if old != new and new[0] != "tensor":
-            return f"argument {pytree.keystr(path)} changed from {old[2]!r} to {new[2]!r}"
+            return f"argument {name} changed from {old[2]!r} to {new[2]!r}"
     if before[1] == after[1] and before[2:] != after[2:]:  # the values a capture read on the host (host_reads)
         old_values = {v[0]: v for v in (before[2] if len(before) > 2 else ())}
         changed = [v[0] for v in (after[2] if len(after) > 2 else ()) if old_values.get(v[0]) != v]
@@ -110,10 +110,9 @@ _PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, t
 def opaque_argument(call: dict) -> str | None:
     """Why export may have refused the call: an argument that is no tensor, number or string in
     lists, tuples and dicts (a model's own K/V-cache object, say), by name; None if there is none."""
-    flat, _ = pytree.tree_flatten_with_path(call)
-    for path, leaf in flat:
+    for name, leaf in named_leaves(call):
         if not isinstance(leaf, _PLAIN_LEAVES):
-            return (f"argument {pytree.keystr(path)} is a {type(leaf).__name__} object, which torch.export cannot "
+            return (f"argument {name} is a {type(leaf).__name__} object, which torch.export cannot "
                     "take as an input (only tensors, numbers, strings and lists, tuples or dicts of them); pass "
                     "None if the model allows it, or register the class with "
                     "torch.utils._pytree.register_pytree_node")
@@ -261,7 +260,7 @@ def _export(model: torch.nn.Module, call: dict, specialise: bool) -> torch.expor
         with torch.no_grad(), contextlib.redirect_stderr(printed), _script_modules_called_directly(model):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
-        opaque = opaque_argument(call)
+        opaque = keyless_argument(call) or opaque_argument(call)
         if opaque is not None:
             raise UnsupportedModelError(opaque) from exc
         lines = str(exc).strip().splitlines()

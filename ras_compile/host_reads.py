@@ -29,11 +29,11 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental import proxy_tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .leaf_names import named_leaves
 from .source_frames import is_model_file
 
 READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -50,8 +50,7 @@ class HostReads:
 def value_inputs(call: dict) -> list[tuple[str, torch.Tensor]]:
     """The call's integer and boolean tensors by pytree key string: the inputs a capture may be
     specialised on."""
-    flat, _ = pytree.tree_flatten_with_path(call)
-    return [(pytree.keystr(path), leaf) for path, leaf in flat
+    return [(name, leaf) for name, leaf in named_leaves(call)
             if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and not leaf.is_complex()]
 
 
@@ -59,8 +58,7 @@ def value_key(call: dict, names: list[str]) -> tuple:
     """The values of the inputs ``names`` of ``call``, hashable (a device-to-host copy of each)."""
     if not names:
         return ()
-    flat, _ = pytree.tree_flatten_with_path(call)
-    leaves = {pytree.keystr(path): leaf for path, leaf in flat}
+    leaves = dict(named_leaves(call))
     key = []
     for name in names:
         leaf = leaves.get(name)

@@ -43,7 +43,9 @@ from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.fake_leaks import forget_capture_memos, snapshot
+from ras_compile.leaf_names import named_leaves
 from ras_compile.passes.einsum_permute import lower_einsum_permutes
+from sparse_checks import assert_sparse_after_dense_equals_the_model
 
 FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
          "channel_cat", "conv_transpose_out", "fp32_island", "movedim", "unfold_patchify", "tensor_unfold_patchify",
@@ -462,6 +464,43 @@ def test_an_argument_export_cannot_take_is_refused_by_name():
     ras = ras_compile(WithCache("qkv_select").eval(), POLICY, backend=None)
     with pytest.raises(UnsupportedModelError, match=r"argument \['kv_cache'\] is a Cache object"):
         ras(**_inputs("qkv_select"), kv_cache=Cache())
+
+
+class _Scale:  # an argument class of the user's, registered as a pytree node
+    def __init__(self, value):
+        self.value = value
+
+
+class _KeyedScale(_Scale):
+    pass
+
+
+torch.utils._pytree.register_pytree_node(_Scale, lambda s: ([s.value], None), lambda c, _: _Scale(c[0]))
+torch.utils._pytree.register_pytree_node(
+    _KeyedScale, lambda s: ([s.value], None), lambda c, _: _KeyedScale(c[0]),
+    flatten_with_keys_fn=lambda s: ([(torch.utils._pytree.GetAttrKey("value"), s.value)], None))
+
+
+class _Scaled(FormDiT):
+    def forward(self, hidden_states, timestep, keep=None, scale=None):
+        return super().forward(hidden_states, timestep) * scale.value
+
+
+def test_a_pytree_argument_without_key_paths_is_refused_by_name_and_with_key_paths_runs():
+    ras = ras_compile(_Scaled("qkv_select").eval(), POLICY, backend=None)
+    with pytest.raises(UnsupportedModelError, match=r"argument \['scale'\] holds a _Scale object.*flatten_with_keys_fn"):
+        ras(**_inputs("qkv_select"), scale=_Scale(torch.tensor(2.0)))
+    torch.manual_seed(0)
+    model = _Scaled("qkv_select").eval()
+    ras = ras_compile(model, POLICY, backend=None)
+    kw = dict(_inputs("qkv_select"), scale=_KeyedScale(torch.tensor(2.0)))
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 3, 5], [1, 2, 20]]))
+
+
+def test_leaves_under_a_node_without_key_paths_are_named_by_their_place():
+    call = {"a": [torch.ones(1), _Scale(torch.zeros(1))], "b": 3}
+    assert [name for name, _ in named_leaves(call)] == ["['a'][0]", "['a'][1].<_Scale 0>", "['b']"]
+    assert [name for name, _ in named_leaves({"a": _KeyedScale(1)})] == ["['a'].value"]
 
 
 def test_a_timestep_with_a_pinned_entry_counts_steps_by_its_mean():
