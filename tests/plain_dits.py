@@ -23,6 +23,8 @@ HAND_WRITTEN_ATTENTION = (
     "rel_bias",       # q @ k^T * scale + a learned [H, N, N] bias (a mask with query and key axes)
     "multi_query",    # one K/V head ([b, 1, n, d]) that matmul broadcasts over every query head
     "in_place",       # MDT / research style: attn.mul_(scale), then attn += a learned [H, N, N] bias
+    "folded_views",   # fairseq style: bmm over [B * H, N, d], the scores viewed as [B, H, N, N] for a
+                      # per-head bias, viewed back, softmax, bmm
 )
 
 
@@ -50,6 +52,12 @@ def _hand_written_attention(form: str, q, k, v, bias=None):
         attn.mul_(scale)
         attn += bias[:, :n, :n]
         return attn.softmax(dim=-1) @ v
+    if form == "folded_views":
+        fold = lambda t: t.reshape(b * heads, n, d)  # noqa: E731
+        scores = torch.bmm(fold(q), fold(k).transpose(1, 2)) * scale
+        scores = scores.view(b, heads, n, n) + bias[:, :n, :n]
+        probs = scores.view(b * heads, n, n).softmax(dim=-1)
+        return torch.bmm(probs, fold(v)).reshape(b, heads, n, d)
     if form == "multi_query":
         scores = (q * scale) @ k[:, :1].transpose(-2, -1)
         return scores.softmax(dim=-1) @ v[:, :1]
@@ -62,7 +70,7 @@ class Block(nn.Module):
         self.heads = heads
         self.attention = attention
         self.bias = nn.Parameter(0.5 * torch.randn(heads, max_tokens, max_tokens)) \
-            if attention in ("rel_bias", "in_place") else None
+            if attention in ("rel_bias", "in_place", "folded_views") else None
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)

@@ -199,6 +199,59 @@ def test_what_is_not_exactly_attention_is_left_alone(name, body):
     assert aten.scaled_dot_product_attention.default not in _targets(gm)
 
 
+def _folded(q, k, v):
+    return (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))
+
+
+def _viewed_fill(q, k, v, m):  # a key padding mask [B, 1, 1, S] applied in the unfolded view
+    fq, fk, fv = _folded(q, k, v)
+    scores = torch.bmm(fq, fk.transpose(1, 2)).view(*q.shape[:2], q.shape[2], k.shape[2])
+    scores = scores.masked_fill(m[:, :1, :1] < -1, float("-inf")) * 0.5
+    return torch.bmm(scores.view(-1, q.shape[2], k.shape[2]).softmax(-1), fv).view(*q.shape[:3], v.shape[-1])
+
+
+def _viewed_bias_both_sides(q, k, v, m):  # scores viewed for the bias, probabilities viewed back before the bmm
+    fq, fk, fv = _folded(q, k, v)
+    scores = (torch.bmm(fq, fk.transpose(1, 2)) * 0.25).view(*q.shape[:2], q.shape[2], k.shape[2]) + m
+    probs = scores.softmax(-1).view(-1, q.shape[2], k.shape[2])
+    return torch.bmm(probs, fv)
+
+
+@pytest.mark.parametrize("name,body,scale,mask", [
+    ("viewed fill", _viewed_fill, 0.5, "boolean"),
+    ("viewed bias, both sides", _viewed_bias_both_sides, 0.25, "additive"),
+])
+def test_views_of_the_scores_leading_axes_carry_the_mask_with_them(name, body, scale, mask):
+    q, k, v = (torch.cat([t, t * 0.5]) for t in QKV)  # batch 4
+    m = torch.randn(4, 3, 5, 7)
+    gm, found = _rewrite(body, q, k, v, m)
+    assert len(found) == 1, name
+    assert found[0].scale == pytest.approx(scale) and found[0].mask == mask
+    assert not {aten.softmax.int, aten._softmax.default, aten.bmm.default} & set(_targets(gm))
+    torch.testing.assert_close(gm(q, k, v, m)[0], body(q, k, v, m), rtol=1e-5, atol=1e-6)
+
+
+def _viewed_scale_per_head(q, k, v, m):  # a tensor factor in the view: left alone (it would need the view)
+    fq, fk, fv = _folded(q, k, v)
+    scores = torch.bmm(fq, fk.transpose(1, 2)).view(*q.shape[:2], q.shape[2], k.shape[2]) * m[..., :1]
+    return torch.bmm(scores.view(-1, q.shape[2], k.shape[2]).softmax(-1), fv)
+
+
+def _viewed_rows_merged(q, k, v, m):  # a view that merges the query axis: no longer [.., L, S]
+    fq, fk, fv = _folded(q, k, v)
+    scores = torch.bmm(fq, fk.transpose(1, 2)).view(-1, k.shape[2]).softmax(-1)
+    return torch.bmm(scores.view(-1, q.shape[2], k.shape[2]), fv)
+
+
+@pytest.mark.parametrize("body", [_viewed_scale_per_head, _viewed_rows_merged])
+def test_views_that_the_sdpa_cannot_carry_are_left_alone(body):
+    q, k, v = (torch.cat([t, t * 0.5]) for t in QKV)
+    m = torch.randn(4, 3, 5, 7)
+    gm, found = _rewrite(body, q, k, v, m)
+    assert found == []
+    torch.testing.assert_close(gm(q, k, v, m)[0], body(q, k, v, m))
+
+
 def test_a_token_mixer_that_is_no_attention_is_still_refused_with_its_node():
     ras = ras_compile(PlainDiT(token_mixer="gram"), RASPolicy(), backend=None)
     with pytest.raises(UnsupportedModelError) as info:

@@ -9,6 +9,7 @@ which torch.export captures as::
     s = matmul(q, transpose(k, -2, -1))          # or bmm, baddbmm(_, q, kT, beta=0, alpha=a),
                                                  # or einsum("...id,...jd->...ij", q, k)
     s = s * c | s / c | s + mask | masked_fill(s, m, -inf) | to(s, dtype)   # any of, in any order
+    s = view(s, [B, H, L, S]) | view(s, [B * H, L, S])   # regrouping the leading axes only
     p = softmax(s, -1)                           # or _softmax; optionally with a dtype
     p = dropout(p, _, False) | to(p, dtype) | clone(p)                     # inference no-ops
     o = matmul(p, v)                             # or bmm, einsum("...ij,...jd->...id", p, v)
@@ -19,7 +20,8 @@ follow. ``recognise_attention`` replaces each such chain by
 scale is the product of every constant factor (``alpha``, ``* c``, ``/ c``), an additive
 mask is passed as is, ``masked_fill(s, m, v)`` with ``v = -inf`` (or a finite ``v <=
 -1e4``) becomes the boolean mask ``~m``, and adding a constant to every score is dropped
-(softmax ignores it). The match is strict: every intermediate value must be read only
+(softmax ignores it); a mask applied in a view of the scores' leading axes is expanded over
+them and regrouped as the product's. The match is strict: every intermediate value must be read only
 inside the chain (a model that returns its attention maps is left alone and refused as
 before), the softmax is over the last axis, q, k and v have rank >= 3 and one dtype, and
 the output has that dtype. K's and V's batch axes equal the queries' or broadcast to them
@@ -53,6 +55,7 @@ _SOFTMAX = {aten.softmax, aten._softmax}
 _PRODUCT = {aten.matmul, aten.bmm}
 _CASTS = {aten.to, aten._to_copy, aten.type_as}
 _IDENTITY_AFTER = {aten.clone, aten.contiguous, aten.alias, aten.detach}
+_VIEWS = {aten.view, aten._unsafe_view, aten.reshape}
 _FILL_LIMIT = -1e4  # a masked_fill value at or below this removes the key from the softmax
 
 
@@ -84,6 +87,8 @@ class _Chain:
     q_factors: list = dataclasses.field(default_factory=list)  # (tensor, "mul" | "div") constant over the keys
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "additive" or "fill"
+    mask_space: tuple | None = None  # the scores' batch sizes where the mask is applied, when a view of
+                                     # the leading axes lies between it and the product; None: the product's
     scores: fx.Node | None = None
     nodes: list = dataclasses.field(default_factory=list)  # every node the SDPA replaces
 
@@ -106,6 +111,29 @@ def _functional_packet(node: fx.Node):
     if functional is None or not isinstance(node.args[0], fx.Node) or _only_reader(node.args[0]) is not node:
         return None
     return functional
+
+
+def _batch_of(node: fx.Node) -> tuple:
+    """The sizes of the scores' leading (batch) axes at ``node``."""
+    return tuple(_val(node).shape[:-2])
+
+
+def _leading_view(node: fx.Node) -> bool:
+    """Whether view ``node`` regroups only its input's leading axes (``[B*H, L, S] -> [B, H, L, S]``),
+    keeping the last two (queries and keys)."""
+    a, b = _val(node.args[0]), _val(node)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 3 and b.dim() >= 3 \
+        and tuple(a.shape[-2:]) == tuple(b.shape[-2:]) and all(isinstance(d, int) for d in (*a.shape, *b.shape))
+
+
+def _mask_sizes(chain: "_Chain") -> tuple:
+    """The mask's sizes as SDPA reads it: its own, or, when it was applied in a view of the scores'
+    leading axes, those axes expanded and regrouped as the product's (its last two kept)."""
+    m = tuple(_val(chain.mask).shape)
+    if chain.mask_space is None:
+        return m
+    tail = ((1, 1) + m)[-2:]
+    return (*_batch_of(chain.scores), *tail)
 
 
 def _is_number(x) -> bool:
@@ -197,10 +225,16 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask, factors: 
         chain.scale *= scale
         chain.q_factors.extend(factors)
         if mask is not None:
-            chain.mask, chain.mask_kind = mask
+            chain.mask, chain.mask_kind, space = mask
+            if space != tuple(_val(node).shape[:-2]):
+                chain.mask_space = space
         chain.scores, chain.nodes = node, here
         return chain
     if packet in _CASTS:
+        return _walk_scores(node.args[0], here, scale, mask, factors)
+    if packet in _VIEWS:
+        if factors or not _leading_view(node):
+            return None  # a per-head scale would need the view too
         return _walk_scores(node.args[0], here, scale, mask, factors)
     if packet is aten.mul:
         a, b = node.args[0], node.args[1]
@@ -230,7 +264,7 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask, factors: 
         if mask is not None or scale != 1.0 or factors:
             return None  # ``(q k^T + bias) * c`` scales the bias too, which SDPA's mask is not
         for scores, extra in ((a, b), (b, a)):
-            chain = _walk_scores(scores, here, scale, (extra, "additive"), factors)
+            chain = _walk_scores(scores, here, scale, (extra, "additive", _batch_of(node)), factors)
             if chain is not None:
                 return chain
         return None
@@ -240,7 +274,7 @@ def _walk_scores(node: fx.Node, chain_nodes: list, scale: float, mask, factors: 
             return None
         if _val(node.args[1]) is None or _val(node.args[1]).dtype != torch.bool:
             return None
-        return _walk_scores(node.args[0], here, scale, (node.args[1], "fill"), factors)
+        return _walk_scores(node.args[0], here, scale, (node.args[1], "fill", _batch_of(node)), factors)
     return None
 
 
@@ -252,7 +286,7 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, list] | None:
         if user is None:
             return None
         packet = _packet(user)
-        if packet in _CASTS or packet in _IDENTITY_AFTER:
+        if packet in _CASTS or packet in _IDENTITY_AFTER or (packet in _VIEWS and _leading_view(user)):
             node = user
         elif packet is aten.dropout:
             if _arg(user, 2, "train", True) and _arg(user, 1, "p", 0) != 0:
@@ -289,11 +323,18 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
         m = _val(chain.mask)
         if not isinstance(m, torch.Tensor):
             return False
+        if chain.mask_space is not None:
+            if m.dim() > len(chain.mask_space) + 2:
+                return False
+            try:
+                torch.broadcast_shapes(tuple(m.shape), (*chain.mask_space, q.shape[-2], k_shape[-2]))
+            except RuntimeError:
+                return False
         try:
-            torch.broadcast_shapes(tuple(m.shape), (*batch, q.shape[-2], k_shape[-2]))
+            torch.broadcast_shapes(_mask_sizes(chain), (*batch, q.shape[-2], k_shape[-2]))
         except RuntimeError:
             return False
-        if m.dim() > q.dim():
+        if len(_mask_sizes(chain)) > q.dim():
             return False
         if chain.mask_kind == "additive" and not m.is_floating_point():
             return False  # SDPA would read a boolean as a keep-mask, not as +0 / +1
@@ -369,13 +410,22 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
         if chain.expand_v:
             v = _expanded(graph, v, chain.expand_v)
         mask = chain.mask
+        if mask is not None and chain.mask_space is not None:  # applied in a view of the leading axes
+            tail = list(((1, 1) + tuple(_val(mask).shape))[-2:])
+            full = graph.call_function(aten.expand.default, (mask, [*chain.mask_space, *tail]))
+            _fake(full, aten.expand.default, mask, [*chain.mask_space, *tail])
+            sizes = list(_mask_sizes(chain))
+            mask = graph.call_function(aten.reshape.default, (full, sizes))
+            _fake(mask, aten.reshape.default, full, sizes)
         if mask is not None and chain.mask_kind == "fill":
-            mask = graph.call_function(aten.logical_not.default, (chain.mask,))
-            _fake(mask, aten.logical_not.default, chain.mask)
+            inverted = graph.call_function(aten.logical_not.default, (mask,))
+            _fake(inverted, aten.logical_not.default, mask)
+            mask = inverted
         elif mask is not None and _val(mask).dtype != _val(chain.q).dtype:
             dtype = _val(chain.q).dtype
-            mask = graph.call_function(aten.to.dtype, (chain.mask, dtype))
-            _fake(mask, aten.to.dtype, chain.mask, dtype)
+            cast = graph.call_function(aten.to.dtype, (mask, dtype))
+            _fake(cast, aten.to.dtype, mask, dtype)
+            mask = cast
         q = chain.q
         for factor, how in chain.q_factors:  # a per-head (per-query) score scale, applied to the queries
             op = aten.mul.Tensor if how == "mul" else aten.div.Tensor
