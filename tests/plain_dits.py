@@ -23,6 +23,8 @@ HAND_WRITTEN_ATTENTION = (
     "rel_bias",       # q @ k^T * scale + a learned [H, N, N] bias (a mask with query and key axes)
     "multi_query",    # one K/V head ([b, 1, n, d]) that matmul broadcasts over every query head
     "in_place",       # MDT / research style: attn.mul_(scale), then attn += a learned [H, N, N] bias
+    "channels_first", # guided-diffusion's QKVAttentionLegacy: [B * H, d, N] operands, q and k each scaled
+                      # by d^-1/4, einsum "bct,bcs->bts", fp32 softmax, einsum "bts,bcs->bct"
     "folded_views",   # fairseq style: bmm over [B * H, N, d], the scores viewed as [B, H, N, N] for a
                       # per-head bias, viewed back, softmax, bmm
 )
@@ -52,6 +54,13 @@ def _hand_written_attention(form: str, q, k, v, bias=None):
         attn.mul_(scale)
         attn += bias[:, :n, :n]
         return attn.softmax(dim=-1) @ v
+    if form == "channels_first":
+        first = lambda t: t.transpose(-2, -1).reshape(b * heads, d, n)  # noqa: E731
+        root = d ** -0.25
+        weight = torch.einsum("bct,bcs->bts", first(q) * root, first(k) * root)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, first(v))
+        return a.reshape(b, heads, d, n).transpose(-2, -1)
     if form == "folded_views":
         fold = lambda t: t.reshape(b * heads, n, d)  # noqa: E731
         scores = torch.bmm(fold(q), fold(k).transpose(1, 2)) * scale

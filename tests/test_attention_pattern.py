@@ -163,6 +163,12 @@ def _in_place_on_scores_read_elsewhere(q, k, v, m):
     # a tensor scale constant over the keys (a learned per-head logit scale, here per query) scales the queries
     ("tensor scale per query", lambda q, k, v, m: ((q @ k.transpose(-2, -1)) * m[..., :1].exp()).softmax(-1) @ v,
      1.0, None),
+    ("channels first", lambda q, k, v, m: torch.einsum("bhts,bhcs->bhct", torch.einsum(
+        "bhct,bhcs->bhts", q.transpose(-2, -1), k.transpose(-2, -1)).softmax(-1), v.transpose(-2, -1))
+     .transpose(-2, -1), 1.0, None),
+    ("channels first, values first", lambda q, k, v, m: torch.einsum("bhcs,bhts->bhtc", v.transpose(-2, -1),
+                                                                     torch.einsum("bhtc,bhcs->bhts", q, k.transpose(
+                                                                         -2, -1)).softmax(-1)), 1.0, None),
     ("tensor scale then bias", lambda q, k, v, m: (torch.einsum("bhnd,bhmd->bhnm", q, k) / m[..., :1].exp() * 0.5
                                                    + m).softmax(-1) @ v, 0.5, "additive"),
 ])

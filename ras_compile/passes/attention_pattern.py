@@ -7,12 +7,14 @@ PixArt reference code, timm's non-fused path, diffusers' classic ``AttnProcessor
 which torch.export captures as::
 
     s = matmul(q, transpose(k, -2, -1))          # or bmm, baddbmm(_, q, kT, beta=0, alpha=a),
-                                                 # or einsum("...id,...jd->...ij", q, k)
+                                                 # or einsum("...id,...jd->...ij", q, k), q / k
+                                                 # possibly channel-first ("...di,...dj->...ij")
     s = s * c | s / c | s + mask | masked_fill(s, m, -inf) | to(s, dtype)   # any of, in any order
     s = view(s, [B, H, L, S]) | view(s, [B * H, L, S])   # regrouping the leading axes only
     p = softmax(s, -1)                           # or _softmax; optionally with a dtype
     p = dropout(p, _, False) | to(p, dtype) | clone(p)                     # inference no-ops
-    o = matmul(p, v)                             # or bmm, einsum("...ij,...jd->...id", p, v)
+    o = matmul(p, v)                             # or bmm, einsum("...ij,...jd->...id", p, v), in either
+                                                 # order, v / the output possibly channel-first
 
 Read as tokens, ``s`` has two token axes (queries and keys), which the analysis cannot
 follow. ``recognise_attention`` replaces each such chain by
@@ -80,6 +82,9 @@ class _Chain:
     q: fx.Node
     k: fx.Node               # [..., S, E]; or, when k_is_transposed, the [..., E, S] product operand
     k_is_transposed: bool    # True: ``k`` above is the [..., E, S] operand and needs a transpose
+    q_is_transposed: bool = False    # True: ``q`` is [..., E, L] (channel-first attention); likewise
+    v_is_transposed: bool = False    # ``v`` [..., E, S]
+    out_is_transposed: bool = False  # and the output [..., E, L]
     v: fx.Node | None = None
     expand_k: tuple | None = None  # ``expand`` sizes taking K / V to the queries' batch axes (size-1
     expand_v: tuple | None = None  # head axis: multi-query attention); () when they already match
@@ -151,25 +156,58 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
     return {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}
 
 
-def _einsum_roles(equation: str, kind: str) -> bool:
-    """Whether ``equation`` is a score product (``...id,...jd->...ij``, kind "scores") or a
-    value product (``...ij,...jd->...id``, kind "values") over the same leading axes."""
+def _einsum_terms(equation: str):
+    """``(a, b, out)`` of a two-operand einsum whose three terms share their leading axes (letters used
+    once) and have two trailing letters each; None otherwise."""
     eq = equation.replace(" ", "")
     if "->" not in eq or eq.count(",") != 1:
-        return False
+        return None
     ins, out = eq.split("->")
     a, b = ins.split(",")
     if any(len(t) < 3 for t in (a, b, out)) or len({a[:-2], b[:-2], out[:-2]}) != 1:
-        return False
-    prefix = a[:-2]
-    i, x = a[-2:]
-    y, z = b[-2:]
-    letters = [c for c in prefix if c != "."]
-    if len(set(letters)) != len(letters) or any(c in letters for c in (i, x, y, z)):
-        return False
-    if kind == "scores":   # a = i d, b = j d, out = i j
-        return x == z and len({i, y, x}) == 3 and out[-2:] == i + y
-    return x == y and len({i, x, z}) == 3 and out[-2:] == i + z  # a = i j, b = j d, out = i d
+        return None
+    letters = [c for c in a[:-2] if c != "."]
+    if len(set(letters)) != len(letters) or any(c in letters for c in a[-2:] + b[-2:] + out[-2:]):
+        return None
+    return a[-2:], b[-2:], out[-2:]
+
+
+def _einsum_scores(equation: str) -> tuple[bool, bool] | None:
+    """``equation`` as a score product ``q k^T`` over the same leading axes: ``(q_transposed,
+    k_transposed)``, each operand either ``[.., L, E]`` or, transposed, ``[.., E, L]`` (guided-diffusion's
+    ``"bct,bcs->bts"``); None if it is not one."""
+    terms = _einsum_terms(equation)
+    if terms is None:
+        return None
+    a, b, (i, j) = terms
+    if i == j or set(a) - {i} != set(b) - {j} or len(set(a) - {i}) != 1 or i not in a or j not in b:
+        return None
+    d = (set(a) - {i}).pop()
+    if d in (i, j):
+        return None
+    return a == d + i, b == d + j
+
+
+def _einsum_values(equation: str, p_operand: int) -> tuple[bool, bool] | None:
+    """``equation`` as a value product ``p v`` with ``p`` ``[.., L, S]`` its operand ``p_operand`` (0 or 1):
+    ``(v_transposed, out_transposed)``, ``v`` being ``[.., S, E]`` or ``[.., E, S]`` and the output
+    ``[.., L, E]`` or ``[.., E, L]`` (guided-diffusion's ``"bts,bcs->bct"``); None if it is not one."""
+    terms = _einsum_terms(equation)
+    if terms is None:
+        return None
+    p, v = (terms[0], terms[1]) if p_operand == 0 else (terms[1], terms[0])
+    (i, j), out = p, terms[2]
+    if i == j or j not in v or i in v or len(set(v)) != 2 or set(out) != {i} | (set(v) - {j}):
+        return None
+    d = (set(v) - {j}).pop()
+    return v == d + j, out == d + i
+
+
+def _value_product(user: fx.Node, p: fx.Node) -> tuple[bool, bool] | None:
+    """``user`` as an einsum value product reading the probabilities ``p``: its layout, or None."""
+    if _packet(user) is not aten.einsum or len(user.args[1]) != 2 or list(user.args[1]).count(p) != 1:
+        return None
+    return _einsum_values(user.args[0], list(user.args[1]).index(p))
 
 
 def _score_product(node: fx.Node) -> _Chain | None:
@@ -188,9 +226,10 @@ def _score_product(node: fx.Node) -> _Chain | None:
         if beta == 1:
             chain.mask, chain.mask_kind = node.args[0], "additive"
         return chain
-    if packet is aten.einsum and _einsum_roles(node.args[0], "scores") and len(node.args[1]) == 2:
+    layout = _einsum_scores(node.args[0]) if packet is aten.einsum and len(node.args[1]) == 2 else None
+    if layout is not None:
         q, k = node.args[1]
-        return _Chain(q=q, k=k, k_is_transposed=False)
+        return _Chain(q=q, k=k, k_is_transposed=layout[1], q_is_transposed=layout[0])
     return None
 
 
@@ -294,8 +333,7 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, list] | None:
             node = user
         elif packet in _PRODUCT and user.args[0] is node:
             return user, passed
-        elif (packet is aten.einsum and _einsum_roles(user.args[0], "values") and len(user.args[1]) == 2
-              and user.args[1][0] is node):
+        elif _value_product(user, node) is not None:
             return user, passed
         else:
             return None
@@ -309,6 +347,8 @@ def _shapes_fit(chain: _Chain, output: fx.Node) -> bool:
         return False
     if not (q.dim() == k.dim() == v.dim() == out.dim()):
         return False
+    q, v, out = (t.transpose(-2, -1) if flag else t for t, flag in
+                 ((q, chain.q_is_transposed), (v, chain.v_is_transposed), (out, chain.out_is_transposed)))
     k_shape = tuple(k.shape[:-2]) + ((k.shape[-1], k.shape[-2]) if chain.k_is_transposed else tuple(k.shape[-2:]))
     batch = tuple(q.shape[:-2])
     if k_shape[-1] != q.shape[-1] or v.shape[-2] != k_shape[-2] or tuple(out.shape[:-2]) != batch:
@@ -373,7 +413,12 @@ def _match(softmax: fx.Node) -> tuple[_Chain, fx.Node] | None:
     if forward is None:
         return None
     output, passed = forward
-    chain.v = output.args[1] if _packet(output) in _PRODUCT else output.args[1][1]
+    if _packet(output) in _PRODUCT:
+        chain.v = output.args[1]
+    else:
+        p = passed[-1] if passed else softmax
+        chain.v_is_transposed, chain.out_is_transposed = _value_product(output, p)
+        chain.v = next(a for a in output.args[1] if a is not p)
     if not isinstance(chain.v, fx.Node) or not _shapes_fit(chain, output):
         return None
     chain.nodes += [softmax, *passed, output]
@@ -402,9 +447,8 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
     with graph.inserting_before(output):
         k = chain.k
         if chain.k_is_transposed:
-            k = graph.call_function(aten.transpose.int, (chain.k, -2, -1))
-            _fake(k, aten.transpose.int, chain.k, -2, -1)
-        v = chain.v
+            k = _transposed(graph, chain.k)
+        v = _transposed(graph, chain.v) if chain.v_is_transposed else chain.v
         if chain.expand_k:  # multi-query: one K/V head read by every query head, made explicit
             k = _expanded(graph, k, chain.expand_k)
         if chain.expand_v:
@@ -426,7 +470,7 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
             cast = graph.call_function(aten.to.dtype, (mask, dtype))
             _fake(cast, aten.to.dtype, mask, dtype)
             mask = cast
-        q = chain.q
+        q = _transposed(graph, chain.q) if chain.q_is_transposed else chain.q
         for factor, how in chain.q_factors:  # a per-head (per-query) score scale, applied to the queries
             op = aten.mul.Tensor if how == "mul" else aten.div.Tensor
             scaled = graph.call_function(op, (q, factor))
@@ -440,11 +484,19 @@ def _replace(graph: fx.Graph, chain: _Chain, output: fx.Node) -> fx.Node:
         kwargs = {"attn_mask": mask, "scale": chain.scale}
         sdpa = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
         _fake(sdpa, aten.scaled_dot_product_attention.default, q, k, v, **kwargs)
+        result = _transposed(graph, sdpa) if chain.out_is_transposed else sdpa
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in output.meta:
             sdpa.meta[key] = output.meta[key]
-    output.replace_all_uses_with(sdpa)
+    output.replace_all_uses_with(result)
     return sdpa
+
+
+def _transposed(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """``aten.transpose(node, -2, -1)`` with its fake value (inserted at the graph's insert point)."""
+    t = graph.call_function(aten.transpose.int, (node, -2, -1))
+    _fake(t, aten.transpose.int, node, -2, -1)
+    return t
 
 
 def _erase_dead(graph: fx.Graph, nodes: list) -> set[fx.Node]:
