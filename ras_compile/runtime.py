@@ -271,11 +271,11 @@ class RASModule(torch.nn.Module):
             lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
             lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
             rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
-            join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x), ff row-wise
             concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
+            join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x), ff row-wise; attention slices
             lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
             reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
             analysis = _analyze(program, gm, latent_node, reading)

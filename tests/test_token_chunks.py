@@ -222,3 +222,69 @@ def test_diffusers_feed_forward_chunking_runs_token_sparse(family):
     for _ in range(3):
         index = torch.stack([torch.randperm(16)[:5].sort().values for _ in range(2)])
         assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
+
+
+# --------------------------------------------------------------------------- attention over slices of the batch
+
+
+def _sliced_attention(q, k, v, m):  # SlicedAttnProcessor: heads folded into the batch, two slices at a time
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    for s in range(0, q.shape[0], 2):
+        scores = torch.baddbmm(m[s:s + 2], q[s:s + 2], k[s:s + 2].transpose(1, 2), beta=1, alpha=0.5)
+        out[s:s + 2] = torch.bmm(scores.softmax(-1), v[s:s + 2])
+    return out
+
+
+def _sliced_with_a_gap(q, k, v, m):
+    return torch.cat([F.scaled_dot_product_attention(q[s:s + 2], k[s:s + 2], v[s:s + 2]) for s in (0, 3)])
+
+
+def _sliced_keys_not_cut(q, k, v, m):  # every slice of queries attends to the first slice's keys
+    return torch.cat([F.scaled_dot_product_attention(q[s:s + 2], k[:2], v[:2]) for s in (0, 2, 4)])
+
+
+def _sliced_out_of_order(q, k, v, m):
+    return torch.cat([F.scaled_dot_product_attention(q[s:s + 2], k[s:s + 2], v[s:s + 2]) for s in (2, 0, 4)])
+
+
+def _rewritten(fn, *args):
+    """``fn`` exported and rewritten as the capture does before joining (buffer writes, attention)."""
+    from ras_compile.passes.attention_pattern import recognise_attention
+    from ras_compile.passes.buffer_writes import concatenate_buffer_writes
+
+    program = _program(fn, *args)
+    concatenate_buffer_writes(program.graph_module)
+    recognise_attention(program.graph_module)
+    return program
+
+
+def test_attention_over_slices_of_the_batch_is_one_attention_over_the_batch():
+    q, k, v, m = torch.randn(6, 5, 4), torch.randn(6, 7, 4), torch.randn(6, 7, 3), torch.randn(6, 1, 7)
+    program = _rewritten(_sliced_attention, q, k, v, m)
+    assert join_token_chunks(program.graph_module) == 1
+    assert _count(program, aten.scaled_dot_product_attention) == 1 and _count(program, aten.slice) == 0
+    torch.testing.assert_close(program.module()(q, k, v, m), _sliced_attention(q, k, v, m))
+
+
+@pytest.mark.parametrize("fn", [_sliced_with_a_gap, _sliced_keys_not_cut, _sliced_out_of_order])
+def test_slices_that_do_not_take_the_batch_apart_in_order_are_left_alone(fn):
+    q, k, v, m = torch.randn(6, 5, 4), torch.randn(6, 7, 4), torch.randn(6, 7, 3), torch.randn(6, 1, 7)
+    program = _rewritten(fn, q, k, v, m)
+    assert join_token_chunks(program.graph_module) == 0
+    torch.testing.assert_close(program.module()(q, k, v, m), fn(q, k, v, m))
+
+
+def test_diffusers_sliced_attention_processor_runs_token_sparse():
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    model = tiny_pixart_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8, patch_size=2,
+                                    sample_size=8, seed=0)
+    model.set_attn_processor(SlicedAttnProcessor(slice_size=1))
+    kw = example_inputs(model, batch=2, height=8, width=8, seed=0, text_len=7)
+    ras = ras_compile(model, POLICY, backend=None)
+    analysis = ras.ras_analysis(**kw)
+    assert analysis.num_tokens == 16 and len(analysis.attention) == 1 and _only_the_unpatchify_is_dense(analysis)
+    torch.manual_seed(2)
+    for _ in range(3):
+        index = torch.stack([torch.randperm(16)[:6].sort().values for _ in range(2)])
+        assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
