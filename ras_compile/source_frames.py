@@ -21,8 +21,10 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*(?:\n
 
 
 def is_model_file(filename: str) -> bool:
-    """Not torch's, not ours, not ``contextlib``'s wrappers (``filename`` as a frame names it: the
+    """Not torch's, not ours, not ``contextlib``'s wrappers, not code torch.fx generated (``filename`` as a frame names it: the
     package imported through a relative path, ``docs/../ras_compile``, is still ours)."""
+    if filename.startswith("<eval_with_key>"):  # code torch.fx generated while tracing
+        return False
     filename = os.path.abspath(filename)
     return not filename.startswith((_TORCH_DIR, _PACKAGE_DIR)) and os.sep + "contextlib.py" not in filename
 

@@ -546,6 +546,11 @@ class _Analyzer:
         if handler is None and isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
             handler = _pointwise
         grid_inputs = [a for a in annotated if self.layout[a].grid]
+        if handler is None and not grid_inputs and "flex_attention" in str(node.target):
+            self.refuse(node, "flex_attention with a block mask or a score function: only plain flex_attention(q, "
+                              "k, v) is read as attention (and becomes SDPA); with a mask_mod / score_mod the pass "
+                              "cannot tell which cached keys each active query sees. Write the mask as an SDPA "
+                              "attn_mask to run it token-sparse")
         if handler is None and not grid_inputs:
             self.refuse(node, "no token rule for this operator: the pass cannot tell whether it mixes image tokens")
         _check_write_target(self, node, annotated)
