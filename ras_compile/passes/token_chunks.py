@@ -57,7 +57,7 @@ def _broadcasts_along(operand, out_rank: int, dim: int) -> bool:
     if not isinstance(val, torch.Tensor):
         return True
     lead = out_rank - val.dim()
-    return dim < lead or val.shape[dim - lead] == 1
+    return lead >= 0 and (dim < lead or val.shape[dim - lead] == 1)
 
 
 def _reads(node: fx.Node) -> list:
