@@ -158,10 +158,11 @@ def _expand(values, n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """How image tokens tile the latent: token ``i`` is the row-major patch ``i``.
+    """How image tokens tile the latent: token ``i`` is patch ``i`` in row-major order over ``grid_axes``.
 
-    ``grid_axes`` are latent dimensions (1-based, 0 is the batch) that the patches tile;
-    every other latent dimension is a channel dimension.
+    ``grid_axes`` are latent dimensions (1-based, 0 is the batch) that the patches tile, in token order
+    (``(2, 3)`` row-major over height and width; ``(3, 2)`` column-major); every other latent dimension
+    is a channel dimension.
     """
 
     latent_shape: tuple[int, ...]   # the whole latent, batch included
@@ -194,10 +195,10 @@ def _is_outer(atom: Atom, extents: tuple[int, ...]) -> bool:
 
 def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
                    tubes: bool = False, lead_tube: bool = False) -> tuple[int, TokenGrid] | None:
-    """The dimension holding the row-major patch grid, if this tensor has one.
+    """The dimension holding the patch grid, if this tensor has one.
 
-    A candidate is made only of the outermost atoms of distinct latent axes, in axis
-    order. Every other dimension holding the outermost atom of some axis must be a
+    A candidate is made only of the outermost atoms of distinct latent axes, in any order
+    (row-major tokens, or column-major ones: the grid's axes are then listed in token order). Every other dimension holding the outermost atom of some axis must be a
     per-token feature dimension, i.e. also hold the inside of a patch; otherwise that
     axis (frames kept apart, say) still tiles the image and the candidate is only part
     of the grid. With ``tubes``, such an axis may also sit in the batch dimension
@@ -209,8 +210,8 @@ def find_token_dim(value: GridValue, latent_shape: tuple[int, ...],
     for dim, atoms in enumerate(value.dims):
         if not atoms or not all(_is_outer(a, extents) for a in atoms):
             continue
-        axes = [int(a[0][1:]) for a in atoms]
-        if axes != sorted(set(axes)) or prod(a[2] for a in atoms) <= 1:
+        axes = [int(a[0][1:]) for a in atoms]  # in token order: row-major, or e.g. column-major (w, h)
+        if len(set(axes)) != len(axes) or prod(a[2] for a in atoms) <= 1 or (lead_tube and axes != sorted(axes)):
             continue
         complete, tube_axes = True, []
         for other, other_atoms in enumerate(value.dims):
