@@ -26,15 +26,17 @@ def _token_ids(grid: TokenGrid) -> torch.Tensor:
     ((2, 4, 3, 8, 6), (2, 3, 4), (1, 2, 2)),  # [B, C, F, H, W]
     ((2, 3, 4, 8, 6), (1, 3, 4), (1, 2, 2)),  # [B, F, C, H, W] (CogVideoX)
     ((2, 4, 24), (2,), (1,)),                 # [B, C, L] (audio)
+    ((2, 4, 8, 12), (3, 2), (2, 2)),          # column-major tokens: width, then height
 ])
 def test_every_patch_position_lands_on_its_token(latent_shape, grid_axes, patch):
     grid = TokenGrid(latent_shape, grid_axes, patch)
-    ids = _token_ids(grid).float()
+    ids = _token_ids(grid).float()  # over the grid axes in token order: put them in the latent's order
+    ids = ids.permute(sorted(range(len(grid_axes)), key=grid_axes.__getitem__))
     channel_axes = grid.channel_axes
     # a prediction whose every channel holds the token id of its position (+1000 in sample 1)
     view = [1] * len(latent_shape)
-    for axis, size in zip(grid_axes, grid.spatial_shape):
-        view[axis] = size
+    for axis in grid_axes:
+        view[axis] = latent_shape[axis]
     prediction = ids.reshape(view).expand(latent_shape).clone()
     prediction[1] += 1000
     analysis = TokenAnalysis(grid.num_tokens, latent_shape[0], grid, "latent", "source")

@@ -2,14 +2,15 @@
 
 Before the token axis exists, the analysis follows the latent ``[B, *axes]`` (any
 order of channels, frames and spatial axes: ``[B, C, H, W]``, ``[B, C, F, H, W]``,
-``[B, F, C, H, W]``, ``[B, C, L]``) through patch embedding (a non-overlapping convolution, or views and permutes
+``[B, F, C, H, W]``, ``[B, C, L]``) through patch embedding (a patch convolution, overlapping or not, or views and permutes
 that cut the image into patches) by giving every tensor dimension a tuple of
 *atoms*. An atom ``(axis, stride, size)`` says "this dimension walks ``size``
 steps of latent ``axis`` with step ``stride``": splitting ``H`` into patches of 2
 gives the outer atom ``("s0", 2, H/2)`` and the inner atom ``("s0", 1, 2)``.
 
 The token axis is the first dimension made of exactly the outer atoms of every
-spatial axis in order (row-major patch grid). Nothing here depends on a model
+spatial axis (the patch grid, row-major in the order its atoms come: column-major tokens
+list the width first). Nothing here depends on a model
 class: only on shapes and on what the operators do to dimensions.
 
 A model may also fold a grid axis into the batch axis before the patch embedding
@@ -117,12 +118,23 @@ def permute(value: GridValue, order: list[int]) -> GridValue:
 
 def patch_conv(value: GridValue, out_shape: tuple[int, ...], kernel: list[int], stride: list[int],
                padding: list[int], dilation: list[int]) -> GridValue | None:
-    """Atoms after a convolution that cuts non-overlapping patches (kernel == stride)."""
+    """Atoms after a convolution that cuts patches: non-overlapping ones (kernel == stride, no padding),
+    or overlapping ones whose output has one position per ``stride`` pixels (kernel 3, stride 2,
+    padding 1): before the token source every value is computed on the full latent, so a patch that
+    reads its neighbours' pixels is exact there, and token ``i`` owns the ``stride``-sized cell ``i``."""
     spatial = len(out_shape) - 2
     kernel, stride = _expand(kernel, spatial), _expand(stride, spatial)
     padding, dilation = _expand(padding, spatial), _expand(dilation, spatial)
-    if kernel != stride or any(padding) or any(d != 1 for d in dilation):
+    if any(d != 1 for d in dilation) or any(k < s for k, s in zip(kernel, stride)):
         return None
+    if kernel != stride or any(padding):  # overlapping: one output position per stride cell
+        spatial_axes = {atom[0] for dim in value.dims[2:] for atom in dim}
+        if all(st == 1 for st in stride) or any(atom[0] in spatial_axes for atom in value.dims[1]):
+            return None  # a size-keeping stem (same_size_conv), or channels holding positions inside patches
+        sizes = [atoms[0][2] if len(atoms) == 1 else None for atoms in value.dims[2:2 + spatial]]
+        if any(n is None or n % st or out_shape[2 + i] != n // st for i, (n, st) in enumerate(zip(sizes, stride))):
+            return None
+        kernel = stride
     dims: list[DimAtoms] = [value.dims[0], fresh_atoms(out_shape[1])]
     for i in range(spatial):
         atoms = value.dims[2 + i]

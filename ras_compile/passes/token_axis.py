@@ -348,7 +348,7 @@ class _Analyzer:
             stops = ", ".join(f"'{n.name}' ({_op_name(n)})" for n in self.grid_stops[:3])
             raise UnsupportedModelError(
                 f"no token sequence found: the latent '{self.latent.name}' never becomes a sequence of patch "
-                "tokens (expected a non-overlapping patch convolution or patch views followed by a flatten)"
+                "tokens (expected a patch convolution or patch views followed by a flatten)"
                 + (f"; the latent's grid was followed up to {stops}, which no grid rule covers" if stops else "")
                 + "".join(f"; the latent was concatenated with another tensor along a spatial axis at '{n.name}'"
                           f"{node_frame(n)} (a diptych or extra rows / frames): its patches are then not the "
@@ -406,9 +406,10 @@ class _Analyzer:
                                   "patches (after a pixel unshuffle or patch views): it mixes neighbouring patches "
                                   "into each position, so the latent cannot be split into tokens")
             if out is None:
-                self.refuse(node, "a convolution over the latent that does not cut non-overlapping patches "
-                                  "(kernel != stride, padding or dilation) and does not keep its size: the latent "
-                                  "cannot be split into tokens")
+                self.refuse(node, "a convolution over the latent that neither cuts patches (kernel == stride, or "
+                                  "an overlapping kernel with one output position per stride cell: kernel 3, "
+                                  "stride 2, padding 1) nor keeps its size (dilation, or an output size that is not "
+                                  "the input's divided by the stride): the latent cannot be split into tokens")
         elif packet in _SAME_SHAPE or packet in _GRID_NORMS or (isinstance(node.target, torch._ops.OpOverload)
                                         and torch.Tag.pointwise in node.target.tags):
             if out_shape == _shape(src):
