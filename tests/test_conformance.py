@@ -26,7 +26,7 @@ REFUSED = {
     "qwen_image21": (None, "image_pad_mask.tolist()"),  # joint layout read from a mask on the host
     "nucleus_moe": ("aten.gather.default", "moves values between image tokens"),  # expert-choice routing: top-k over tokens
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
-    "kandinsky6_sr": ("flex_attention", "no token rule for this operator"),  # NABLA block mask from q/k scores
+    "kandinsky6_sr": ("flex_attention", "flex_attention with a block mask or a score function"),  # NABLA mask
     "wan_animate2": (None, "is a list of"),  # per-sample latent lists
     "hunyuan_video15": (None, "if is_t2v:"),  # branches on torch.all(image_embeds == 0)
     "hunyuan_framepack": (None, "effective_sequence_length"),  # mask sliced at a tensor-valued length

@@ -191,13 +191,17 @@ def _other_chunks(x):
     return torch.cat([a[0], b[1], a[2]], dim=1)
 
 
+def _unbound(x):  # the pieces' rows taken apart along another axis and stacked: no row-wise operator
+    return torch.cat([torch.stack([u.relu() for u in p.unbind(1)], 1) for p in x.chunk(3, dim=2)], dim=2)
+
+
 def _causal_queries(x):  # is_causal aligns the mask to each piece: not the mask over the whole
     q = x.unsqueeze(1)
     return torch.cat([F.scaled_dot_product_attention(p, q, q, is_causal=True) for p in q.chunk(3, dim=2)], dim=2)
 
 
 @pytest.mark.parametrize("fn", [_mixing, _different, _out_of_order, _read_elsewhere, _other_axis, _other_chunks,
-                                _causal_queries])
+                                _causal_queries, _unbound])
 def test_pieces_that_are_not_one_row_wise_computation_are_left_alone(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)

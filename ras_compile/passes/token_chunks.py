@@ -87,7 +87,7 @@ def _row_wise(node: fx.Node, inner: set, dim: int) -> bool:
     (the piece's computation) only, its other operands being weights or broadcasting along ``dim``."""
     packet, operands = _packet(node), _reads(node)
     if node.target is operator.getitem:  # an item of a cut along another axis
-        return node.args[0] in inner
+        return node.args[0] in inner and _packet(node.args[0]) in _CUTS
     first_only = node.args[0] in inner and all(a not in inner for a in operands[1:])
     if packet in _CUTS:
         return first_only and _cut_dim(node) % _val(node.args[0]).dim() != dim
@@ -96,6 +96,8 @@ def _row_wise(node: fx.Node, inner: set, dim: int) -> bool:
                                                  for a in operands if a in inner):
         return False  # every tensor of the computation keeps the rank, so ``dim`` names one axis throughout
     rank = val.dim()
+    if dim >= rank:
+        return False
     if packet is aten.linear:
         return first_only and dim != rank - 1
     if packet in _NORMS:
@@ -154,7 +156,8 @@ def _above(piece: fx.Node, dim: int, rank: int) -> tuple[set, set]:
     return above, leaves
 
 
-def _region(piece: fx.Node, above: set, leaves: set, dim: int) -> tuple[list[fx.Node], list[fx.Node]] | None:
+def _region(piece: fx.Node, above: set, leaves: set, dim: int,
+            order: dict) -> tuple[list[fx.Node], list[fx.Node]] | None:
     """The computation of ``piece`` from the cut pieces ``leaves``: ``(leaves, nodes)``, the operators
     between them and ``piece`` in graph order (``piece`` last), when every operator is row-wise along
     ``dim`` and nothing else reads their values; None otherwise."""
@@ -169,12 +172,11 @@ def _region(piece: fx.Node, above: set, leaves: set, dim: int) -> tuple[list[fx.
     if piece not in inner:
         return None
     nodes = inner - leaves
-    for node in inner:
+    for node in sorted(inner, key=order.__getitem__):  # in graph order: operands judged before their readers
         if node in nodes and not _row_wise(node, inner, dim):
             return None
         if node is not piece and any(u not in nodes for u in node.users if not is_assert(u)):
             return None  # a value of the computation read elsewhere too
-    order = {n: i for i, n in enumerate(piece.graph.nodes)}
     return sorted(leaves, key=order.__getitem__), sorted(nodes, key=order.__getitem__)
 
 
@@ -198,7 +200,7 @@ def _tile(keys: list[tuple], size) -> bool:
     return keys[0][1] == 0 and keys[-1][2] == size and all(a[2] == b[1] for a, b in zip(keys, keys[1:]))
 
 
-def _join(gm: fx.GraphModule, cat: fx.Node) -> bool:
+def _join(gm: fx.GraphModule, cat: fx.Node, order: dict) -> bool:
     pieces = list(cat.args[0])
     if not all(isinstance(p, fx.Node) and isinstance(_val(p), torch.Tensor) for p in pieces):
         return False
@@ -208,7 +210,7 @@ def _join(gm: fx.GraphModule, cat: fx.Node) -> bool:
         return False  # a piece read elsewhere too
     searched = [_above(p, dim, rank) for p in pieces]
     shared = set.intersection(*(leaves for _, leaves in searched))  # read by every piece alike: not a cut
-    regions = [_region(p, above, leaves - shared, dim) for p, (above, leaves) in zip(pieces, searched)]
+    regions = [_region(p, above, leaves - shared, dim, order) for p, (above, leaves) in zip(pieces, searched)]
     if any(r is None for r in regions):
         return False
     first = _signature(*regions[0], dim, rank)
@@ -241,7 +243,11 @@ def join_token_chunks(gm: fx.GraphModule) -> int:
     """Replace every piecewise row-wise computation joined back along its axis (in place); how many."""
     cats = [n for n in gm.graph.nodes if n.op == "call_function" and _packet(n) is aten.cat
             and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) > 1]
-    joined = sum(_join(gm, cat) for cat in cats)
+    joined, order = 0, None
+    for cat in cats:
+        order = order or {n: i for i, n in enumerate(gm.graph.nodes)}  # graph order, made again after a join
+        if _join(gm, cat, order):
+            joined, order = joined + 1, None
     if joined:
         gm.graph.lint()
         gm.recompile()
