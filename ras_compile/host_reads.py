@@ -108,17 +108,27 @@ def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> 
     return names, None
 
 
+def _specialisable(fake, name: str, what: str, candidates, record: HostReads):
+    """The real tensor behind ``fake`` when its value may be specialised on (it is computed from the
+    call's integer / boolean inputs, whose names are recorded); None otherwise, the first such read
+    recorded as the refusal (``name`` ``what``: "`item` reads a tensor value on the host")."""
+    real = getattr(fake, "real_tensor", None)
+    names, why = _sources(fake, candidates)
+    if real is None or why is not None:
+        if record.refused is None:
+            record.refused = f"`{name}` {what}{_model_line()}, and {why or 'its value is unknown'}"
+        return None
+    record.inputs.extend(n for n in names if n not in record.inputs)
+    return real
+
+
 def _patched(name: str, original, candidates, record: HostReads):
     def read(self, *args, **kwargs):
         if not isinstance(self, FakeTensor):
             return original(self, *args, **kwargs)
-        real = getattr(self, "real_tensor", None)
-        names, why = _sources(self, candidates)
-        if real is None or why is not None:
-            if record.refused is None:
-                record.refused = f"`{name}` reads a tensor value on the host{_model_line()}, and {why or 'its value is unknown'}"
+        real = _specialisable(self, name, "reads a tensor value on the host", candidates, record)
+        if real is None:
             return original(self, *args, **kwargs)
-        record.inputs.extend(n for n in names if n not in record.inputs)
         with _disable_current_modes():
             return original(real, *args, **kwargs)
     return read
@@ -139,14 +149,9 @@ def _patched_sized(name: str, original, candidates, record: HostReads):
     def sized(self, *args, **kwargs):
         if not isinstance(self, FakeTensor):
             return original(self, *args, **kwargs)
-        real = getattr(self, "real_tensor", None)
-        names, why = _sources(self, candidates)
-        if real is None or why is not None:
-            if record.refused is None:
-                record.refused = (f"`{name}` sizes its output by tensor values{_model_line()}, and "
-                                  f"{why or 'its value is unknown'}")
+        real = _specialisable(self, name, "sizes its output by tensor values", candidates, record)
+        if real is None:
             return original(self, *args, **kwargs)
-        record.inputs.extend(n for n in names if n not in record.inputs)
         with _disable_current_modes():
             value = original(real, *args, **kwargs)
         return _constant(value)
