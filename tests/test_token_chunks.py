@@ -151,7 +151,14 @@ def _queries(x):
     return torch.cat([F.scaled_dot_product_attention(p, q, q) for p in q.chunk(3, dim=2)], dim=2)
 
 
-@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated, _queries])
+def _hand_written(x):  # a hand-written RMSNorm, weights applied with @, a softmax over the features
+    def ff(p):
+        p = p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (p @ _GATED.T).softmax(-1) @ _GATED
+    return torch.cat([ff(p) for p in x.chunk(3, dim=1)], dim=1)
+
+
+@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated, _queries, _hand_written])
 def test_row_wise_pieces_joined_are_one_computation_with_the_same_values(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)
@@ -191,6 +198,10 @@ def _other_chunks(x):
     return torch.cat([a[0], b[1], a[2]], dim=1)
 
 
+def _norm_over_tokens(x):  # a mean over each piece's rows
+    return torch.cat([p - p.mean(1, keepdim=True) for p in x.chunk(3, dim=1)], dim=1)
+
+
 def _unbound(x):  # the pieces' rows taken apart along another axis and stacked: no row-wise operator
     return torch.cat([torch.stack([u.relu() for u in p.unbind(1)], 1) for p in x.chunk(3, dim=2)], dim=2)
 
@@ -201,7 +212,7 @@ def _causal_queries(x):  # is_causal aligns the mask to each piece: not the mask
 
 
 @pytest.mark.parametrize("fn", [_mixing, _different, _out_of_order, _read_elsewhere, _other_axis, _other_chunks,
-                                _causal_queries, _unbound])
+                                _causal_queries, _unbound, _norm_over_tokens])
 def test_pieces_that_are_not_one_row_wise_computation_are_left_alone(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)

@@ -14,12 +14,15 @@ into pieces whose active tokens differ; on a folded batch axis, heads taken apar
 When every operator of the computation is **row-wise along** ``dim`` (each output row depends on the
 same rows of its cut inputs only: ``linear`` over the features, pointwise operators whose other
 operands broadcast along ``dim``, ``layer_norm`` / ``rms_norm`` over trailing features, dropout in eval
-mode, casts, a ``chunk`` / ``split`` along another axis and its items (GEGLU, SwiGLU), and
+mode, casts, ``x @ W`` with a weight, a softmax or a kept reduction over other axes (a hand-written
+RMSNorm), a ``chunk`` / ``split`` along another axis and its items (GEGLU, SwiGLU), and
 ``scaled_dot_product_attention`` whose cut operand is the queries along their token axis, without
 ``is_causal``, which aligns its mask to each piece, or whose cut operands are all of q, k, v (and the
 mask) along a batch axis, without ``enable_gqa``), the pieces' results joined in order are the
-computation on the uncut tensors: the cat is replaced by one copy of it. Anything else keeps its
-pieces (which the analysis then judges).
+computation on the uncut tensors: the cat is replaced by one copy of it. Operands from outside the
+pieces must be the same in every piece, or the same pure computation on the same inputs (a weight
+transposed inside the chunked function). Anything else keeps its pieces (which the analysis then
+judges).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ _CUTS = {aten.chunk, aten.split, aten.split_with_sizes}
 _ROW_WISE = {aten.linear, aten.gelu, aten.silu, aten.relu, aten.dropout, aten._to_copy, aten.to, aten.clone,
              aten.contiguous, aten.alias, aten.detach}
 _NORMS = {aten.layer_norm: 1, aten.rms_norm: 1}  # the normalised shape argument
+_ALONG = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}  # over one axis
+_REDUCTIONS = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var}  # over axes, kept (keepdim)
 _LIMIT = 512  # nodes one piece's computation may span
 
 
@@ -104,6 +109,15 @@ def _row_wise(node: fx.Node, inner: set, dim: int) -> bool:
         return first_only and dim < rank - len(node.args[_NORMS[packet]])
     if packet is aten.scaled_dot_product_attention:
         return _sdpa_row_wise(node, inner, rank, dim)
+    if packet in (aten.matmul, aten.mm):  # x @ W with a weight W: the features contracted
+        w = _val(node.args[1])
+        return first_only and isinstance(w, torch.Tensor) and w.dim() <= 2 and dim != rank - 1
+    if packet in _ALONG:  # a softmax over another axis (a router's over its experts)
+        return first_only and node.args[1] % rank != dim
+    if packet in _REDUCTIONS:  # x.pow(2).mean(-1, keepdim=True) of a hand-written RMSNorm
+        axes = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        axes = [axes] if isinstance(axes, int) else axes
+        return first_only and bool(axes) and all(isinstance(a, int) and a % rank != dim for a in axes)
     if packet in _ROW_WISE:
         return first_only
     if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
@@ -184,10 +198,22 @@ def _signature(leaves: list[fx.Node], nodes: list[fx.Node], dim: int, rank: int)
     """What two pieces' computations must share: the cut tensors they read, and every operator's target
     and arguments, with the computation's own values named by their place in it."""
     place = {n: ("leaf", i) for i, n in enumerate(leaves)} | {n: ("node", i) for i, n in enumerate(nodes)}
-    name = lambda a: place.get(a, a)  # noqa: E731
+    name = lambda a: place[a] if a in place else _canonical(a) if isinstance(a, fx.Node) else a  # noqa: E731
     return (tuple(_piece_of(leaf, dim, rank)[0] for leaf in leaves),
             tuple((op.target, tuple(fx.node.map_arg(a, name) for a in op.args),
                    tuple(sorted((k, fx.node.map_arg(v, name)) for k, v in op.kwargs.items()))) for op in nodes))
+
+
+def _canonical(node: fx.Node, depth: int = 8):
+    """What an operand from outside the computation is, such that two copies of one pure computation on
+    the same inputs (``self.w.t()`` written inside the chunked function, one per piece) compare equal."""
+    if depth == 0 or node.op != "call_function" or node.is_impure() or not isinstance(_val(node), torch.Tensor) \
+            or (isinstance(node.target, torch._ops.OpOverload)
+                and torch.Tag.nondeterministic_seeded in node.target.tags):
+        return node
+    name = lambda a: _canonical(a, depth - 1) if isinstance(a, fx.Node) else a  # noqa: E731
+    return ("computed", node.target, tuple(fx.node.map_arg(a, name) for a in node.args),
+            tuple(sorted((k, fx.node.map_arg(v, name)) for k, v in node.kwargs.items())))
 
 
 def _tile(keys: list[tuple], size) -> bool:
