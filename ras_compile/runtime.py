@@ -275,7 +275,7 @@ class RASModule(torch.nn.Module):
             rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
             recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
             recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
-            join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x), ff row-wise; attention slices
+            joined = join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x); attention slices
             lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
             reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
             analysis = _analyze(program, gm, latent_node, reading)
@@ -284,6 +284,7 @@ class RASModule(torch.nn.Module):
                     analysis = analyze_tokens(gm, latent_node, **reading)
                 analysis = fuse_kv_projections(gm, analysis)
             analysis.recognised_attention = recognised
+            analysis.joined_pieces = joined
         except UnsupportedModelError as exc:
             if self.ras_policy.on_unsupported != "fallback":
                 raise

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
+from ras_compile import RASPolicy, UnsupportedModelError, explain, ras_compile
 from ras_compile.passes.token_chunks import join_token_chunks
 from ras_compile.tiny_models import example_inputs, tiny_pixart_transformer, tiny_sd3_transformer
 from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
@@ -97,6 +97,12 @@ def test_the_chunked_model_runs_token_sparse(mode):
     assert _only_the_unpatchify_is_dense(analysis)
 
 
+def test_explain_reports_the_joined_pieces_with_their_line():
+    text = str(explain(_model("ff"), _inputs(), POLICY, verbose=False))
+    assert "piecewise computations joined (1): cat" in text and "4 pieces along axis 1" in text
+    assert "test_token_chunks.py:" in text and "x.chunk(4, dim=1)" in text, text
+
+
 def test_a_computation_that_mixes_the_rows_of_its_piece_keeps_its_chunks_and_is_refused():
     model = _model("mixing")
     with pytest.raises(UnsupportedModelError) as info:
@@ -162,7 +168,7 @@ def _hand_written(x):  # a hand-written RMSNorm, weights applied with @, a softm
 def test_row_wise_pieces_joined_are_one_computation_with_the_same_values(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)
-    assert join_token_chunks(program.graph_module) == 1
+    assert len(join_token_chunks(program.graph_module)) == 1
     assert _count(program, aten.cat) == 0
     assert _count(program, aten.chunk) + _count(program, aten.split) + _count(program, aten.split_with_sizes) \
         == (1 if fn is _gated else 0)  # the gate's own chunk over the features stays
@@ -216,7 +222,7 @@ def _causal_queries(x):  # is_causal aligns the mask to each piece: not the mask
 def test_pieces_that_are_not_one_row_wise_computation_are_left_alone(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)
-    assert join_token_chunks(program.graph_module) == 0
+    assert join_token_chunks(program.graph_module) == []
     torch.testing.assert_close(program.module()(x), fn(x))
 
 
@@ -276,7 +282,7 @@ def _rewritten(fn, *args):
 def test_attention_over_slices_of_the_batch_is_one_attention_over_the_batch():
     q, k, v, m = torch.randn(6, 5, 4), torch.randn(6, 7, 4), torch.randn(6, 7, 3), torch.randn(6, 1, 7)
     program = _rewritten(_sliced_attention, q, k, v, m)
-    assert join_token_chunks(program.graph_module) == 1
+    assert len(join_token_chunks(program.graph_module)) == 1
     assert _count(program, aten.scaled_dot_product_attention) == 1 and _count(program, aten.slice) == 0
     torch.testing.assert_close(program.module()(q, k, v, m), _sliced_attention(q, k, v, m))
 
@@ -285,7 +291,7 @@ def test_attention_over_slices_of_the_batch_is_one_attention_over_the_batch():
 def test_slices_that_do_not_take_the_batch_apart_in_order_are_left_alone(fn):
     q, k, v, m = torch.randn(6, 5, 4), torch.randn(6, 7, 4), torch.randn(6, 7, 3), torch.randn(6, 1, 7)
     program = _rewritten(fn, q, k, v, m)
-    assert join_token_chunks(program.graph_module) == 0
+    assert join_token_chunks(program.graph_module) == []
     torch.testing.assert_close(program.module()(q, k, v, m), fn(q, k, v, m))
 
 

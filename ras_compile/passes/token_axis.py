@@ -170,6 +170,7 @@ class TokenAnalysis:
     counts: dict[str, int] = field(default_factory=dict)
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
     recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
+    joined_pieces: list[str] = field(default_factory=list)  # piecewise computations joined (passes/token_chunks.py)
     token_batched_attention: list[str] = field(default_factory=list)  # SDPA nodes with tokens on a batch axis
     side_sources: list[str] = field(default_factory=list)  # nodes whose outputs are gathered (passes/side_sources.py)
     reading: dict = field(default_factory=dict)  # the _Analyzer settings and latent reading that found this
