@@ -309,3 +309,11 @@ def test_diffusers_sliced_attention_processor_runs_token_sparse():
     for _ in range(3):
         index = torch.stack([torch.randperm(16)[:6].sort().values for _ in range(2)])
         assert_sparse_after_dense_equals_the_model(model, ras, kw, index)
+
+
+def test_pieces_that_each_draw_their_own_noise_are_left_alone():
+    def noisy(x):
+        return torch.cat([p + torch.rand(1, 1, 5) for p in x.chunk(3, dim=1)], dim=1)
+
+    program = _program(noisy, torch.randn(2, 9, 5))
+    assert join_token_chunks(program.graph_module) == []
