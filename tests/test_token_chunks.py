@@ -279,6 +279,27 @@ def _rewritten(fn, *args):
     return program
 
 
+@pytest.mark.parametrize("cut", [(slice(None, -4), slice(-4, None)), (slice(0, 5), slice(-4, 100))])
+def test_slices_from_the_end_are_read_as_python_reads_them(cut):
+    def halves(x):
+        return torch.cat([F.linear(x[:, c], _WEIGHT, _BIAS).relu() for c in cut], dim=1)
+
+    x = torch.randn(2, 9, 5)
+    program = _program(halves, x)
+    assert len(join_token_chunks(program.graph_module)) == 1
+    torch.testing.assert_close(program.module()(x), halves(x))
+
+
+def test_slices_that_overlap_from_the_end_are_left_alone():
+    def overlapping(x):
+        return torch.cat([x[:, :-2].relu(), x[:, -5:].relu()], dim=1)
+
+    x = torch.randn(2, 9, 5)
+    program = _program(overlapping, x)
+    assert join_token_chunks(program.graph_module) == []
+    torch.testing.assert_close(program.module()(x), overlapping(x))
+
+
 def test_attention_over_slices_of_the_batch_is_one_attention_over_the_batch():
     q, k, v, m = torch.randn(6, 5, 4), torch.randn(6, 7, 4), torch.randn(6, 7, 3), torch.randn(6, 1, 7)
     program = _rewritten(_sliced_attention, q, k, v, m)

@@ -149,7 +149,8 @@ def _piece_of(node: fx.Node, dim: int, rank: int) -> tuple | None:
         if at % rank != dim or step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)) \
                 or not isinstance(size, int):
             return None
-        start, end = max(0, min(size, start or 0)), size if end is None else max(0, min(size, end))
+        start, end = start or 0, size if end is None else end
+        start, end = (max(0, min(size, v + size if v < 0 else v)) for v in (start, end))  # as Python slices
         return source, ("range", start, end)
     return None
 
