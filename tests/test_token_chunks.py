@@ -164,7 +164,14 @@ def _hand_written(x):  # a hand-written RMSNorm, weights applied with @, a softm
     return torch.cat([ff(p) for p in x.chunk(3, dim=1)], dim=1)
 
 
-@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated, _queries, _hand_written])
+def _queries_with_mask_rows(x):  # each query chunk reads its own rows of a [L, S] mask
+    q = x.unsqueeze(1)
+    mask = (torch.arange(9)[:, None] - torch.arange(9)[None, :]).abs() <= 3
+    return torch.cat([F.scaled_dot_product_attention(p, q, q, attn_mask=m)
+                      for p, m in zip(q.chunk(3, dim=2), mask.view(1, 1, 9, 9).chunk(3, dim=2))], dim=2)
+
+
+@pytest.mark.parametrize("fn", [_linear_gelu, _split_sizes, _gated, _queries, _hand_written, _queries_with_mask_rows])
 def test_row_wise_pieces_joined_are_one_computation_with_the_same_values(fn):
     x = torch.randn(2, 9, 5)
     program = _program(fn, x)

@@ -16,7 +16,8 @@ same rows of its cut inputs only: ``linear`` over the features, pointwise operat
 operands broadcast along ``dim``, ``layer_norm`` / ``rms_norm`` over trailing features, dropout in eval
 mode, casts, ``x @ W`` with a weight, a softmax or a kept reduction over other axes (a hand-written
 RMSNorm), a ``chunk`` / ``split`` along another axis and its items (GEGLU, SwiGLU), and
-``scaled_dot_product_attention`` whose cut operand is the queries along their token axis, without
+``scaled_dot_product_attention`` whose cut operand is the queries along their token axis (and its mask's
+rows, cut alike, or a mask shared by every query), without
 ``is_causal``, which aligns its mask to each piece, or whose cut operands are all of q, k, v (and the
 mask) along a batch axis, without ``enable_gqa``), the pieces' results joined in order are the
 computation on the uncut tensors: the cat is replaced by one copy of it. Operands from outside the
@@ -79,9 +80,9 @@ def _sdpa_row_wise(node: fx.Node, inner: set, rank: int, dim: int) -> bool:
     q, k, v = node.args[:3]
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     gqa = node.kwargs.get("enable_gqa", False)
-    if dim == rank - 2:  # query chunks: every query row sees the same keys
+    if dim == rank - 2:  # query chunks: every query row sees the same keys (a mask's rows cut alike, or shared)
         return q in inner and k not in inner and v not in inner and not causal \
-            and all(_broadcasts_along(a, rank, dim) for a in _reads(node)[3:])
+            and all(a in inner or _broadcasts_along(a, rank, dim) for a in _reads(node)[3:])
     if dim < rank - 2:  # batch slices: each slice of the batch attends within itself
         return not gqa and all(a in inner or _broadcasts_along(a, rank, dim) for a in _reads(node)) \
             and all(t in inner for t in (q, k, v))
