@@ -143,23 +143,25 @@ def _script_modules_called_directly(model: torch.nn.Module):
             del script.__call__
 
 
-def export_model(model: torch.nn.Module, call: dict) -> torch.export.ExportedProgram:
+def export_model(model: torch.nn.Module, call: dict, changing: tuple = ()) -> torch.export.ExportedProgram:
     """The forward as an exported program. A forward that reads integer or boolean inputs on the
     host (a mask's lengths, ``.tolist()``) is captured for the values of this call
     (``host_reads``): ``program.ras_value_inputs`` names the inputs the graph is specialised on
     (empty for every other model, and for one whose reads are of values made from Python numbers
-    alone: Wan's official ``torch.tensor(u.shape[2:])`` grid sizes read back with ``.tolist()``)."""
+    alone: Wan's official ``torch.tensor(u.shape[2:])`` grid sizes read back with ``.tolist()``).
+    Floating-point inputs may be specialised on too, but not the arguments named in ``changing`` (the
+    latent and the timestep): HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``."""
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     try:
         program = _export(model, call, specialise=False)
     except UnsupportedModelError as error:
         if not _data_dependent(error.__cause__):
             raise
-        program = _export_specialised(model, call, error)
+        program = _export_specialised(model, call, error, changing)
     else:
         if _has_symbolic(program, sizes_only=True):
             try:  # the traced host reads would leave shapes the analysis refuses: specialise them if they allow
-                program = _export_specialised(model, call, None)
+                program = _export_specialised(model, call, None, changing)
             except UnsupportedModelError as refused:  # kept as traced: the analysis names the data-dependent
                 program.ras_host_read_refused = refused.reason  # shape, and says why it was not specialised
     if not hasattr(program, "ras_value_inputs"):
@@ -209,14 +211,15 @@ def _short_of_memory(model: torch.nn.Module) -> str | None:
             f"({need / 2**30:.1f} GiB) while capturing, more than the {free / 2**30:.1f} GiB free on the device")
 
 
-def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedModelError | None):
+def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedModelError | None,
+                        changing: tuple = ()):
     """Export again with host reads of integer / boolean inputs answered from their values; when a read
     cannot be specialised, the first failure (``error``) stands, naming that read."""
     short = _short_of_memory(model)
     if short:
         raise UnsupportedModelError(f"{error.reason if error else 'the forward reads tensor values on the host'}; "
                                     f"{short}") from (error.__cause__ if error else None)
-    with specialising_host_reads(call) as reads, _quiet_shape_logs():
+    with specialising_host_reads(call, changing) as reads, _quiet_shape_logs():
         try:
             program = _export(model, call, specialise=True)
         except UnsupportedModelError as again:

@@ -1,4 +1,4 @@
-"""Host reads of integer and boolean inputs, specialised at capture.
+"""Host reads of integer, boolean and conditioning inputs, specialised at capture.
 
 Some forwards read tensor values on the host: Lumina-Image-2.0 lays out its joint
 sequence with ``attention_mask.sum(dim=1).tolist()`` and loops over the lengths in
@@ -11,10 +11,12 @@ those inputs: it can be captured for those values and reused while they stay the
 propagates real values beside the fake ones (``fake_tensor_propagate_real_tensors``)
 and ``Tensor.tolist`` / ``item`` / ``numpy`` / ``bool`` / ``int`` / ``float`` /
 ``index`` answer from the real value, and ``nonzero`` / ``argwhere`` (whose output size
-is a count of true values) return that call's result as a constant, but only for a tensor whose value is computed
-from integer or boolean inputs of the call and constants: its ancestors in the graph
-being traced are checked at every read. A read of anything else (the latent, an
-embedding, a weight: values that change every step) is answered as export answers it,
+is a count of true values) and ``x[mask]`` with a boolean mask return that call's result as a
+constant, but only for a tensor whose value is computed from integer or boolean inputs of the
+call, floating-point inputs other than the latent and the timestep (conditioning, the same over a
+loop: HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``) and constants: its ancestors in
+the graph being traced are checked at every read. A read of anything else (the latent, the
+timestep, a weight: values that change every step) is answered as export answers it,
 so the capture fails as before, and the refusal names the read. ``HostReads.inputs``
 lists the inputs the graph was specialised on: the caller adds their values to the
 capture's signature (a host read of them on every call, as the model makes itself).
@@ -47,11 +49,15 @@ class HostReads:
     refused: str | None = None                        # the first read that could not be specialised, and why
 
 
-def value_inputs(call: dict) -> list[tuple[str, torch.Tensor]]:
-    """The call's integer and boolean tensors by pytree key string: the inputs a capture may be
-    specialised on."""
+def value_inputs(call: dict, changing: tuple = ()) -> list[tuple[str, torch.Tensor]]:
+    """The call's tensors a capture may be specialised on, by pytree key string: its integer and boolean
+    tensors, and its floating-point ones but those under the arguments ``changing`` (the latent and the
+    timestep, whose values change every step): conditioning such as image embeddings stays the same
+    over a sampling loop."""
+    skip = tuple(f"[{name!r}]" for name in changing)
     return [(name, leaf) for name, leaf in named_leaves(call)
-            if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and not leaf.is_complex()]
+            if isinstance(leaf, torch.Tensor) and not leaf.is_complex()
+            and (not leaf.is_floating_point() or not name.startswith(skip))]
 
 
 def value_key(call: dict, names: list[str]) -> tuple:
@@ -96,12 +102,14 @@ def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> 
             continue
         val = node.meta.get("val")
         real = getattr(val, "real_tensor", None)
-        if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex() or real is None:
-            kind = "a floating-point tensor" if isinstance(val, torch.Tensor) else "an input"
-            return [], f"it is computed from {kind} (the latent, an embedding or a weight: values that change)"
+        if not isinstance(val, torch.Tensor) or val.is_complex() or real is None:
+            return [], "it is computed from an input (values that change)"
         with _disable_current_modes():
             match = [name for name, leaf in candidates
                      if leaf.shape == real.shape and leaf.dtype == real.dtype and torch.equal(leaf.cpu(), real.cpu())]
+        if not match and val.is_floating_point():
+            return [], ("it is computed from a floating-point tensor that changes between steps (the latent, the "
+                        "timestep, an embedding of them, or a weight)")
         if not match:
             return [], "it is computed from an integer buffer or parameter of the model, not from an input"
         names.extend(m for m in match if m not in names)
@@ -158,21 +166,49 @@ def _patched_sized(name: str, original, candidates, record: HostReads):
     return sized
 
 
+def _patched_getitem(original, candidates, record: HostReads):
+    """``x[mask]`` with a boolean mask: its size is the mask's count of true values, read inside the
+    indexing operator where no read can be answered; for a mask computed from integer / boolean inputs
+    (or constants) the index is that call's ``nonzero`` of the mask, a constant (HunyuanVideo-1.5
+    reorders each sample's valid caption rows with ``text[text_mask]``)."""
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        masks = [p for p in parts if isinstance(p, FakeTensor) and p.dtype == torch.bool]
+        if not masks:
+            return original(self, index)
+        new = []
+        for part in parts:
+            if any(part is m for m in masks):
+                real = _specialisable(part, "a boolean-mask index", "sizes its output by tensor values",
+                                      candidates, record)
+                if real is None:
+                    return original(self, index)
+                with _disable_current_modes():
+                    rows = real.nonzero(as_tuple=True)
+                new.extend(_constant(tuple(rows)))
+            else:
+                new.append(part)
+        return original(self, tuple(new))
+    return getitem
+
+
 @contextlib.contextmanager
-def specialising_host_reads(call: dict):
-    """While a capture runs: host reads of values computed from the call's integer and boolean
-    inputs return those values (see the module docstring); yields the ``HostReads`` record."""
+def specialising_host_reads(call: dict, changing: tuple = ()):
+    """While a capture runs: host reads of values computed from the call's integer and boolean inputs,
+    and its floating-point ones but the arguments ``changing``, return those values (see the module
+    docstring); yields the ``HostReads`` record."""
     import torch._functorch.config as functorch_config
 
     record = HostReads()
-    candidates = value_inputs(call)
-    originals = {name: torch.Tensor.__dict__.get(name) for name in READS + SIZED_BY_VALUES}
+    candidates = value_inputs(call, changing)
+    originals = {name: torch.Tensor.__dict__.get(name) for name in READS + SIZED_BY_VALUES + ("__getitem__",)}
     functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES}
     for name in READS:
         setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
     for name in SIZED_BY_VALUES:
         setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
         setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
+    torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
     try:
         with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             yield record

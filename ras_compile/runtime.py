@@ -259,7 +259,7 @@ class RASModule(torch.nn.Module):
             if not isinstance(latent, torch.Tensor):
                 raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
-            program = export_model(self.model, call)
+            program = export_model(self.model, call, changing=(self._latent_arg, self._timestep_of(call)[0]))
             mark_input_kinds(program)
             mark_nested_outputs(program)
             self._warn_training_mode(program)

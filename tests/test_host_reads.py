@@ -152,3 +152,59 @@ def test_explain_says_which_inputs_the_capture_holds():
     ex = explain(_model(), _inputs(), POLICY, verbose=False)
     assert ex.value_inputs == ["['mask']"]
     assert "captured for the values of ['mask'] (the forward reads them on the host)" in str(ex)
+
+
+# --------------------------------------------------------------------------- conditioning read on the host
+
+
+class ConditionedDiT(CaptionDiT):
+    """HunyuanVideo-1.5's forms: a branch on a floating-point conditioning input (``if
+    torch.all(image_embeds == 0):``, text-to-video when no image is given), and each sample's valid
+    caption rows taken by a boolean mask index (``caption[i][mask[i]]``), the rest padded after them."""
+
+    def forward(self, latent, timestep, caption, mask, image_embeds):
+        b = latent.shape[0]
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        text = self.text(caption)
+        if torch.all(image_embeds == 0):
+            text = text * 0.5
+        text = torch.stack([torch.cat([t[m], torch.zeros_like(t[~m])]) for t, m in zip(text, mask)])
+        for qkv in self.qkv:
+            seq = torch.cat([text, x], 1)
+            q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
+            seq = seq + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            text, x = seq[:, :T], seq[:, T:]
+        x = self.out(x).view(b, H // P, W // P, P, P, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+
+def _conditioned_inputs(seed: int = 0, image: bool = False) -> dict:
+    kw = _inputs(seed)
+    kw["mask"] = torch.tensor([[True, False, True, True, False, True], [False, True, True, False, False, False]])
+    kw["image_embeds"] = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(7)) if image \
+        else torch.zeros(2, 3, 8)  # the same conditioning at every step of a loop
+    return kw
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_a_branch_on_a_conditioning_input_and_mask_indexing_run_sparse(data):
+    torch.manual_seed(0)
+    model, ras = compiled_once((__name__, "conditioned"), lambda: ConditionedDiT().eval(), POLICY)
+    assert_sparse_after_dense_equals_the_model(model, ras, _conditioned_inputs(data.draw(st.integers(0, 3))),
+                                               random_active_sets(data, N))
+
+
+def test_the_conditioning_value_is_part_of_the_capture_and_the_latent_is_not():
+    torch.manual_seed(0)
+    model = ConditionedDiT().eval()
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
+    with torch.no_grad():
+        for image in (False, True, False):  # text-to-video, then image-to-video: each its own capture
+            for step in range(2):
+                kw = _conditioned_inputs(step, image=image)
+                kw["timestep"] = kw["timestep"] * (1 - step / 3)
+                torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert len(ras._captures) == 2  # the latent and the timestep changed every call without a new capture
+    names = {n for c in ras._captures.values() for n in c.program.ras_value_inputs}
+    assert "['image_embeds']" in names and not any(n.startswith(("['latent']", "['timestep']")) for n in names)
