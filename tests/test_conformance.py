@@ -28,7 +28,6 @@ REFUSED = {
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
     "kandinsky6_sr": ("flex_attention", "flex_attention with a block mask or a score function"),  # NABLA mask
     "wan_animate2": (None, "is a list of"),  # per-sample latent lists
-    "hunyuan_framepack": (None, "effective_sequence_length"),  # mask sliced at a tensor-valued length
     "motif_video_decoder": ("aten.cat.default", "two image-token sequences"),  # decoder attends [new, encoder] image
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
     "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
