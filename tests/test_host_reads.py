@@ -208,3 +208,27 @@ def test_the_conditioning_value_is_part_of_the_capture_and_the_latent_is_not():
     assert len(ras._captures) == 2  # the latent and the timestep changed every call without a new capture
     names = {n for c in ras._captures.values() for n in c.program.ras_value_inputs}
     assert "['image_embeds']" in names and not any(n.startswith(("['latent']", "['timestep']")) for n in names)
+
+
+def test_a_slice_bound_held_in_a_tensor_is_its_value():
+    """``caption[:, : mask.sum(1).max()]``: the bound is a 0-d tensor that Python's slice protocol reads
+    with ``__index__``; read from the mask's values it is a number of this capture."""
+    class Bounded(CaptionDiT):
+        def forward(self, latent, timestep, caption, mask):
+            b = latent.shape[0]
+            x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+            text = self.text(caption[:, : mask.sum(1).max()])
+            for qkv in self.qkv:
+                seq = torch.cat([text, x], 1)
+                q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
+                seq = seq + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+                text, x = seq[:, :text.shape[1]], seq[:, text.shape[1]:]
+            x = self.out(x).view(b, H // P, W // P, P, P, C)
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+
+    torch.manual_seed(0)
+    model = Bounded().eval()
+    program = export_model(model, _inputs(length=3))
+    assert program.ras_value_inputs == ["['mask']"]
+    ras = ras_compile(model, POLICY, backend=None)
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(length=3), torch.tensor([[0, 4, 7], [1, 2, 23]]))
