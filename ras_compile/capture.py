@@ -219,7 +219,9 @@ def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedMo
     if short:
         raise UnsupportedModelError(f"{error.reason if error else 'the forward reads tensor values on the host'}; "
                                     f"{short}") from (error.__cause__ if error else None)
-    with specialising_host_reads(call, changing) as reads, _quiet_shape_logs():
+    # boolean-mask indexes are answered only where the plain export failed: a graph it traced with a mask
+    # index (x[~keep] *= 0.5) becomes a where (passes/masked_update.py), one graph for every mask
+    with specialising_host_reads(call, changing, mask_indexing=error is not None) as reads, _quiet_shape_logs():
         try:
             program = _export(model, call, specialise=True)
         except UnsupportedModelError as again:

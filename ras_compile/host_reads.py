@@ -193,22 +193,25 @@ def _patched_getitem(original, candidates, record: HostReads):
 
 
 @contextlib.contextmanager
-def specialising_host_reads(call: dict, changing: tuple = ()):
+def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: bool = True):
     """While a capture runs: host reads of values computed from the call's integer and boolean inputs,
     and its floating-point ones but the arguments ``changing``, return those values (see the module
-    docstring); yields the ``HostReads`` record."""
+    docstring); with ``mask_indexing``, so do boolean-mask indexes ``x[mask]``. Yields the ``HostReads``
+    record."""
     import torch._functorch.config as functorch_config
 
     record = HostReads()
     candidates = value_inputs(call, changing)
-    originals = {name: torch.Tensor.__dict__.get(name) for name in READS + SIZED_BY_VALUES + ("__getitem__",)}
+    patched = READS + SIZED_BY_VALUES + (("__getitem__",) if mask_indexing else ())
+    originals = {name: torch.Tensor.__dict__.get(name) for name in patched}
     functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES}
     for name in READS:
         setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
     for name in SIZED_BY_VALUES:
         setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
         setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
-    torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
+    if mask_indexing:
+        torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
     try:
         with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             yield record
