@@ -11,7 +11,8 @@ those inputs: it can be captured for those values and reused while they stay the
 propagates real values beside the fake ones (``fake_tensor_propagate_real_tensors``)
 and ``Tensor.tolist`` / ``item`` / ``numpy`` / ``bool`` / ``int`` / ``float`` /
 ``index`` answer from the real value, and ``nonzero`` / ``argwhere`` (whose output size
-is a count of true values) and ``x[mask]`` with a boolean mask return that call's result as a
+is a count of true values) and ``x[mask]`` with a boolean mask (only where the plain export
+failed: a traced masked update becomes a ``where`` instead) return that call's result as a
 constant, but only for a tensor whose value is computed from integer or boolean inputs of the
 call, floating-point inputs other than the latent and the timestep (conditioning, the same over a
 loop: HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``) and constants: its ancestors in
