@@ -119,7 +119,7 @@ def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> 
 
 def _specialisable(fake, name: str, what: str, candidates, record: HostReads):
     """The real tensor behind ``fake`` when its value may be specialised on (it is computed from the
-    call's integer / boolean inputs, whose names are recorded); None otherwise, the first such read
+    candidate inputs ``candidates``, whose names are recorded); None otherwise, the first such read
     recorded as the refusal (``name`` ``what``: "`item` reads a tensor value on the host")."""
     real = getattr(fake, "real_tensor", None)
     names, why = _sources(fake, candidates)
@@ -169,8 +169,8 @@ def _patched_sized(name: str, original, candidates, record: HostReads):
 
 def _patched_getitem(original, candidates, record: HostReads):
     """``x[mask]`` with a boolean mask: its size is the mask's count of true values, read inside the
-    indexing operator where no read can be answered; for a mask computed from integer / boolean inputs
-    (or constants) the index is that call's ``nonzero`` of the mask, a constant (HunyuanVideo-1.5
+    indexing operator where no read can be answered; for a mask computed from the candidate inputs (or
+    constants) the index is that call's ``nonzero`` of the mask, a constant (HunyuanVideo-1.5
     reorders each sample's valid caption rows with ``text[text_mask]``)."""
     def getitem(self, index):
         parts = index if isinstance(index, tuple) else (index,)
