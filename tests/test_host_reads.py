@@ -39,7 +39,6 @@ class CaptionDiT(nn.Module):
         self.register_buffer("ids", torch.arange(T))
 
     def forward(self, latent, timestep, caption, mask):
-        b = latent.shape[0]
         x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
         if self.read == "latent" and (latent.abs().amax() > 100).item():  # reads the latent: refused
             x = x * 2
@@ -49,7 +48,11 @@ class CaptionDiT(nn.Module):
         text = self.text(caption[:, : max(lengths)])
         if not mask.all():  # a branch on the mask
             text = text * mask[:, : max(lengths), None]
-        n_text = text.shape[1]
+        return self.attend_and_unpatchify(text, x)
+
+    def attend_and_unpatchify(self, text, x):
+        """The joint attention blocks over ``[text, x]``, then the image tokens back to the latent."""
+        n_text, b = text.shape[1], x.shape[0]
         for qkv in self.qkv:
             seq = torch.cat([text, x], 1)
             q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
@@ -163,19 +166,12 @@ class ConditionedDiT(CaptionDiT):
     caption rows taken by a boolean mask index (``caption[i][mask[i]]``), the rest padded after them."""
 
     def forward(self, latent, timestep, caption, mask, image_embeds):
-        b = latent.shape[0]
         x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
         text = self.text(caption)
         if torch.all(image_embeds == 0):
             text = text * 0.5
         text = torch.stack([torch.cat([t[m], torch.zeros_like(t[~m])]) for t, m in zip(text, mask)])
-        for qkv in self.qkv:
-            seq = torch.cat([text, x], 1)
-            q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
-            seq = seq + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-            text, x = seq[:, :T], seq[:, T:]
-        x = self.out(x).view(b, H // P, W // P, P, P, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+        return self.attend_and_unpatchify(text, x)
 
 
 def _conditioned_inputs(seed: int = 0, image: bool = False) -> dict:
@@ -215,16 +211,9 @@ def test_a_slice_bound_held_in_a_tensor_is_its_value():
     with ``__index__``; read from the mask's values it is a number of this capture."""
     class Bounded(CaptionDiT):
         def forward(self, latent, timestep, caption, mask):
-            b = latent.shape[0]
             x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
             text = self.text(caption[:, : mask.sum(1).max()])
-            for qkv in self.qkv:
-                seq = torch.cat([text, x], 1)
-                q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in qkv(seq).chunk(3, -1))
-                seq = seq + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-                text, x = seq[:, :text.shape[1]], seq[:, text.shape[1]:]
-            x = self.out(x).view(b, H // P, W // P, P, P, C)
-            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, C, H, W)
+            return self.attend_and_unpatchify(text, x)
 
     torch.manual_seed(0)
     model = Bounded().eval()
