@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,10 @@ from .leaf_names import named_leaves
 from .source_frames import is_model_file
 
 READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# operators that read only their input's shape, dtype and device, never its values
+_SHAPE_ONLY = {getattr(torch.ops.aten, name) for name in (
+    "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
+    "sym_size")}
 # operators whose output size is read from their input's values: answered with a constant
 SIZED_BY_VALUES = ("nonzero", "argwhere")
 
@@ -61,17 +66,60 @@ def value_inputs(call: dict, changing: tuple = ()) -> list[tuple[str, torch.Tens
             and (not leaf.is_floating_point() or not name.startswith(skip))]
 
 
-def value_key(call: dict, names: list[str]) -> tuple:
-    """The values of the inputs ``names`` of ``call``, hashable (a device-to-host copy of each)."""
+def value_key(call: dict, names: list[str], memo: "ValueMemo | None" = None) -> tuple:
+    """The values of the inputs ``names`` of ``call``, hashable (a device-to-host copy of each, unless
+    ``memo`` holds the value of that very tensor)."""
     if not names:
         return ()
     leaves = dict(named_leaves(call))
     key = []
     for name in names:
         leaf = leaves.get(name)
-        key.append((name, tuple(leaf.shape), str(leaf.dtype), leaf.detach().cpu().numpy().tobytes())
-                   if isinstance(leaf, torch.Tensor) else (name, None))
+        if not isinstance(leaf, torch.Tensor):
+            key.append((name, None))
+            continue
+        value = memo.get(leaf) if memo is not None else None
+        if value is None:
+            value = leaf.detach().cpu().numpy().tobytes()
+            if memo is not None:
+                memo.put(leaf, value)
+        key.append((name, tuple(leaf.shape), str(leaf.dtype), value))
     return tuple(key)
+
+
+class ValueMemo:
+    """The host copies of the tensors a signature key read, by tensor: a pipeline passes the same
+    prompt embeddings or mask object at every step, and a tensor passed again unchanged (the same
+    object, still alive, its version counter unchanged: no in-place write since, through any view)
+    needs no device-to-host copy (on a GPU, a synchronisation per call). The memo holds weak
+    references only, so a freed tensor's id cannot be mistaken for a new one's."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: dict[int, tuple] = {}  # id -> (weakref, version, bytes)
+
+    def get(self, tensor: torch.Tensor) -> bytes | None:
+        entry = self._entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != _version(tensor):
+            return None
+        return entry[2]
+
+    def put(self, tensor: torch.Tensor, value: bytes) -> None:
+        version = _version(tensor)
+        if version is None:
+            return
+        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+        while len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[id(tensor)] = (weakref.ref(tensor), version, value)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for an inference tensor, which keeps none: never memoised)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _model_line() -> str:
@@ -98,7 +146,8 @@ def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> 
         if node in seen:
             continue
         seen.add(node)
-        todo.extend(node.all_input_nodes)
+        if getattr(node.target, "overloadpacket", None) not in _SHAPE_ONLY:
+            todo.extend(node.all_input_nodes)
         if node.op != "placeholder":
             continue
         val = node.meta.get("val")
@@ -167,17 +216,28 @@ def _patched_sized(name: str, original, candidates, record: HostReads):
     return sized
 
 
+def _run(rows: torch.Tensor) -> slice | None:
+    """``rows`` (ascending positions) as the slice they fill, when they are one contiguous run."""
+    if rows.numel() == 0:
+        return slice(0, 0)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    return slice(lo, hi) if hi - lo == rows.numel() else None
+
+
 def _patched_getitem(original, candidates, record: HostReads):
     """``x[mask]`` with a boolean mask: its size is the mask's count of true values, read inside the
     indexing operator where no read can be answered; for a mask computed from the candidate inputs (or
     constants) the index is that call's ``nonzero`` of the mask, a constant (HunyuanVideo-1.5
-    reorders each sample's valid caption rows with ``text[text_mask]``)."""
+    reorders each sample's valid caption rows with ``text[text_mask]``), or the slice of its one
+    contiguous run where a one-axis mask has one (``out[:, image_mask]``: the image rows of a joint
+    sequence, a slice the analysis follows), copied as the mask index copies."""
     def getitem(self, index):
         parts = index if isinstance(index, tuple) else (index,)
         masks = [p for p in parts if isinstance(p, FakeTensor) and p.dtype == torch.bool]
         if not masks:
             return original(self, index)
-        new = []
+        tensors = sum(isinstance(p, torch.Tensor) for p in parts)
+        new, sliced = [], False
         for part in parts:
             if any(part is m for m in masks):
                 real = _specialisable(part, "a boolean-mask index", "sizes its output by tensor values",
@@ -186,11 +246,76 @@ def _patched_getitem(original, candidates, record: HostReads):
                     return original(self, index)
                 with _disable_current_modes():
                     rows = real.nonzero(as_tuple=True)
-                new.extend(_constant(tuple(rows)))
+                    run = _run(rows[0]) if real.dim() == 1 and tensors == 1 else None
+                if run is not None:
+                    new.append(run)
+                    sliced = True
+                else:
+                    new.extend(_constant(tuple(rows)))
             else:
                 new.append(part)
-        return original(self, tuple(new))
+        out = original(self, tuple(new))
+        return out.clone() if sliced else out  # a mask index makes a copy, a slice a view
     return getitem
+
+
+def _patched_repeat_interleave(original, candidates, record: HostReads):
+    """``x.repeat_interleave(repeats, dim)`` with tensor ``repeats``: the output's size is the sum of
+    ``repeats``, unknown to export; for ``repeats`` computed from the candidate inputs the result is
+    ``x.index_select(dim, index)`` with that call's index as a constant, so ``x`` itself may be any
+    traced value (Qwen-Image 2.1 widens each image slot of its joint sequence to four rows with
+    ``torch.where(img_mask, 4, 1)``). The one-argument form ``torch.repeat_interleave(repeats)`` is
+    that index."""
+    def repeat_interleave(self, repeats=None, dim=None, *, output_size=None):
+        if repeats is None and isinstance(self, FakeTensor):   # torch.repeat_interleave(repeats)
+            real = _specialisable(self, "repeat_interleave", "sizes its output by tensor values", candidates, record)
+            if real is None:
+                return original(self, output_size=output_size)
+            with _disable_current_modes():
+                value = original(real)
+            return _constant(value)
+        if not isinstance(repeats, FakeTensor):
+            return original(self, repeats, dim, output_size=output_size)
+        real = _specialisable(repeats, "repeat_interleave", "sizes its output by tensor values", candidates, record)
+        if real is None:
+            return original(self, repeats, dim, output_size=output_size)
+        source = self.flatten() if dim is None else self
+        axis = 0 if dim is None else dim
+        with _disable_current_modes():
+            index = original(torch.arange(source.shape[axis], device=real.device), real)
+        return source.index_select(axis, _constant(index))
+    return repeat_interleave
+
+
+def _patched_setitem(original, candidates, record: HostReads):
+    """``x[mask] = value`` with a boolean mask: the write's positions are the mask's true values, read
+    inside the indexing operator; for a mask computed from the candidate inputs (or constants) the write
+    is made at that call's positions: a slice where a one-axis mask is true on one contiguous run (a
+    joint sequence's image rows, ``joint[:, image_mask] = image`` in Qwen-Image 2.1: a slice write the
+    buffer-write pass reads as a concatenation), else that call's ``nonzero`` of the mask, a constant."""
+    def setitem(self, index, value):
+        parts = index if isinstance(index, tuple) else (index,)
+        masks = [p for p in parts if isinstance(p, FakeTensor) and p.dtype == torch.bool]
+        if not masks or not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
+            # a fill, or values sized by the mask itself (``x[m] = x[m] * 2``): traced as they are, a
+            # masked update the analysis rewrites to a ``where`` (one graph for every mask)
+            return original(self, index, value)
+        tensors = sum(isinstance(p, torch.Tensor) for p in parts)
+        new = []
+        for part in parts:
+            if not any(part is m for m in masks):
+                new.append(part)
+                continue
+            real = _specialisable(part, "a boolean-mask index", "sizes its write by tensor values", candidates,
+                                  record)
+            if real is None:
+                return original(self, index, value)
+            with _disable_current_modes():
+                rows = real.nonzero(as_tuple=True)
+                run = _run(rows[0]) if real.dim() == 1 and tensors == 1 else None
+            new.append(run) if run is not None else new.extend(_constant(tuple(rows)))
+        return original(self, tuple(new), value)
+    return setitem
 
 
 @contextlib.contextmanager
@@ -203,16 +328,20 @@ def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: boo
 
     record = HostReads()
     candidates = value_inputs(call, changing)
-    patched = READS + SIZED_BY_VALUES + (("__getitem__",) if mask_indexing else ())
+    patched = READS + SIZED_BY_VALUES + ("repeat_interleave", "__setitem__") + (("__getitem__",) if mask_indexing
+                                                                                else ())
     originals = {name: torch.Tensor.__dict__.get(name) for name in patched}
-    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES}
+    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES + ("repeat_interleave",)}
     for name in READS:
         setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
     for name in SIZED_BY_VALUES:
         setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
         setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
+    torch.Tensor.repeat_interleave = _patched_repeat_interleave(torch.Tensor.repeat_interleave, candidates, record)
+    torch.repeat_interleave = _patched_repeat_interleave(functions["repeat_interleave"], candidates, record)
     if mask_indexing:
         torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
+    torch.Tensor.__setitem__ = _patched_setitem(torch.Tensor.__setitem__, candidates, record)
     try:
         with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             yield record

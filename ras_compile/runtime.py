@@ -18,7 +18,7 @@ from .capture import (Captured, call_arguments, export_model, latent_placeholder
                       mark_nested_outputs, signature_change, signature_key, training_mode_ops)
 from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
-from .host_reads import value_key
+from .host_reads import ValueMemo, value_key
 from .kernels.linear_scatter import triton_available
 from .passes.attention_pattern import recognise_attention
 from .passes.causal_mask import lower_causal_attention
@@ -76,12 +76,25 @@ def _analyze(program, gm, latent_node, reading: dict) -> TokenAnalysis:
                                     node=exc.node, op=exc.op, source=exc.source) from exc
 
 
+def image_rows(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
+    """The prediction's image tokens: all of it, or its image rows where a token latent is predicted
+    inside the joint text + image sequence (``analysis.output_rows``)."""
+    if analysis.output_rows is None:
+        return prediction
+    start, stop = analysis.output_rows
+    return prediction[:, start:stop]
+
+
 def prediction_patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
     """The merged prediction as ``[B, N, S, C]``: token, position inside its patch, channel.
 
     The prediction has the latent's layout (its channel dimensions may be wider, e.g.
     a learned variance), so the grid axes found by the analysis say how to cut it.
     """
+    return _patches(image_rows(prediction, analysis), analysis)
+
+
+def _patches(prediction: torch.Tensor, analysis: TokenAnalysis) -> torch.Tensor:
     if analysis.grid is None:
         return prediction.unsqueeze(2)
     grid = analysis.grid
@@ -168,6 +181,7 @@ class RASModule(torch.nn.Module):
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
         self._value_inputs: list[str] = []  # inputs whose values a capture read on the host (host_reads)
+        self._value_memo = ValueMemo()  # their host copies, by tensor: one copy per tensor object, not per call
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
         self._warned_recapture = False
         self._warned_timestep = False
@@ -187,7 +201,7 @@ class RASModule(torch.nn.Module):
     # -- capture ---------------------------------------------------------------------------
     def _key(self, call: dict) -> tuple:
         """The signature key of ``call``, with the values of the inputs a capture read on the host."""
-        values = value_key(call, self._value_inputs)
+        values = value_key(call, self._value_inputs, self._value_memo)
         return signature_key(call) + ((values,) if values else ())
 
     def ras_captured(self, call: dict) -> Captured:
@@ -384,8 +398,11 @@ class RASModule(torch.nn.Module):
         flat = _detach_from_caches(flat, caches)
         leaf = analysis.output_leaf
         if self.ras_policy.stale_token_order:  # inactive tokens continued from their last two computed values
-            flat[leaf] = controller.merge_stale(flat[leaf], None if mode == "dense" else index,
-                                                self._element_tokens(captured, flat[leaf]))
+            image = image_rows(flat[leaf], analysis)
+            merged = controller.merge_stale(image, None if mode == "dense" else index,
+                                            self._element_tokens(captured, image))
+            flat[leaf] = merged if analysis.output_rows is None else torch.cat(
+                [flat[leaf][:, :analysis.output_rows[0]], merged, flat[leaf][:, analysis.output_rows[1]:]], 1)
         controller.record_outputs(flat)
         controller.end_step(mode, prediction_patches(flat[leaf], analysis))
         return captured.outputs(flat)
@@ -394,7 +411,7 @@ class RASModule(torch.nn.Module):
     def _element_tokens(captured: Captured, prediction: torch.Tensor) -> torch.Tensor:
         if captured.element_tokens is None:
             captured.element_tokens = element_tokens(
-                prediction.shape[1:], lambda x: prediction_patches(x, captured.analysis)).to(prediction.device)
+                prediction.shape[1:], lambda x: _patches(x, captured.analysis)).to(prediction.device)
         return captured.element_tokens
 
     def ras_capture(self, *args, **kwargs) -> Captured:

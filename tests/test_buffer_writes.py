@@ -164,6 +164,41 @@ def test_writes_that_tile_a_fresh_buffer_become_a_cat_with_the_same_values(fn, s
     torch.testing.assert_close(gm(*args), fn(*args))
 
 
+def _computed_buffer(a, b):
+    joint = torch.cat([a, a.new_zeros(2, 4, 3)], 1) * 2   # a computed tensor, not a fresh buffer
+    joint[:, 3:6] = b                                       # the parts left: rows 0:3 and 6:7 as they were
+    return joint.sin()
+
+
+def test_writes_into_a_computed_tensor_become_a_cat_of_it_and_the_values():
+    args = (torch.randn(2, 3, 3), torch.randn(2, 3, 3))
+    gm = _graph(_computed_buffer, *args)
+    assert concatenate_buffer_writes(gm.gm) == 1
+    assert aten.copy_.default not in _targets(gm) and aten.cat.default in _targets(gm)
+    torch.testing.assert_close(gm(*args), _computed_buffer(*args))
+
+
+def _into_a_view(a, b):
+    joint = torch.cat([a, a.new_zeros(2, 4, 3)], 1)
+    rows = joint.view(2, 7, 3)  # a view: the write reaches joint too
+    rows[:, 3:6] = b
+    return joint + rows
+
+
+def _into_an_input(a, b):
+    a[:, 1:] = b[:, :2]         # the caller's tensor is written
+    return a * 2
+
+
+@pytest.mark.parametrize("fn", [_into_a_view, _into_an_input])
+def test_writes_into_a_view_or_an_input_are_left_alone(fn):
+    args = (torch.randn(2, 3, 3), torch.randn(2, 3, 3))
+    gm = _graph(fn, *(a.clone() for a in args))
+    assert concatenate_buffer_writes(gm.gm) == 0
+    assert aten.copy_.default in _targets(gm)
+    torch.testing.assert_close(gm(*(a.clone() for a in args)), fn(*(a.clone() for a in args)))
+
+
 def _overlapping(a, b):
     buf = a.new_zeros(2, 6, 3)
     buf[:, :4] = a.repeat(1, 2, 1)[:, :4]

@@ -23,7 +23,6 @@ REFUSED = {
     "hidream_dense": ("aten.slice.Tensor", "depends on tensor values"),  # Llama tokens sliced by a traced length
     "z_image": (None, "is a list of 2 tensors"),  # per-sample latent lists, no batched token axis
     # newer classes (conformance_image / _video / _audio)
-    "qwen_image21": (None, "image_pad_mask.tolist()"),  # joint layout read from a mask on the host
     "nucleus_moe": ("aten.gather.default", "moves values between image tokens"),  # expert-choice routing: top-k over tokens
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
     "kandinsky6_sr": ("flex_attention", "flex_attention with a block mask or a score function"),  # NABLA mask

@@ -206,6 +206,30 @@ def test_the_conditioning_value_is_part_of_the_capture_and_the_latent_is_not():
     assert "['image_embeds']" in names and not any(n.startswith(("['latent']", "['timestep']")) for n in names)
 
 
+def test_the_same_conditioning_tensor_is_copied_to_the_host_once_and_a_write_to_it_is_seen(monkeypatch):
+    """A pipeline passes the same embeddings object at every step: its value is read for the signature
+    once, not per call (on a GPU, one synchronisation per call); written in place, it is read again and
+    captured for its new value."""
+    torch.manual_seed(0)
+    model = ConditionedDiT().eval()
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None)
+    kw = _conditioned_inputs(0, image=True)
+    embeds = kw["image_embeds"]
+    copies = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: (copies.append(t is embeds), cpu(t, *a, **k))[1])
+    with torch.no_grad():
+        for step in range(3):
+            kw["timestep"] = torch.tensor([500.0, 300.0]) * (1 - step / 4)
+            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+            if step == 0:
+                copies.clear()  # the capture itself reads it, and the key after it
+        assert sum(copies) == 0 and len(ras._captures) == 1
+        embeds.zero_()  # the same object, now text-to-video: the model takes its other branch
+        torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+    assert sum(copies) >= 1 and len(ras._captures) == 2
+
+
 def test_a_slice_bound_held_in_a_tensor_is_its_value():
     """``caption[:, : mask.sum(1).max()]``: the bound is a 0-d tensor that Python's slice protocol reads
     with ``__index__``; read from the mask's values it is a number of this capture."""
@@ -221,3 +245,36 @@ def test_a_slice_bound_held_in_a_tensor_is_its_value():
     assert program.ras_value_inputs == ["['mask']"]
     ras = ras_compile(model, POLICY, backend=None)
     assert_sparse_after_dense_equals_the_model(model, ras, _inputs(length=3), torch.tensor([[0, 4, 7], [1, 2, 23]]))
+
+
+# --------------------------------------------------------------------------- sizes and writes by mask values
+
+
+class _Widened(nn.Module):
+    """Qwen-Image 2.1's forms on their own: rows widened by tensor repeats read from a mask, the
+    one-argument ``repeat_interleave`` (segment ids), and writes by a boolean mask, one contiguous
+    run (a slice) or scattered (constant positions)."""
+
+    def forward(self, x, mask):
+        repeats = torch.where(mask, 3, 1)
+        wide = x.repeat_interleave(repeats, dim=1)           # [B, sum(repeats), C], x any traced value
+        ids = torch.repeat_interleave(repeats)               # the row each widened row came from
+        flat = x[:, :1].repeat_interleave(repeats[1:3])      # dim None: over the flattened tensor
+        run = torch.repeat_interleave(mask, repeats)         # True on one contiguous run
+        wide[:, run] = x[:, 1:3].repeat_interleave(3, dim=1) * 2  # rows of a known count: export must
+        spread = wide.new_zeros(wide.shape[1], dtype=torch.bool)    # know the mask's count to trace it
+        spread[::2] = True                                  # true on every other row: positions, not a slice
+        wide[:, spread] = -wide[:, ::2]
+        return wide + ids, flat
+
+
+def test_sizes_read_from_a_mask_are_that_calls_constants():
+    x = torch.randn(2, 5)
+    mask = torch.tensor([False, True, True, False, False])
+    program = export_model(_Widened(), dict(x=x, mask=mask), changing=("x",))  # x: values that change
+    assert program.ras_value_inputs == ["['mask']"]
+    for got, want in zip(program.module()(x=x * 3, mask=mask), _Widened()(x * 3, mask)):
+        torch.testing.assert_close(got, want)
+    targets = {n.target for n in program.graph_module.graph.nodes}
+    assert torch.ops.aten.repeat_interleave.Tensor not in targets  # no size left to read at run time
+    assert not any("nonzero" in str(t) for t in targets)

@@ -16,6 +16,10 @@ buffer is ``cat([text, image], 1)``: the same values, and a form the analysis fo
   and the same chain ``f``; ``sample_loops``) are read as one batched write first.
 * A part no write covers keeps the buffer's fill (zeros, ones, ``full``'s value; ``empty`` is
   read as zeros, as good as any garbage).
+* The buffer may also be any computed tensor that aliases nothing (an operator whose schema
+  returns a new tensor, not a view or ``self``): ``joint[:, T:T + N] = image`` into a joint
+  sequence computed before, which is ``cat([joint[:, :T], image, joint[:, T + N:]], 1)``; the
+  parts no write covers are slices of the buffer's value before the writes.
 * Anything else (overlapping writes, writes along two axes, a read between writes, a view
   written twice) leaves the buffer as it is.
 """
@@ -37,6 +41,17 @@ _FULL = {aten.new_full: 2, aten.full: 1, aten.full_like: 1}  # the fill value's 
 _WRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor}
 
 
+PRIOR = object()  # the fill of a computed buffer: its own values before the writes
+
+
+def _fresh_result(node: fx.Node) -> bool:
+    """Whether ``node``'s value is a new tensor that aliases none of its operands (its schema's result
+    carries no alias annotation: not a view, not ``self`` returned, not an in-place write)."""
+    schema = getattr(node.target, "_schema", None)
+    return (node.op == "call_function" and schema is not None and len(schema.returns) == 1
+            and schema.returns[0].alias_info is None)
+
+
 def _fill_value(buf: fx.Node):
     packet = _packet(buf)
     if packet in _FRESH:
@@ -44,7 +59,7 @@ def _fill_value(buf: fx.Node):
     if packet in _FULL:
         value = buf.args[_FULL[packet]]
         return value if isinstance(value, (int, float, bool)) else None
-    return None
+    return PRIOR if _fresh_result(buf) else None
 
 
 class _Write:
@@ -209,10 +224,10 @@ def _tiling_axis(boxes: list, shape: tuple[int, ...]) -> int | None:
 
 
 def concatenate_buffer_writes(gm: fx.GraphModule) -> int:
-    """Rewrite every fresh buffer that writes tile along one axis as a ``cat``; returns how many."""
+    """Rewrite every buffer that writes tile along one axis as a ``cat``; returns how many."""
     graph, count = gm.graph, 0
     for buf in list(graph.nodes):
-        if buf.op != "call_function" or _packet(buf) not in {**_FRESH, **_FULL} or not buf.users:
+        if buf.op != "call_function" or not buf.users:
             continue
         fill = _fill_value(buf)
         val = buf.meta.get("val")
@@ -254,20 +269,23 @@ def _emit_cat(graph: fx.Graph, buf: fx.Node, pieces: list, axis: int, shape, fil
         if lo > at:
             size = list(shape)
             size[axis] = lo - at
-            parts.append(_full(graph, size, fill, buf))
+            parts.append(_full(graph, size, fill, buf, axis, at))
         parts.append(_emit_piece(graph, piece, [b - a for a, b in piece.box], buf, shape[0]))
         at = hi
     if at < shape[axis]:
         size = list(shape)
         size[axis] = shape[axis] - at
-        parts.append(_full(graph, size, fill, buf))
+        parts.append(_full(graph, size, fill, buf, axis, at))
     if len(parts) == 1:
         return parts[0]
     cat = _call(graph, aten.cat.default, parts, axis)
     return cat if tuple(cat.meta["val"].shape) == tuple(shape) else None
 
 
-def _full(graph: fx.Graph, size: list, fill, buf: fx.Node) -> fx.Node:
+def _full(graph: fx.Graph, size: list, fill, buf: fx.Node, axis: int = 0, start: int = 0) -> fx.Node:
+    """The buffer's fill over ``size`` (its rows ``start:`` along ``axis`` for a computed buffer)."""
+    if fill is PRIOR:
+        return _call(graph, aten.slice.Tensor, buf, axis, start, start + size[axis])
     val = buf.meta["val"]
     return _call(graph, aten.full.default, size, fill, dtype=val.dtype, device=val.device, like=buf)
 

@@ -167,6 +167,7 @@ class TokenAnalysis:
     densify_sources: dict[str, str] = field(default_factory=dict)  # "consumer:value" -> the consumer's model code
     side_inputs: list[SideInput] = field(default_factory=list)
     output_leaf: int | None = None     # which flat output is the latent-shaped prediction
+    output_rows: tuple[int, int] | None = None  # token latents: the prediction's image rows in a joint output
     counts: dict[str, int] = field(default_factory=dict)
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
     recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
@@ -578,11 +579,15 @@ class _Analyzer:
             if a.grid is not None:
                 return len(shape) == len(a.grid.latent_shape) and shape[0] == a.batch_size \
                     and all(shape[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes)
-            return len(shape) == 3 and shape[:2] == (a.batch_size, a.num_tokens)
+            return len(shape) == 3 and shape[0] == a.batch_size and (
+                shape[1] == a.num_tokens or _joint_rows(self.layout.get(leaf), a.num_tokens) is not None)
 
         nested = node.meta.get("ras_nested_outputs", frozenset())
         candidates = [i for i, leaf in enumerate(leaves) if _is_tensor(leaf) and prediction_like(leaf)]
         a.output_leaf = next((i for i in candidates if i not in nested), None)
+        if a.output_leaf is not None and a.grid is None and _shape(leaves[a.output_leaf])[1] != a.num_tokens:
+            # a token latent predicted inside the joint sequence (text rows, then the image rows)
+            a.output_rows = _joint_rows(self.layout.get(leaves[a.output_leaf]), a.num_tokens)
         if a.output_leaf is None:
             nested = [i for i in candidates if i in nested]
             other_batch = [_shape(leaf)[0] for leaf in leaves if _is_tensor(leaf) and a.grid is not None
@@ -623,6 +628,18 @@ class _Analyzer:
     def side_input(self, node: fx.Node, arg_index: int, layout: TokenLayout, rank: int) -> None:
         self.analysis.side_inputs.append(SideInput(node.name, arg_index, layout, rank))
         self.counts["side_inputs_gathered"] += 1
+
+
+def _joint_rows(layout, num_tokens: int) -> tuple[int, int] | None:
+    """The rows ``(start, stop)`` of axis 1 that hold the image tokens, in order, when ``layout`` is a
+    ``[B, T + N, C]`` joint sequence of the latent's samples (a prediction returned with the text rows,
+    as Qwen-Image 2.1 returns it); None for any other layout."""
+    if not isinstance(layout, TokenLayout) or layout.token_dim != 1 or layout.batch_dim != 0:
+        return None
+    if (layout.batch_group, layout.fold, layout.outer, layout.grid, layout.samples) != (1, 0, 1, (), None) \
+            or layout.token_major or layout.offset + num_tokens > layout.length:
+        return None
+    return layout.offset, layout.offset + num_tokens
 
 
 # ---- token rules: each returns the output layout (or a list for multi-output ops) ---------
