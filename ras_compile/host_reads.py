@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental import proxy_tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .leaf_names import named_leaves
@@ -318,6 +319,46 @@ def _patched_setitem(original, candidates, record: HostReads):
     return setitem
 
 
+# functions and methods whose integer arguments are sizes, read in C++ (``x.reshape(1, h, w, -1)`` with
+# ``h`` a 0-d tensor is an ``item`` inside the operator, where no patched read answers it)
+SIZE_TAKERS = frozenset((
+    "reshape", "view", "expand", "repeat", "tile", "unflatten", "narrow", "split", "new_zeros", "new_ones",
+    "new_empty", "new_full"))
+FACTORIES = frozenset(("zeros", "ones", "empty", "full", "arange", "randn", "rand"))  # no tensor operand
+
+
+class _SizeArguments(TorchFunctionMode):
+    """0-d integer tensors passed as sizes to ``SIZE_TAKERS`` and ``FACTORIES`` become the Python numbers
+    they hold, where their value may be specialised on (HiDream's ``x[i, : h * w].reshape(1, h, w, -1)``
+    with ``h, w`` rows of a tensor of patch counts)."""
+
+    def __init__(self, candidates, record: HostReads):
+        super().__init__()
+        self.candidates, self.record = candidates, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in SIZE_TAKERS or name in FACTORIES:
+            first = 0 if name in FACTORIES else 1  # the tensor operand stays a tensor
+            args = tuple(a if i < first else self._number(a) for i, a in enumerate(args))
+            kwargs = {k: self._number(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _number(self, value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._number(v) for v in value)
+        if not (isinstance(value, FakeTensor) and value.dim() == 0 and not value.is_floating_point()
+                and not value.is_complex() and value.dtype != torch.bool):
+            return value
+        real = _specialisable(value, "a size argument", "reads a tensor value on the host", self.candidates,
+                              self.record)
+        if real is None:
+            return value
+        with _disable_current_modes():
+            return int(real)
+
+
 @contextlib.contextmanager
 def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: bool = True):
     """While a capture runs: host reads of values computed from the call's integer and boolean inputs,
@@ -343,7 +384,7 @@ def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: boo
         torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
     torch.Tensor.__setitem__ = _patched_setitem(torch.Tensor.__setitem__, candidates, record)
     try:
-        with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+        with functorch_config.patch(fake_tensor_propagate_real_tensors=True), _SizeArguments(candidates, record):
             yield record
     finally:
         for name, original in originals.items():

@@ -20,7 +20,6 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 # family -> (node or op named in the refusal, words of the reason)
 REFUSED = {
     "hidream": (None, "torch.export could not capture"),  # MoE dispatch reads expert counts on the host
-    "hidream_dense": ("aten.slice.Tensor", "depends on tensor values"),  # Llama tokens sliced by a traced length
     "z_image": (None, "is a list of 2 tensors"),  # per-sample latent lists, no batched token axis
     # newer classes (conformance_image / _video / _audio)
     "nucleus_moe": ("aten.gather.default", "moves values between image tokens"),  # expert-choice routing: top-k over tokens

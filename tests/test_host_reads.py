@@ -110,6 +110,33 @@ def test_a_read_of_a_value_made_from_shapes_is_answered_without_value_inputs():
 
 
 
+class SizedUnpatchifyDiT(CaptionDiT):
+    """HiDream's unpatchify: the patch counts kept in a tensor, each sample's rows cut and reshaped by
+    them (``x[i, : h * w].reshape(1, h, w, -1)``, sizes read inside the operators)."""
+
+    def forward(self, latent, timestep, caption, mask):
+        b = latent.shape[0]
+        sizes = torch.tensor([H // P, W // P]).unsqueeze(0).repeat(b, 1)
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv[0](x).chunk(3, -1))
+        x = self.out(x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            t = x[i, : h * w].reshape(1, h, w, -1).reshape(1, h, w, P, P, C)
+            out.append(t.permute(0, 5, 1, 3, 2, 4).reshape(1, C, h * P, w * P))
+        return torch.cat(out)
+
+
+def test_sizes_held_in_a_tensor_and_read_by_operators_are_numbers():
+    torch.manual_seed(0)
+    model = SizedUnpatchifyDiT().eval()
+    program = export_model(model, _inputs(), changing=("latent", "timestep"))
+    assert not any(n.target in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+                   for n in program.graph.nodes)  # no size is read at run time
+    ras = ras_compile(model, POLICY, backend=None)
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(), torch.tensor([[0, 4, 7], [1, 2, 23]]))
+
+
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(data):
