@@ -143,15 +143,22 @@ def _script_modules_called_directly(model: torch.nn.Module):
             del script.__call__
 
 
-def export_model(model: torch.nn.Module, call: dict, changing: tuple = ()) -> torch.export.ExportedProgram:
+def export_model(model: torch.nn.Module, call: dict, changing: tuple = (),
+                 index_inputs: bool = False) -> torch.export.ExportedProgram:
     """The forward as an exported program. A forward that reads integer or boolean inputs on the
     host (a mask's lengths, ``.tolist()``) is captured for the values of this call
     (``host_reads``): ``program.ras_value_inputs`` names the inputs the graph is specialised on
     (empty for every other model, and for one whose reads are of values made from Python numbers
     alone: Wan's official ``torch.tensor(u.shape[2:])`` grid sizes read back with ``.tolist()``).
     Floating-point inputs may be specialised on too, but not the arguments named in ``changing`` (the
-    latent and the timestep): HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``."""
+    latent and the timestep): HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``. With
+    ``index_inputs`` the capture is specialised from the start, and rows placed or taken by integer
+    index inputs in one contiguous run are slices (MiniMax-H3's packed sequence)."""
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
+    if index_inputs:
+        program = _export_specialised(model, call, None, changing, index_inputs=True)
+        _check_outputs(program)
+        return program
     try:
         program = _export(model, call, specialise=False)
     except UnsupportedModelError as error:
@@ -166,11 +173,15 @@ def export_model(model: torch.nn.Module, call: dict, changing: tuple = ()) -> to
                 program.ras_host_read_refused = refused.reason  # shape, and says why it was not specialised
     if not hasattr(program, "ras_value_inputs"):
         program.ras_value_inputs = []
+    _check_outputs(program)
+    return program
+
+
+def _check_outputs(program: torch.export.ExportedProgram) -> None:
     bad = [s for s in program.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
     if bad:
         raise UnsupportedModelError(f"the forward mutates its own state ({bad[0].kind.name} of {bad[0].target}); "
                                     "a stateless forward is required")
-    return program
 
 
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "UserError")
@@ -212,7 +223,7 @@ def _short_of_memory(model: torch.nn.Module) -> str | None:
 
 
 def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedModelError | None,
-                        changing: tuple = ()):
+                        changing: tuple = (), index_inputs: bool = False):
     """Export again with host reads of integer / boolean inputs answered from their values; when a read
     cannot be specialised, the first failure (``error``) stands, naming that read."""
     short = _short_of_memory(model)
@@ -221,7 +232,8 @@ def _export_specialised(model: torch.nn.Module, call: dict, error: UnsupportedMo
                                     f"{short}") from (error.__cause__ if error else None)
     # boolean-mask indexes are answered only where the plain export failed: a graph it traced with a mask
     # index (x[~keep] *= 0.5) becomes a where (passes/masked_update.py), one graph for every mask
-    with specialising_host_reads(call, changing, mask_indexing=error is not None) as reads, _quiet_shape_logs():
+    with specialising_host_reads(call, changing, mask_indexing=error is not None,
+                                 index_inputs=index_inputs) as reads, _quiet_shape_logs():
         try:
             program = _export(model, call, specialise=True)
         except UnsupportedModelError as again:

@@ -167,14 +167,15 @@ def _sources(tensor: FakeTensor, candidates: list[tuple[str, torch.Tensor]]) -> 
     return names, None
 
 
-def _specialisable(fake, name: str, what: str, candidates, record: HostReads):
+def _specialisable(fake, name: str, what: str, candidates, record: HostReads, optional: bool = False):
     """The real tensor behind ``fake`` when its value may be specialised on (it is computed from the
     candidate inputs ``candidates``, whose names are recorded); None otherwise, the first such read
-    recorded as the refusal (``name`` ``what``: "`item` reads a tensor value on the host")."""
+    recorded as the refusal (``name`` ``what``: "`item` reads a tensor value on the host") unless the
+    rewrite is ``optional`` (the operator traces as it is)."""
     real = getattr(fake, "real_tensor", None)
     names, why = _sources(fake, candidates)
     if real is None or why is not None:
-        if record.refused is None:
+        if record.refused is None and not optional:
             record.refused = f"`{name}` {what}{_model_line()}, and {why or 'its value is unknown'}"
         return None
     record.inputs.extend(n for n in names if n not in record.inputs)
@@ -359,8 +360,66 @@ class _SizeArguments(TorchFunctionMode):
             return int(real)
 
 
+def _patched_index(name: str, original, candidates, record: HostReads):
+    """``x.index_select(dim, index)`` / ``x.index_copy(dim, index, rows)`` by an integer index input:
+    where the index is one ascending contiguous run, the slice it takes (copied, as the index copies)
+    or the concatenation it writes (MiniMax-H3 packs its text, audio and video rows into one sequence
+    with ``index_copy`` by position inputs, and takes the video rows back with ``index_select``)."""
+    def indexed(self, dim, index, *rest, **kwargs):
+        if not isinstance(index, FakeTensor) or index.dim() != 1 or index.is_floating_point():
+            return original(self, dim, index, *rest, **kwargs)
+        real = _specialisable(index, name, "places rows by tensor values", candidates, record, optional=True)
+        if real is None:
+            return original(self, dim, index, *rest, **kwargs)
+        with _disable_current_modes():
+            run = _run(real)
+            ascending = bool((real[1:] > real[:-1]).all()) if real.numel() > 1 else True
+        if run is None or not ascending or kwargs:
+            return original(self, dim, index, *rest, **kwargs)
+        if name == "index_select":
+            return self.narrow(dim, run.start, run.stop - run.start).clone()
+        (rows,) = rest
+        size = self.shape[dim]
+        return torch.cat([self.narrow(dim, 0, run.start), rows.to(self.dtype),
+                          self.narrow(dim, run.stop, size - run.stop)], dim)
+    return indexed
+
+
+INDEXERS = ("index_select", "index_copy")
+
+
+def _integer_run(index, candidates, record: HostReads) -> slice | None:
+    """The slice an index ``x[:, idx]`` stands for: ``idx`` a 1-D integer tensor computed from the
+    candidate inputs whose values are one ascending contiguous run (None otherwise)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if len(tensors) != 1 or not isinstance(tensors[0], FakeTensor) or tensors[0].dim() != 1 \
+            or tensors[0].is_floating_point() or tensors[0].dtype == torch.bool:
+        return None
+    real = _specialisable(tensors[0], "an index", "places rows by tensor values", candidates, record,
+                          optional=True)
+    if real is None:
+        return None
+    with _disable_current_modes():
+        return _run(real) if real.numel() < 2 or bool((real[1:] > real[:-1]).all()) else None
+
+
+def _patched_integer_index(original, candidates, record: HostReads, write: bool):
+    """``x[:, idx]`` / ``x[:, idx] = rows`` by an integer index input that is one ascending contiguous
+    run: the slice (copied, as the index copies) or a write into it."""
+    def indexed(self, index, *value):
+        run = _integer_run(index, candidates, record)
+        if run is None:
+            return original(self, index, *value)
+        parts = index if isinstance(index, tuple) else (index,)
+        new = tuple(run if isinstance(p, torch.Tensor) else p for p in parts)
+        return original(self, new, *value) if write else original(self, new).clone()
+    return indexed
+
+
 @contextlib.contextmanager
-def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: bool = True):
+def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: bool = True,
+                            index_inputs: bool = False):
     """While a capture runs: host reads of values computed from the call's integer and boolean inputs,
     and its floating-point ones but the arguments ``changing``, return those values (see the module
     docstring); with ``mask_indexing``, so do boolean-mask indexes ``x[mask]``. Yields the ``HostReads``
@@ -369,20 +428,27 @@ def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: boo
 
     record = HostReads()
     candidates = value_inputs(call, changing)
-    patched = READS + SIZED_BY_VALUES + ("repeat_interleave", "__setitem__") + (("__getitem__",) if mask_indexing
-                                                                                else ())
+    indexers = INDEXERS if index_inputs else ()
+    patched = READS + SIZED_BY_VALUES + ("repeat_interleave", "__setitem__") + (
+        ("__getitem__",) if mask_indexing or index_inputs else ()) + indexers
     originals = {name: torch.Tensor.__dict__.get(name) for name in patched}
-    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES + ("repeat_interleave",)}
+    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES + ("repeat_interleave",) + indexers}
     for name in READS:
         setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
     for name in SIZED_BY_VALUES:
         setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
         setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
+    for name in indexers:
+        setattr(torch.Tensor, name, _patched_index(name, getattr(torch.Tensor, name), candidates, record))
+        setattr(torch, name, _patched_index(name, functions[name], candidates, record))
     torch.Tensor.repeat_interleave = _patched_repeat_interleave(torch.Tensor.repeat_interleave, candidates, record)
     torch.repeat_interleave = _patched_repeat_interleave(functions["repeat_interleave"], candidates, record)
     if mask_indexing:
         torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
     torch.Tensor.__setitem__ = _patched_setitem(torch.Tensor.__setitem__, candidates, record)
+    if index_inputs:
+        torch.Tensor.__getitem__ = _patched_integer_index(torch.Tensor.__getitem__, candidates, record, False)
+        torch.Tensor.__setitem__ = _patched_integer_index(torch.Tensor.__setitem__, candidates, record, True)
     try:
         with functorch_config.patch(fake_tensor_propagate_real_tensors=True), _SizeArguments(candidates, record):
             yield record

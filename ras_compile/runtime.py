@@ -63,6 +63,11 @@ def check_compile_mode(mode, backend) -> None:
                          f"got backend={backend!r}")
 
 
+# operators whose refusal may be an index input placing or taking rows (tried again specialised on it)
+INPUT_INDEXED = ("aten.index_copy.default", "aten.index_select.default", "aten.index.Tensor",
+                 "aten.index_put_.default", "aten.index_put.default")
+
+
 def _analyze(program, gm, latent_node, reading: dict) -> TokenAnalysis:
     """``analyze_tokens``; a refusal of a data-dependent shape also says why the host read it comes
     from could not be specialised (``host_reads``)."""
@@ -273,32 +278,15 @@ class RASModule(torch.nn.Module):
             if not isinstance(latent, torch.Tensor):
                 raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
-            program = export_model(self.model, call, changing=(self._latent_arg, self._timestep_of(call)[0]))
-            mark_input_kinds(program)
-            mark_nested_outputs(program)
-            self._warn_training_mode(program)
-            name = latent_placeholder(program, self._latent_arg)
-            gm = program.graph_module
-            latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
-            drop_dead_values(gm)  # values nothing reads (nn.MultiheadAttention's unused averaged weights)
-            lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
-            lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
-            lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
-            rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
-            concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
-            rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
-            recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
-            recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
-            joined = join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x); attention slices
-            lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
-            reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
-            analysis = _analyze(program, gm, latent_node, reading)
-            if self._fuses(latent.device):
-                if split_packed_projections(gm, analysis):  # one linear per part of a packed q/k/v
-                    analysis = analyze_tokens(gm, latent_node, **reading)
-                analysis = fuse_kv_projections(gm, analysis)
-            analysis.recognised_attention = recognised
-            analysis.joined_pieces = joined
+            try:
+                program, name, gm, analysis = self._prepare(call, latent)
+            except UnsupportedModelError as exc:
+                if exc.op not in INPUT_INDEXED:
+                    raise
+                try:  # rows placed or taken by index inputs: captured for their values, as slices
+                    program, name, gm, analysis = self._prepare(call, latent, index_inputs=True)
+                except UnsupportedModelError:
+                    raise exc from exc.__cause__
         except UnsupportedModelError as exc:
             if self.ras_policy.on_unsupported != "fallback":
                 raise
@@ -314,6 +302,39 @@ class RASModule(torch.nn.Module):
         captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend, mode)  # compiled on first call
         captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend, mode)
         return captured
+
+    def _prepare(self, call: dict, latent: torch.Tensor, index_inputs: bool = False):
+        """Capture ``call``, canonicalise the graph and analyse it: ``(program, latent name, graph,
+        analysis)``. ``index_inputs``: the capture is specialised on integer index inputs that place or
+        take rows (``index_copy`` / ``index_select`` by a contiguous run become slices; host_reads)."""
+        program = export_model(self.model, call, changing=(self._latent_arg, self._timestep_of(call)[0]),
+                               index_inputs=index_inputs)
+        mark_input_kinds(program)
+        mark_nested_outputs(program)
+        self._warn_training_mode(program)
+        name = latent_placeholder(program, self._latent_arg)
+        gm = program.graph_module
+        latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+        drop_dead_values(gm)  # values nothing reads (nn.MultiheadAttention's unused averaged weights)
+        lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
+        lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
+        lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
+        rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
+        concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
+        rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
+        recognise_flex_attention(gm)  # plain flex_attention (identity score_mod, full mask) -> SDPA
+        recognised = recognise_attention(gm)  # hand-written softmax(q k^T) v -> one SDPA node
+        joined = join_token_chunks(gm)  # cat([ff(p) for p in x.chunk(n, 1)], 1) -> ff(x); attention slices
+        lower_causal_attention(gm, latent_node)  # is_causal over image tokens -> an explicit tril mask
+        reading = {"kv_cache": self.ras_policy.kv_cache, "tubes": self.ras_policy.tubes != "never"}
+        analysis = _analyze(program, gm, latent_node, reading)
+        if self._fuses(latent.device):
+            if split_packed_projections(gm, analysis):  # one linear per part of a packed q/k/v
+                analysis = analyze_tokens(gm, latent_node, **reading)
+            analysis = fuse_kv_projections(gm, analysis)
+        analysis.recognised_attention = recognised
+        analysis.joined_pieces = joined
+        return program, name, gm, analysis
 
     def _fuses(self, device: torch.device) -> bool:
         if self.ras_fuse_kv_projection == "auto":

@@ -28,7 +28,6 @@ REFUSED = {
     "wan_animate2": (None, "is a list of"),  # per-sample latent lists
     "motif_video_decoder": ("aten.cat.default", "two image-token sequences"),  # decoder attends [new, encoder] image
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
-    "minimax_h3": ("aten.index_copy.default", "no token rule for this operator"),  # rows placed at given indices
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
     "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index

@@ -93,8 +93,9 @@ def test_explain_says_where_each_densified_value_is_read():
 
 
 class IndexPlacer(nn.Module):
-    """Token latents [B, N, C] placed into a longer sequence at positions given as an input: no rule can
-    tell which tokens the rows are, in either reading of a 3-D latent."""
+    """Token latents [B, N, C] placed into a longer sequence at scattered positions given as an input: no
+    rule can tell which tokens the rows are, in either reading of a 3-D latent (one contiguous run of
+    positions would be a slice: tests/test_index_inputs.py)."""
 
     def __init__(self, dim: int = 8):
         super().__init__()
@@ -110,7 +111,7 @@ def test_a_combined_refusal_names_the_model_line_once():
     model = IndexPlacer()
     ras = ras_compile(model, RASPolicy(), backend=None)
     with pytest.raises(UnsupportedModelError) as info:
-        ras(latent=torch.randn(2, 6, 8), slots=torch.arange(6))
+        ras(latent=torch.randn(2, 6, 8), slots=torch.arange(0, 12, 2))
     message = str(info.value)
     line = _line_of(IndexPlacer.forward, "# placed rows")
     assert "read as tokens [B, N, C]" in message and "read as a signal [B, C, L]" in message
