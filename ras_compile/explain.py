@@ -50,6 +50,7 @@ class Explanation:
     densified_sources: list[str] = field(default_factory=list)  # per densified value: its consumer in the model code
     side_sources: list[str] = field(default_factory=list)  # gathered where computed (side_sources, stream_reentry)
     value_inputs: list[str] = field(default_factory=list)  # inputs whose values the forward reads on the host
+    output_rows: tuple[int, int] | None = None  # the prediction's image rows in a joint-sequence output
 
     @property
     def flop_fraction(self) -> float:
@@ -66,6 +67,9 @@ class Explanation:
         if self.value_inputs:
             lines.append(f"  captured for the values of {', '.join(self.value_inputs)} (the forward reads them on "
                          "the host): other values are another capture")
+        if self.output_rows:
+            lines.append(f"  prediction: rows {self.output_rows[0]}:{self.output_rows[1]} of the joint sequence the "
+                         "model returns (the image tokens; scored, and continued when stale_token_order=1)")
         if self.tube_axes:
             where = (f"kept in the token sequence ({self.tube_rows} rows per token)" if self.tube_rows > 1
                      else "folded into the batch axis")
@@ -181,6 +185,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         token_batched_attention=list(analysis.token_batched_attention),
         tube_axes=grid.tube_axes if grid else (),
         tube_rows=analysis.layouts[analysis.source].outer, densified_sources=sources,
+        output_rows=analysis.output_rows,
         side_sources=list(analysis.side_sources),
     )
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ras_compile import RASPolicy, ras_compile
+from ras_compile import RASPolicy, explain, ras_compile
 from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
 
 C, D, HEADS, T, N = 4, 16, 2, 5, 24
@@ -65,6 +65,7 @@ def test_the_prediction_is_read_from_the_image_rows_of_the_joint_output():
     assert len(analysis.attention) == 2
     assert _model(joint_output=False).forward(**_inputs()).shape == (2, N, C)
     assert ras_compile(_model(False), POLICY, backend=None).ras_analysis(**_inputs()).output_rows is None
+    assert f"prediction: rows {T}:{T + N} of the joint sequence" in str(explain(_model(), _inputs(), verbose=False))
 
 
 @settings(max_examples=6, deadline=None)
