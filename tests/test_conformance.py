@@ -26,7 +26,6 @@ REFUSED = {
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
     "kandinsky6_sr": ("flex_attention", "flex_attention with a block mask or a score function"),  # NABLA mask
     "wan_animate2": (None, "is a list of"),  # per-sample latent lists
-    "motif_video_decoder": ("aten.cat.default", "two image-token sequences"),  # decoder attends [new, encoder] image
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens

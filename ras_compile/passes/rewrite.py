@@ -244,6 +244,11 @@ class _SparseBuilder:
                     args.append(None)
                 start = 0 if args[2] is None else args[2] % src_lay.length if args[2] < 0 else args[2]
                 end = src_lay.length if args[3] is None else (args[3] + src_lay.length if args[3] < 0 else args[3])
+                if src_lay.outer > 1:  # whole blocks of the image tokens: block o starts at row o * k
+                    n = src_lay.length // src_lay.outer
+                    args[2] = g.call_function(operator.mul, (self.k, start // n))
+                    args[3] = g.call_function(operator.mul, (self.k, min(end, src_lay.length) // n))
+                    return self.copy(node, args, kwargs)
                 args[2] = self.remap_position(start, src_lay)
                 args[3] = self.remap_position(min(end, src_lay.length), src_lay) if end < 2**62 else end
         elif packet is aten.select and src_lay is not None:

@@ -1317,7 +1317,12 @@ def _piece_layout(an, node, lay: TokenLayout, start: int, end: int) -> TokenLayo
     if lay.fold:
         an.refuse(node, "a slice of a token axis folded into the batch axis")
     if lay.outer > 1:
-        an.refuse(node, "a slice of a token axis that holds the image tokens of several frames (tube rows)")
+        n = lay.length // lay.outer
+        if start % n or end % n or end <= start:
+            an.refuse(node, "a slice of a token axis that holds the image tokens of several frames (tube rows) "
+                            "other than whole blocks of them")
+        blocks = (end - start) // n  # whole blocks: each holds the same active rows
+        return dataclasses.replace(lay, length=end - start, outer=blocks)
     lo, hi = lay.offset, lay.offset + an.analysis.num_tokens
     if end <= lo or start >= hi:
         return None
@@ -1434,6 +1439,11 @@ def _cat(an, node):
             an.refuse(node, "a concatenation along a token axis that holds the image tokens of several frames "
                             "(tube rows)")
         if len(annotated) > 1:
+            if len(annotated) == len(tensors) and all(_layout(an, t) == first for _, t in annotated) \
+                    and first.offset == 0 and first.length == an.analysis.num_tokens and not first.grid:
+                # image tokens only, twice or more (a decoder attending to [its tokens, the encoder's]):
+                # blocks of the same tokens, each holding the same active rows
+                return dataclasses.replace(first, length=first.length * len(tensors), outer=len(tensors))
             an.refuse(node, "two image-token sequences concatenated on the token axis")
         index = annotated[0][0]
         before = sum(_shape(t)[dim] for t in tensors[:index])
