@@ -93,7 +93,8 @@ class ValueMemo:
     prompt embeddings or mask object at every step, and a tensor passed again unchanged (the same
     object, still alive, its version counter unchanged: no in-place write since, through any view)
     needs no device-to-host copy (on a GPU, a synchronisation per call). The memo holds weak
-    references only, so a freed tensor's id cannot be mistaken for a new one's."""
+    references only, so a freed tensor's id cannot be mistaken for a new one's. A write through
+    ``tensor.data``, which bypasses the version counter, is not seen: pass a new tensor instead."""
 
     def __init__(self, size: int = 16):
         self.size = size
