@@ -386,7 +386,33 @@ def _patched_index(name: str, original, candidates, record: HostReads):
     return indexed
 
 
-INDEXERS = ("index_select", "index_copy")
+INDEXERS = ("index_select", "index_copy", "gather")
+
+
+def _patched_gather(original, candidates, record: HostReads):
+    """``x.gather(dim, index)`` by an index input that takes, in every row, the same contiguous run of
+    positions along ``dim`` in order: that slice of ``x`` (copied). MDT's unshuffle by ``ids_restore``
+    is the identity at inference (``arange``), and then nothing moves between tokens."""
+    def gather(self, dim, index, *rest, **kwargs):
+        if rest or kwargs or not isinstance(index, FakeTensor) or index.dim() != self.dim():
+            return original(self, dim, index, *rest, **kwargs)
+        d = dim % self.dim()
+        if any(index.shape[a] != self.shape[a] for a in range(self.dim()) if a != d):
+            return original(self, dim, index)
+        real = _specialisable(index, "gather", "moves rows by tensor values", candidates, record, optional=True)
+        if real is None:
+            return original(self, dim, index)
+        with _disable_current_modes():
+            n = real.shape[d]
+            start = int(real.flatten()[0]) if real.numel() else 0
+            shape = [1] * real.dim()
+            shape[d] = n
+            run = torch.arange(start, start + n, device=real.device).view(shape).expand(real.shape)
+            same = bool(torch.equal(real, run))
+        if not same:
+            return original(self, dim, index)
+        return self.narrow(d, start, n).clone()
+    return gather
 
 
 def _integer_run(index, candidates, record: HostReads) -> slice | None:
@@ -440,8 +466,9 @@ def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: boo
         setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
         setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
     for name in indexers:
-        setattr(torch.Tensor, name, _patched_index(name, getattr(torch.Tensor, name), candidates, record))
-        setattr(torch, name, _patched_index(name, functions[name], candidates, record))
+        patch = _patched_gather if name == "gather" else lambda o, c, r, name=name: _patched_index(name, o, c, r)
+        setattr(torch.Tensor, name, patch(getattr(torch.Tensor, name), candidates, record))
+        setattr(torch, name, patch(functions[name], candidates, record))
     torch.Tensor.repeat_interleave = _patched_repeat_interleave(torch.Tensor.repeat_interleave, candidates, record)
     torch.repeat_interleave = _patched_repeat_interleave(functions["repeat_interleave"], candidates, record)
     if mask_indexing:

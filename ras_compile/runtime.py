@@ -27,6 +27,7 @@ from .passes.einsum_permute import lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.patch_views import lower_patch_views
+from .passes.flat_rows import unflatten_projected_rows
 from .passes.shape_forms import lower_shape_forms
 from .passes.token_chunks import join_token_chunks
 from .passes.sample_loops import rebatch_sample_stacks
@@ -65,7 +66,7 @@ def check_compile_mode(mode, backend) -> None:
 
 # operators whose refusal may be an index input placing or taking rows (tried again specialised on it)
 INPUT_INDEXED = ("aten.index_copy.default", "aten.index_select.default", "aten.index.Tensor",
-                 "aten.index_put_.default", "aten.index_put.default")
+                 "aten.index_put_.default", "aten.index_put.default", "aten.gather.default")
 
 
 def _analyze(program, gm, latent_node, reading: dict) -> TokenAnalysis:
@@ -319,6 +320,7 @@ class RASModule(torch.nn.Module):
         lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
         lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
         lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
+        unflatten_projected_rows(gm)  # linear(x.reshape(L * B, E)).view(L, B, F) -> linear(x)
         rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
         concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
         rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)

@@ -14,6 +14,9 @@ reference code writes them, unknown to diffusers:
    cross-attention (traced through the sequence-first ``F.multi_head_attention_forward``: heads folded
    into the batch with a feature split, and ``[L * B, E]`` rows for the out-projection); the
    self-attention called as usual, ``attn(h, h, h)[0]``, computes the head-averaged weights and drops them.
+5. ``plain_torch_encoder``: a Motion-Diffusion-Model-style DiT built from ``nn.TransformerEncoder``
+   (sequence-first ``[L, B, D]``, ``norm_first=True``, GELU, dropout 0.1 in eval): the timestep embedding
+   prepended as one more token in front of the patch tokens, and dropped again after the encoder.
 
 The models return a tuple, as diffusers' ``return_dict=False`` does (``_tuple_out``). Same record, helpers
 and rules as tests/conformance_models.py, which appends these entries.
@@ -667,6 +670,39 @@ def _mha_inputs(model, batch, seed):
     return dict(x=r.randn(batch, 4, H, W), timestep=r.timestep(batch), y=r.randn(batch, TEXT_LEN, 24), mask=mask)
 
 
+class TorchEncoderDiT(nn.Module):
+    """nn.TransformerEncoder over ``[t token, patch tokens]``, sequence first (MDM's ``seqTransEncoder``)."""
+
+    def __init__(self, in_channels=4, dim=32, heads=2, depth=2, patch=2):
+        super().__init__()
+        self.patch, self.in_channels = patch, in_channels
+        self.x_embedder = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.t_embedder = TimestepEmbedder(dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu", norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.final_linear = nn.Linear(dim, patch * patch * in_channels)
+
+    def forward(self, x, timestep):
+        b, _, height, width = x.shape
+        p = self.patch
+        h, w = height // p, width // p
+        pos = get_2d_sincos_pos_embed(self.x_embedder.out_channels, h, w).unsqueeze(1).to(x)
+        tokens = self.x_embedder(x).flatten(2).permute(2, 0, 1) + pos  # [N, B, D]
+        seq = torch.cat([self.t_embedder(timestep)[None], tokens], 0)  # the timestep token first
+        out = self.final_linear(self.encoder(seq)[1:]).permute(1, 0, 2)
+        out = out.reshape(b, h, w, p, p, self.in_channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.in_channels, h * p, w * p)
+
+
+def _torch_encoder_build(seed):
+    return _seeded_build(seed, lambda: _tuple_out(TorchEncoderDiT)())
+
+
+def _torch_encoder_inputs(model, batch, seed):
+    r = _Rand(seed)
+    return dict(x=r.randn(batch, 4, H, W), timestep=r.timestep(batch))
+
+
 def _double_channels(kw):
     s = list(kw["x"].shape)
     s[1] *= 2
@@ -690,4 +726,8 @@ PLAIN_MMDIT_FAMILIES: list[Family] = [
                  "patchify by view/permute + Linear"),
     Family("plain_mha", "PixArt-like DiT with nn.MultiheadAttention", _mha_build, _mha_inputs, "x", _N, (2, 2),
            _double_channels, notes="nn.MultiheadAttention(batch_first) self and cross; key_padding_mask"),
+    Family("plain_torch_encoder", "GuyTevet/motion-diffusion-model-style DiT on nn.TransformerEncoder",
+           _torch_encoder_build, _torch_encoder_inputs, "x", _N, (2, 2), _same_as("x"),
+           notes="nn.TransformerEncoder(norm_first, gelu, dropout in eval), sequence first [L, B, D]; the "
+                 "timestep embedding prepended as a token and dropped after the encoder"),
 ]

@@ -29,7 +29,6 @@ REFUSED = {
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
-    "plain_mdt_gather": ("aten.gather.default", "moves values between image tokens"),  # unshuffle by an input index
     "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
     # caption lengths read on the host (specialised), but they differ between the samples, so the per-sample
     # loop writes each sample's image tokens at other rows of one buffer

@@ -111,3 +111,28 @@ def test_rows_placed_by_tensor_indexing_run_sparse(data):
     model, ras = compiled_once((__name__, "indexed"), lambda: IndexedDiT().eval(), POLICY)
     kw = _inputs(data.draw(st.integers(0, 3)), image_first=data.draw(st.booleans()))
     assert_sparse_after_dense_equals_the_model(model, ras, kw, random_active_sets(data, N))
+
+
+class UnshuffledDiT(PackedDiT):
+    """MDT's side-interpolator unshuffle: the tokens gathered back by an index input (``ids_restore``),
+    the identity at inference."""
+
+    def forward(self, hidden_states, timestep, caption, text_indices, image_indices):
+        x = self.img_in(hidden_states) * (1 + timestep[:, None, None])
+        restore = image_indices - image_indices.min()  # the order to gather the tokens in
+        x = torch.gather(x, 1, restore[None, :, None].expand(x.shape[0], -1, x.shape[2]))
+        q, k, v = (t.unflatten(-1, (HEADS, D // HEADS)).transpose(1, 2) for t in self.qkv[0](x).chunk(3, -1))
+        return self.out(x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_a_gather_by_an_identity_index_input_moves_nothing():
+    torch.manual_seed(0)
+    model = UnshuffledDiT().eval()
+    ras = ras_compile(model, POLICY, backend=None)
+    assert len(ras.ras_analysis(**_inputs()).attention) == 1
+    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(1), torch.tensor([[0, 4, 7], [1, 2, 23]]))
+    shuffled = _inputs()
+    shuffled["image_indices"] = torch.arange(N).flip(0)  # a real permutation of the tokens: refused
+    with pytest.raises(UnsupportedModelError) as info:
+        ras_compile(model, POLICY, backend=None).ras_analysis(**shuffled)
+    assert info.value.op == "aten.gather.default" and "moves values between image tokens" in str(info.value)
