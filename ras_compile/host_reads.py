@@ -270,8 +270,9 @@ def _patched_repeat_interleave(original, candidates, record: HostReads):
     ``torch.where(img_mask, 4, 1)``). The one-argument form ``torch.repeat_interleave(repeats)`` is
     that index."""
     def repeat_interleave(self, repeats=None, dim=None, *, output_size=None):
-        if repeats is None and isinstance(self, FakeTensor):   # torch.repeat_interleave(repeats)
-            real = _specialisable(self, "repeat_interleave", "sizes its output by tensor values", candidates, record)
+        if repeats is None:   # torch.repeat_interleave(repeats)
+            real = None if not isinstance(self, FakeTensor) else _specialisable(
+                self, "repeat_interleave", "sizes its output by tensor values", candidates, record)
             if real is None:
                 return original(self, output_size=output_size)
             with _disable_current_modes():
@@ -291,33 +292,34 @@ def _patched_repeat_interleave(original, candidates, record: HostReads):
 
 
 def _patched_setitem(original, candidates, record: HostReads):
-    """``x[mask] = value`` with a boolean mask: the write's positions are the mask's true values, read
-    inside the indexing operator; for a mask computed from the candidate inputs (or constants) the write
-    is made at that call's positions: a slice where a one-axis mask is true on one contiguous run (a
-    joint sequence's image rows, ``joint[:, image_mask] = image`` in Qwen-Image 2.1: a slice write the
-    buffer-write pass reads as a concatenation), else that call's ``nonzero`` of the mask, a constant."""
+    """``x[:, mask] = rows`` with a boolean mask and ``rows`` packed (one row per true value, not a
+    value broadcast over them): the write's positions are the mask's true values, read inside the
+    indexing operator; for a mask computed from the candidate inputs (or constants) the write is made
+    at that call's positions: a slice where a one-axis mask is true on one contiguous run (a joint
+    sequence's image rows, ``joint[:, image_mask] = image`` in Qwen-Image 2.1: a slice write the
+    buffer-write pass reads as a concatenation), else that call's ``nonzero`` of the mask, a constant.
+    A fill or a broadcast value (``x[~keep] = mask_token``) is traced as it is: a masked update the
+    analysis rewrites to a ``where``, one graph for every mask."""
     def setitem(self, index, value):
         parts = index if isinstance(index, tuple) else (index,)
-        masks = [p for p in parts if isinstance(p, FakeTensor) and p.dtype == torch.bool]
-        if not masks or not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
-            # a fill, or values sized by the mask itself (``x[m] = x[m] * 2``): traced as they are, a
-            # masked update the analysis rewrites to a ``where`` (one graph for every mask)
+        at = [i for i, p in enumerate(parts) if isinstance(p, FakeTensor) and p.dtype == torch.bool]
+        if len(at) != 1 or not isinstance(value, torch.Tensor) or any(
+                not (isinstance(p, slice) and p == slice(None)) for i, p in enumerate(parts) if i != at[0]):
             return original(self, index, value)
-        tensors = sum(isinstance(p, torch.Tensor) for p in parts)
-        new = []
-        for part in parts:
-            if not any(part is m for m in masks):
-                new.append(part)
-                continue
-            real = _specialisable(part, "a boolean-mask index", "sizes its write by tensor values", candidates,
-                                  record)
-            if real is None:
-                return original(self, index, value)
-            with _disable_current_modes():
-                rows = real.nonzero(as_tuple=True)
-                run = _run(rows[0]) if real.dim() == 1 and tensors == 1 else None
-            new.append(run) if run is not None else new.extend(_constant(tuple(rows)))
-        return original(self, tuple(new), value)
+        mask, p = parts[at[0]], at[0]
+        real = getattr(mask, "real_tensor", None)
+        if real is None:
+            return original(self, index, value)
+        with _disable_current_modes():
+            rows = real.nonzero(as_tuple=True)
+            run = _run(rows[0]) if real.dim() == 1 else None
+        packed = (*self.shape[:p], rows[0].numel(), *self.shape[p + real.dim():])
+        if tuple(value.shape) != tuple(packed) or _specialisable(
+                mask, "a boolean-mask index", "sizes its write by tensor values", candidates, record,
+                optional=True) is None:
+            return original(self, index, value)
+        new = (*parts[:p], *((run,) if run is not None else _constant(tuple(rows))), *parts[p + 1:])
+        return original(self, new, value)
     return setitem
 
 

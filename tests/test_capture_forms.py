@@ -227,6 +227,22 @@ def test_masked_updates_that_where_would_change_are_left_alone(case):
     torch.testing.assert_close(gm(*args)[0], Update()(*args))
 
 
+@pytest.mark.parametrize("token_shape", [(3,), (1, 3)])
+def test_a_token_broadcast_over_the_masked_rows_becomes_a_where(token_shape):
+    from ras_compile.passes.masked_update import rewrite_masked_updates
+
+    class Fill(nn.Module):
+        def forward(self, x, m, token):
+            x = x * 1.0
+            x[m] = token
+            return x
+
+    args = torch.randn(2, 6, 3), torch.rand(2, 6) > 0.5, torch.randn(*token_shape)
+    gm = torch.export.export(Fill(), args, strict=False).graph_module
+    assert len(rewrite_masked_updates(gm)) == 1
+    torch.testing.assert_close(gm(*args)[0], Fill()(*args))
+
+
 def test_flex_attention_with_a_mask_is_not_taken_for_plain_attention():
     """A real block mask changes what each query sees: the rewrite to SDPA must not apply."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -305,3 +305,32 @@ def test_sizes_read_from_a_mask_are_that_calls_constants():
     targets = {n.target for n in program.graph_module.graph.nodes}
     assert torch.ops.aten.repeat_interleave.Tensor not in targets  # no size left to read at run time
     assert not any("nonzero" in str(t) for t in targets)
+
+
+class MaskTokenDiT(CaptionDiT):
+    """A read on the host (the caption lengths) beside a broadcast write by an input mask (MDT's mask
+    token where ``keep`` is False): the write stays a masked update, a ``where`` for every mask,
+    and the capture is not specialised on ``keep``."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(D))
+
+    def forward(self, latent, timestep, caption, mask, keep):
+        x = self.embed(latent).flatten(2).transpose(1, 2) * (1 + timestep[:, None, None] / 1000)
+        x = x.clone()
+        x[~keep] = self.token
+        text = self.text(caption[:, : max(mask.sum(1).tolist())])
+        return self.attend_and_unpatchify(text, x)
+
+
+def test_a_broadcast_write_by_an_input_mask_stays_a_where_for_every_mask():
+    torch.manual_seed(0)
+    model = MaskTokenDiT().eval()
+    kw = dict(_inputs(), keep=torch.rand(2, N, generator=torch.Generator().manual_seed(3)) > 0.3)
+    program = export_model(model, kw, changing=("latent", "timestep"))
+    assert program.ras_value_inputs == ["['mask']"]
+    ras = ras_compile(model, POLICY, backend=None)
+    targets = {getattr(n.target, "overloadpacket", None) for n in ras.ras_capture(**kw).sparse.graph.nodes}
+    assert torch.ops.aten.where in targets and torch.ops.aten.index_put_ not in targets
+    assert_sparse_after_dense_equals_the_model(model, ras, kw, torch.tensor([[0, 4, 7], [1, 2, 23]]))

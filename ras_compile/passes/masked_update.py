@@ -6,7 +6,8 @@ have a data-dependent count, so the graph has an unbacked shape and the token an
 refuses it. The update is the same function as ``where(m[..., None], f(x), x)`` with
 static shapes whenever ``f`` is elementwise, which this pass checks: the values written
 come from ``index(x, [m])`` through pointwise ops whose other operands are Python
-scalars or 0-d tensors, or are one such scalar-like tensor (``x[m] = 0``); the mask is
+scalars or 0-d tensors, or are one such scalar-like tensor (``x[m] = 0``) or one value
+broadcast over the selected rows (``x[~keep] = mask_token``, a ``[D]`` token); the mask is
 boolean and indexes the leading axes of ``x``; every intermediate is read only by the
 chain (apart from export's size assertions). Anything else is left as it was.
 """
@@ -38,6 +39,16 @@ def _functional(target):
 def _scalar_like(a) -> bool:
     v = _val(a)
     return not isinstance(a, fx.Node) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+
+
+def _broadcast_row(a, xv: torch.Tensor, mv: torch.Tensor) -> bool:
+    """Whether ``a`` is one value broadcast over every selected row: a tensor whose shape broadcasts
+    against the axes of ``x`` after the mask's (``x[~keep] = mask_token``, a ``[D]`` token)."""
+    v = _val(a)
+    rest = tuple(xv.shape[mv.dim():])
+    if not isinstance(v, torch.Tensor) or v.dim() > len(rest):
+        return False
+    return all(s in (1, r) for s, r in zip(reversed(v.shape), reversed(rest)))
 
 
 def _assertion_only(node: fx.Node) -> bool:
@@ -102,7 +113,7 @@ def rewrite_masked_updates(gm: fx.GraphModule) -> list[str]:
             readers = chain + [put]
             if not all(_read_only_by(n, readers[i]) for i, n in enumerate([index] + chain)):
                 continue
-        elif _scalar_like(values):
+        elif _scalar_like(values) or _broadcast_row(values, xv, mv):
             index, chain = None, []
         else:
             continue
