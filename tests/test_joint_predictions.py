@@ -59,8 +59,10 @@ def _inputs(seed: int = 0) -> dict:
                 caption=torch.randn(2, T, 8, generator=g), img_mask=mask)
 
 
-def test_the_prediction_is_read_from_the_image_rows_of_the_joint_output():
-    analysis = ras_compile(_model(), POLICY, backend=None).ras_analysis(**_inputs())
+@pytest.mark.parametrize("batch", [2, 1])  # one prompt per call: the pipeline's own case
+def test_the_prediction_is_read_from_the_image_rows_of_the_joint_output(batch):
+    kw = {k: v[:batch] if isinstance(v, torch.Tensor) else v for k, v in _inputs().items()}
+    analysis = ras_compile(_model(), POLICY, backend=None).ras_analysis(**kw)
     assert analysis.num_tokens == N and analysis.output_rows == (T, T + N)
     assert len(analysis.attention) == 2
     assert _model(joint_output=False).forward(**_inputs()).shape == (2, N, C)

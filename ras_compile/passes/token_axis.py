@@ -580,14 +580,14 @@ class _Analyzer:
                 return len(shape) == len(a.grid.latent_shape) and shape[0] == a.batch_size \
                     and all(shape[ax] == a.grid.latent_shape[ax] for ax in a.grid.grid_axes)
             return len(shape) == 3 and shape[0] == a.batch_size and (
-                shape[1] == a.num_tokens or _joint_rows(self.layout.get(leaf), a.num_tokens) is not None)
+                shape[1] == a.num_tokens or _joint_rows(self.layout.get(leaf), a.num_tokens, a.batch_size) is not None)
 
         nested = node.meta.get("ras_nested_outputs", frozenset())
         candidates = [i for i, leaf in enumerate(leaves) if _is_tensor(leaf) and prediction_like(leaf)]
         a.output_leaf = next((i for i in candidates if i not in nested), None)
         if a.output_leaf is not None and a.grid is None and _shape(leaves[a.output_leaf])[1] != a.num_tokens:
             # a token latent predicted inside the joint sequence (text rows, then the image rows)
-            a.output_rows = _joint_rows(self.layout.get(leaves[a.output_leaf]), a.num_tokens)
+            a.output_rows = _joint_rows(self.layout.get(leaves[a.output_leaf]), a.num_tokens, a.batch_size)
         if a.output_leaf is None:
             nested = [i for i in candidates if i in nested]
             other_batch = [_shape(leaf)[0] for leaf in leaves if _is_tensor(leaf) and a.grid is not None
@@ -630,11 +630,14 @@ class _Analyzer:
         self.counts["side_inputs_gathered"] += 1
 
 
-def _joint_rows(layout, num_tokens: int) -> tuple[int, int] | None:
+def _joint_rows(layout, num_tokens: int, batch_size: int) -> tuple[int, int] | None:
     """The rows ``(start, stop)`` of axis 1 that hold the image tokens, in order, when ``layout`` is a
     ``[B, T + N, C]`` joint sequence of the latent's samples (a prediction returned with the text rows,
-    as Qwen-Image 2.1 returns it); None for any other layout."""
-    if not isinstance(layout, TokenLayout) or layout.token_dim != 1 or layout.batch_dim != 0:
+    as Qwen-Image 2.1 returns it; a batch of one keeps no batch axis in its layouts); None for any
+    other layout."""
+    batch_ok = isinstance(layout, TokenLayout) and (layout.batch_dim == 0 or (
+        batch_size == 1 and layout.batch_dim is None))
+    if not batch_ok or layout.token_dim != 1:
         return None
     if (layout.batch_group, layout.fold, layout.outer, layout.grid, layout.samples) != (1, 0, 1, (), None) \
             or layout.token_major or layout.offset + num_tokens > layout.length:
