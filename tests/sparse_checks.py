@@ -46,6 +46,16 @@ def assert_ratio_one_loop_equals_the_model(model, inputs, steps: int = 3, backen
 _COMPILED: dict = {}
 
 
+def assert_drawn_sparse_step_equals_the_model(data, key, make_model, policy, inputs, num_tokens: int) -> None:
+    """``assert_sparse_after_dense_equals_the_model`` on one ``ras_compile`` per ``key`` (``compiled_once``),
+    for inputs ``inputs(seed)`` and an active set both drawn with hypothesis (``data``: ``st.data()``)."""
+    from hypothesis import strategies as st
+
+    model, ras = compiled_once(key, make_model, policy)
+    assert_sparse_after_dense_equals_the_model(model, ras, inputs(data.draw(st.integers(0, 3))),
+                                               random_active_sets(data, num_tokens))
+
+
 def compiled_once(key, make_model, policy):
     """``(model, ras_compile(model, policy, backend=None))``, made once per ``key`` (the test module and
     its parameter), so that the examples hypothesis draws share one capture."""

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
-from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
+from sparse_checks import (assert_drawn_sparse_step_equals_the_model, assert_sparse_after_dense_equals_the_model,
+                           compiled_once, random_active_sets)
 
 C, D, HEADS, T, N = 4, 16, 2, 5, 24
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
@@ -65,9 +66,7 @@ def test_rows_placed_by_index_inputs_are_slices_of_the_capture(image_first):
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(data):
-    model, ras = compiled_once((__name__,), _model, POLICY)
-    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
-                                               random_active_sets(data, N))
+    assert_drawn_sparse_step_equals_the_model(data, (__name__,), _model, POLICY, _inputs, N)
 
 
 def test_other_positions_are_another_capture():

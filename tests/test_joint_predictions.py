@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ras_compile import RASPolicy, explain, ras_compile
-from sparse_checks import assert_sparse_after_dense_equals_the_model, compiled_once, random_active_sets
+from sparse_checks import assert_drawn_sparse_step_equals_the_model
 
 C, D, HEADS, T, N = 4, 16, 2, 5, 24
 POLICY = RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=())
@@ -73,9 +73,7 @@ def test_the_prediction_is_read_from_the_image_rows_of_the_joint_output(batch):
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(data):
-    model, ras = compiled_once((__name__,), _model, POLICY)
-    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
-                                               random_active_sets(data, N))
+    assert_drawn_sparse_step_equals_the_model(data, (__name__,), _model, POLICY, _inputs, N)
 
 
 @pytest.mark.parametrize("stale_token_order", [0, 1])

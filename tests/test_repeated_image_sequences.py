@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
-from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
-                           compiled_once, random_active_sets)
+from sparse_checks import assert_drawn_sparse_step_equals_the_model, assert_ratio_one_loop_equals_the_model
 
 C, D, HEADS, H, W, P = 4, 16, 2, 8, 12, 2
 N = (H // P) * (W // P)
@@ -72,9 +71,7 @@ def test_both_blocks_of_keys_are_cached():
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_sparse_step_after_dense_step_equals_the_model(data):
-    model, ras = compiled_once((__name__,), _model, POLICY)
-    assert_sparse_after_dense_equals_the_model(model, ras, _inputs(data.draw(st.integers(0, 3))),
-                                               random_active_sets(data, N))
+    assert_drawn_sparse_step_equals_the_model(data, (__name__,), _model, POLICY, _inputs, N)
 
 
 def test_a_slice_through_a_block_is_refused():
