@@ -18,9 +18,10 @@ import torch.utils._pytree as pytree
 
 from .errors import RASCallError, UnsupportedModelError
 from .fake_leaks import forget_capture_memos, snapshot
-from .host_reads import specialising_host_reads
+from .host_reads import CAPTURE_LOCK, specialising_host_reads
 from .hooks import check_capturable_hooks
 from .leaf_names import keyless_argument, named_leaves
+from .sample_lists import unstack_outputs
 from .source_frames import model_frame
 
 
@@ -94,13 +95,15 @@ class Captured:
     fallback: object = None
     caches: dict = field(default_factory=dict)  # call slot -> the cache tensors of that slot
     element_tokens: object = None  # the token of each prediction element (stale_token_order 1; made on first use)
+    sample_lists: tuple = ()  # ((output path, list or tuple), ...): per-sample output lists, stacked in the graph
 
     def graph_inputs(self, call: dict) -> list:
         """Parameters, buffers, constants and user inputs, in the graph's placeholder order."""
         return self.program._graph_module_flat_inputs((), call)
 
     def outputs(self, flat_outputs) -> object:
-        return pytree.tree_unflatten(list(flat_outputs), self.program.call_spec.out_spec)
+        out = pytree.tree_unflatten(list(flat_outputs), self.program.call_spec.out_spec)
+        return unstack_outputs(out, self.sample_lists) if self.sample_lists else out
 
 
 _PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
@@ -153,7 +156,13 @@ def export_model(model: torch.nn.Module, call: dict, changing: tuple = (),
     Floating-point inputs may be specialised on too, but not the arguments named in ``changing`` (the
     latent and the timestep): HunyuanVideo-1.5's ``if torch.all(image_embeds == 0):``. With
     ``index_inputs`` the capture is specialised from the start, and rows placed or taken by integer
-    index inputs in one contiguous run are slices (MiniMax-H3's packed sequence)."""
+    index inputs in one contiguous run are slices (MiniMax-H3's packed sequence). Captures from several
+    threads take turns (``host_reads.CAPTURE_LOCK``)."""
+    with CAPTURE_LOCK:
+        return _export_model(model, call, changing, index_inputs)
+
+
+def _export_model(model: torch.nn.Module, call: dict, changing: tuple, index_inputs: bool):
     check_capturable_hooks(model)  # stateful hooks would be frozen at capture time
     if index_inputs:
         program = _export_specialised(model, call, None, changing, index_inputs=True)

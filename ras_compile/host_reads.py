@@ -24,10 +24,19 @@ capture's signature (a host read of them on every call, as the model makes itsel
 
 Propagating real values runs the forward once more on real tensors, with a real copy of
 every weight: only a capture that failed on a data-dependent value is tried this way.
+
+The answers are installed on ``torch.Tensor`` and ``torch`` for the capture's duration, so they
+are seen process-wide: in any thread but the capturing one the installed functions are the
+originals (another thread's own ``torch.compile`` or export is not specialised on this call's
+inputs), and captures take turns (``CAPTURE_LOCK``, held by ``capture.export_model`` for every
+capture: torch.export's dispatch-mode slots are process-wide too, so two exports at once fail
+inside torch with "ProxyTorchDispatchMode slot already occupied").
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +57,17 @@ _SHAPE_ONLY = {getattr(torch.ops.aten, name) for name in (
     "sym_size")}
 # operators whose output size is read from their input's values: answered with a constant
 SIZED_BY_VALUES = ("nonzero", "argwhere")
+
+
+CAPTURE_LOCK = threading.RLock()  # one capture at a time: export and these answers act process-wide
+
+
+def _owned(patch, original, owner: int):
+    """``patch`` in the thread ``owner``, ``original`` in every other thread."""
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        return (patch if threading.get_ident() == owner else original)(*args, **kwargs)
+    return call
 
 
 @dataclass
@@ -455,38 +475,45 @@ def specialising_host_reads(call: dict, changing: tuple = (), mask_indexing: boo
     record."""
     import torch._functorch.config as functorch_config
 
-    record = HostReads()
-    candidates = value_inputs(call, changing)
-    indexers = INDEXERS if index_inputs else ()
-    patched = READS + SIZED_BY_VALUES + ("repeat_interleave", "__setitem__") + (
-        ("__getitem__",) if mask_indexing or index_inputs else ()) + indexers
-    originals = {name: torch.Tensor.__dict__.get(name) for name in patched}
-    functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES + ("repeat_interleave",) + indexers}
-    for name in READS:
-        setattr(torch.Tensor, name, _patched(name, getattr(torch.Tensor, name), candidates, record))
-    for name in SIZED_BY_VALUES:
-        setattr(torch.Tensor, name, _patched_sized(name, getattr(torch.Tensor, name), candidates, record))
-        setattr(torch, name, _patched_sized(name, functions[name], candidates, record))
-    for name in indexers:
-        patch = _patched_gather if name == "gather" else lambda o, c, r, name=name: _patched_index(name, o, c, r)
-        setattr(torch.Tensor, name, patch(getattr(torch.Tensor, name), candidates, record))
-        setattr(torch, name, patch(functions[name], candidates, record))
-    torch.Tensor.repeat_interleave = _patched_repeat_interleave(torch.Tensor.repeat_interleave, candidates, record)
-    torch.repeat_interleave = _patched_repeat_interleave(functions["repeat_interleave"], candidates, record)
-    if mask_indexing:
-        torch.Tensor.__getitem__ = _patched_getitem(torch.Tensor.__getitem__, candidates, record)
-    torch.Tensor.__setitem__ = _patched_setitem(torch.Tensor.__setitem__, candidates, record)
-    if index_inputs:
-        torch.Tensor.__getitem__ = _patched_integer_index(torch.Tensor.__getitem__, candidates, record, False)
-        torch.Tensor.__setitem__ = _patched_integer_index(torch.Tensor.__setitem__, candidates, record, True)
-    try:
-        with functorch_config.patch(fake_tensor_propagate_real_tensors=True), _SizeArguments(candidates, record):
-            yield record
-    finally:
-        for name, original in originals.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
-        for name, function in functions.items():
-            setattr(torch, name, function)
+    with CAPTURE_LOCK:
+        record = HostReads()
+        candidates = value_inputs(call, changing)
+        indexers = INDEXERS if index_inputs else ()
+        patched = READS + SIZED_BY_VALUES + ("repeat_interleave", "__setitem__") + (
+            ("__getitem__",) if mask_indexing or index_inputs else ()) + indexers
+        originals = {name: torch.Tensor.__dict__.get(name) for name in patched}
+        functions = {name: getattr(torch, name) for name in SIZED_BY_VALUES + ("repeat_interleave",) + indexers}
+        owner = threading.get_ident()
+
+        def install(where, name, make):
+            original = getattr(where, name)
+            setattr(where, name, _owned(make(original), original, owner))
+
+        for name in READS:
+            install(torch.Tensor, name, lambda o, name=name: _patched(name, o, candidates, record))
+        for name in SIZED_BY_VALUES:
+            install(torch.Tensor, name, lambda o, name=name: _patched_sized(name, o, candidates, record))
+            install(torch, name, lambda o, name=name: _patched_sized(name, o, candidates, record))
+        for name in indexers:
+            patch = _patched_gather if name == "gather" else lambda o, c, r, name=name: _patched_index(name, o, c, r)
+            install(torch.Tensor, name, lambda o, patch=patch: patch(o, candidates, record))
+            install(torch, name, lambda o, patch=patch: patch(o, candidates, record))
+        install(torch.Tensor, "repeat_interleave", lambda o: _patched_repeat_interleave(o, candidates, record))
+        install(torch, "repeat_interleave", lambda o: _patched_repeat_interleave(o, candidates, record))
+        if mask_indexing:
+            install(torch.Tensor, "__getitem__", lambda o: _patched_getitem(o, candidates, record))
+        install(torch.Tensor, "__setitem__", lambda o: _patched_setitem(o, candidates, record))
+        if index_inputs:
+            install(torch.Tensor, "__getitem__", lambda o: _patched_integer_index(o, candidates, record, False))
+            install(torch.Tensor, "__setitem__", lambda o: _patched_integer_index(o, candidates, record, True))
+        try:
+            with functorch_config.patch(fake_tensor_propagate_real_tensors=True), _SizeArguments(candidates, record):
+                yield record
+        finally:
+            for name, original in originals.items():
+                if original is None:
+                    delattr(torch.Tensor, name)
+                else:
+                    setattr(torch.Tensor, name, original)
+            for name, function in functions.items():
+                setattr(torch, name, function)

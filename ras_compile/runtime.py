@@ -30,6 +30,8 @@ from .passes.patch_views import lower_patch_views
 from .passes.flat_rows import unflatten_projected_rows
 from .passes.shape_forms import lower_shape_forms
 from .passes.token_chunks import join_token_chunks
+from .passes.constant_masks import drop_constant_wheres
+from .sample_lists import PerSampleLatent, SampleList, batch_sample_list, mixed_samples
 from .passes.sample_loops import rebatch_sample_stacks
 from .passes.buffer_writes import concatenate_buffer_writes
 from .passes.split_projection import split_packed_projections
@@ -211,12 +213,18 @@ class RASModule(torch.nn.Module):
         return signature_key(call) + ((values,) if values else ())
 
     def ras_captured(self, call: dict) -> Captured:
+        """The capture for ``call`` (the forward's arguments, a per-sample latent list among them)."""
+        return self._captured(call, *batch_sample_list(call, self._latent_arg))
+
+    def _captured(self, call: dict, batched: dict, samples: SampleList | None) -> Captured:
+        """The capture for ``call``, keyed by ``call`` (a latent list by its samples' shapes) and made of
+        ``batched`` (``call`` with such a list stacked: ``sample_lists``)."""
         key = self._key(call)
         captured = self._captures.pop(key, None)
         if captured is None:
             self._warn_number_timestep(call)
             self._warn_recapture(key, call)
-            captured = self._capture(key, call)
+            captured = self._capture(key, batched, samples)
             learned = [] if captured.program is None else captured.program.ras_value_inputs
             if any(name not in self._value_inputs for name in learned):
                 self._value_inputs += [name for name in learned if name not in self._value_inputs]
@@ -264,14 +272,15 @@ class RASModule(torch.nn.Module):
             "as a constant, so every new value is a new capture and compile whose first step runs dense, and "
             f"RAS never runs a sparse step. Pass it as a tensor (e.g. torch.full((batch,), {t!r})).", stacklevel=4)
 
-    def _capture(self, key, call: dict) -> Captured:
+    def _capture(self, key, call: dict, samples: SampleList | None = None) -> Captured:
         latent = call.get(self._latent_arg)
+        stacked = []  # the output paths of per-sample lists, as the last traced call returned them
+        target = self.model if samples is None else \
+            PerSampleLatent(self.model, self._latent_arg, samples, report=lambda paths: stacked.append(paths))
         try:
-            if isinstance(latent, (list, tuple)) and latent and all(isinstance(x, torch.Tensor) for x in latent):
-                raise UnsupportedModelError(
-                    f"the latent argument '{self._latent_arg}' is a {type(latent).__name__} of {len(latent)} tensors "
-                    "(one sequence per sample); RAS needs one batched latent tensor whose token rows it can "
-                    "gather, so models that take per-sample latent lists are not supported")
+            mixed = mixed_samples(call, self._latent_arg)
+            if mixed is not None:
+                raise UnsupportedModelError(mixed)
             if self._latent_arg not in call:
                 raise RASCallError(f"the call has no argument '{self._latent_arg}', the latent argument (it has "
                                    f"{', '.join(call)}); pass latent_arg= to ras_compile to name the argument that "
@@ -280,12 +289,12 @@ class RASModule(torch.nn.Module):
                 raise RASCallError(f"the latent argument '{self._latent_arg}' must be a tensor, got "
                                    f"{type(latent).__name__}; pass latent_arg= to ras_compile to name another argument")
             try:
-                program, name, gm, analysis = self._prepare(call, latent)
+                program, name, gm, analysis = self._prepare(target, call, latent)
             except UnsupportedModelError as exc:
                 if exc.op not in INPUT_INDEXED:
                     raise
                 try:  # rows placed or taken by index inputs: captured for their values, as slices
-                    program, name, gm, analysis = self._prepare(call, latent, index_inputs=True)
+                    program, name, gm, analysis = self._prepare(target, call, latent, index_inputs=True)
                 except UnsupportedModelError:
                     raise exc from exc.__cause__
         except UnsupportedModelError as exc:
@@ -299,16 +308,18 @@ class RASModule(torch.nn.Module):
                 else compile_graph(self.model, self.ras_backend, self.ras_compile_mode)
             return Captured(key, None, self._latent_arg, fallback=dense)
         captured = Captured(key, program, name, analysis=analysis)
+        if samples is not None:  # the caller gets the per-sample lists back
+            captured.sample_lists = stacked[-1]
         mode = self.ras_compile_mode
         captured.dense = compile_graph(dense_graph(gm, analysis), self.ras_backend, mode)  # compiled on first call
         captured.sparse = compile_graph(sparse_graph(gm, analysis), self.ras_backend, mode)
         return captured
 
-    def _prepare(self, call: dict, latent: torch.Tensor, index_inputs: bool = False):
+    def _prepare(self, model: torch.nn.Module, call: dict, latent: torch.Tensor, index_inputs: bool = False):
         """Capture ``call``, canonicalise the graph and analyse it: ``(program, latent name, graph,
         analysis)``. ``index_inputs``: the capture is specialised on integer index inputs that place or
         take rows (``index_copy`` / ``index_select`` by a contiguous run become slices; host_reads)."""
-        program = export_model(self.model, call, changing=(self._latent_arg, self._timestep_of(call)[0]),
+        program = export_model(model, call, changing=(self._latent_arg, self._timestep_of(call)[0]),
                                index_inputs=index_inputs)
         mark_input_kinds(program)
         mark_nested_outputs(program)
@@ -321,6 +332,7 @@ class RASModule(torch.nn.Module):
         lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
         lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
         unflatten_projected_rows(gm)  # linear(x.reshape(L * B, E)).view(L, B, F) -> linear(x)
+        drop_constant_wheres(gm)  # where(an all-false mask built from numbers, pad, x) -> x
         rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
         concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
         rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
@@ -360,10 +372,11 @@ class RASModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         call = call_arguments(self._signature, args, kwargs)
         with torch.no_grad():
-            captured = self.ras_captured(call)
+            batched, samples = batch_sample_list(call, self._latent_arg)
+            captured = self._captured(call, batched, samples)
             if captured.fallback is not None:
                 return self._run_fallback(captured, call)
-            return self._run(captured, call)
+            return self._run(captured, batched)
 
     def _next_slot(self, timestep: float | None) -> int:
         """Which call of the current step this is: a call at the same timestep as the one

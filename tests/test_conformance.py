@@ -20,12 +20,11 @@ from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 # family -> (node or op named in the refusal, words of the reason)
 REFUSED = {
     "hidream": (None, "torch.export could not capture"),  # MoE dispatch reads expert counts on the host
-    "z_image": (None, "is a list of 2 tensors"),  # per-sample latent lists, no batched token axis
     # newer classes (conformance_image / _video / _audio)
     "nucleus_moe": ("aten.gather.default", "moves values between image tokens"),  # expert-choice routing: top-k over tokens
     "joyimage_edit": (None, "which no grid rule covers"),  # the reference frame rotated to the front (slice + cat)
     "kandinsky6_sr": ("flex_attention", "flex_attention with a block mask or a score function"),  # NABLA mask
-    "wan_animate2": (None, "is a list of"),  # per-sample latent lists
+    "wan_animate2": (None, "is a WanAnimate2KVCache object"),  # its reference K/V cache, a Python object
     "stable_audio3_p2": (None, "reaches no scaled_dot_product_attention"),  # patch-1 tokens merged by a reshape
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
@@ -49,7 +48,8 @@ def _prediction(out) -> torch.Tensor:
         return out
     if isinstance(out, dict):  # or a dict of outputs, the prediction first
         return next(iter(out.values()))
-    return out[0] if isinstance(out, tuple) else out.sample
+    out = out[0] if isinstance(out, tuple) else out.sample
+    return torch.stack(out) if isinstance(out, list) else out  # per-sample outputs (Z-Image), as a batch
 
 
 def _compiled(name: str, ratio: float, fuse: bool | str):
@@ -67,6 +67,8 @@ def _compiled(name: str, ratio: float, fuse: bool | str):
 def _euler_step(latent: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """``latent - 0.2 * prediction`` over the dims they share (the prediction may have fewer
     channels than the latent, e.g. ConsisID's conditioning channels, or more, e.g. a learned variance)."""
+    if isinstance(latent, list):  # per-sample latents (Z-Image)
+        return [_euler_step(x, p) for x, p in zip(latent, prediction.unbind(0))]
     overlap = tuple(slice(0, min(a, b)) for a, b in zip(latent.shape, prediction.shape))
     delta = torch.zeros_like(latent)
     delta[overlap] = prediction[overlap]

@@ -9,10 +9,21 @@ When the copies are identical but for ``i``, and ``i`` runs over the whole batch
 order, the stack is the chain applied to ``X`` with every axis moved one to the right
 (``view`` sizes gain the batch in front, ``permute`` keeps it first): the same values.
 
+A sample is taken as ``select(X, 0, i)``, as ``X.unbind(0)[i]``, or as the ``i``-th of ``m``
+equal pieces ``Y.split(n)`` of rows that hold the samples end to end (``unflatten(Y, 0, [m, n])[i]``).
+The samples are joined by ``stack(..., 0)``, by ``pad_sequence(..., batch_first=True)`` of equal
+lengths (a stack), or by ``cat(..., 0)``: the samples end to end again, ``flatten(batched, 0, 1)``.
+Code that takes the latent as a list of per-sample tensors (Z-Image) patchifies each, joins the
+rows with ``cat``, embeds them, splits them back and pads them into a batch; each sample's
+sequence is ``cat([x[i], cap[i]])``: a ``cat`` of per-sample chains is the ``cat`` of the batched
+chains along the next axis.
+
 ``batched_chain(values, batch)`` reads such a set of per-sample values (also for the
-writes of ``buffer_writes``); ``rebatch_sample_stacks(gm)`` rewrites the stacks.
+writes of ``buffer_writes``); ``rebatch_sample_stacks(gm)`` rewrites the joins.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -50,15 +61,75 @@ def _pointwise_scalar(node: fx.Node) -> bool:
             and not any(isinstance(v, fx.Node) for v in node.kwargs.values()))
 
 
+def _equal_row_pieces(split: fx.Node) -> int | None:
+    """How many equal pieces ``split`` cuts its input's rows into (``split(n)`` / ``split_with_sizes``
+    of equal sizes along axis 0, covering every row), else None."""
+    if split.target not in (aten.split.Tensor, aten.split_with_sizes.default) or not isinstance(split.args[0], fx.Node):
+        return None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    rows = split.args[0].meta["val"].shape[0]
+    if dim != 0 or not isinstance(rows, int):
+        return None
+    sizes = split.args[1]
+    if split.target is aten.split.Tensor:
+        return rows // sizes if isinstance(sizes, int) and sizes > 0 and rows % sizes == 0 else None
+    if not sizes or any(not isinstance(n, int) or n != sizes[0] for n in sizes) or sizes[0] * len(sizes) != rows:
+        return None
+    return len(sizes)
+
+
+def _sample_of(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(source, i)`` when ``node`` takes sample ``i``: ``select(X, 0, i)`` (source ``X``),
+    ``X.unbind(0)[i]`` (source the unbind) or piece ``i`` of equal row pieces (source the split)."""
+    if _packet(node) is aten.select and node.args[1] == 0 and isinstance(node.args[2], int) and \
+            isinstance(node.args[0], fx.Node):
+        return node.args[0], node.args[2]
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
+        parent = node.args[0]
+        if parent.target is aten.unbind.int and (parent.args[1] if len(parent.args) > 1 else 0) == 0:
+            return parent, node.args[1]
+        if parent.op == "call_function" and _equal_row_pieces(parent) is not None:
+            return parent, node.args[1]
+    return None
+
+
+def _samples_in(source: fx.Node) -> int | None:
+    """How many samples ``source`` (of ``_sample_of``) holds."""
+    if source.target is aten.unbind.int:
+        source = source.args[0]
+    elif source.op == "call_function" and source.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        return _equal_row_pieces(source)
+    val = source.meta.get("val")
+    return val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _batched_source(graph: fx.Graph, source: fx.Node, emitted: list) -> fx.Node:
+    """The batched tensor that ``source`` (of ``_sample_of``) takes samples of."""
+    from .attention_pattern import _fake
+
+    if source.target is aten.unbind.int:
+        return source.args[0]
+    if source.op == "call_function" and source.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        rows = source.args[0]
+        m = _equal_row_pieces(source)
+        shape = [m, rows.meta["val"].shape[0] // m]
+        new = graph.call_function(aten.unflatten.int, (rows, 0, shape))
+        _fake(new, aten.unflatten.int, rows, 0, shape)
+        emitted.append(new)
+        return new
+    return source
+
+
 def _chain(value: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
-    """``(X, i, ops)`` when ``value`` is ``ops`` applied to ``select(X, 0, i)`` through shape operators."""
+    """``(source, i, ops)`` when ``value`` is ``ops`` applied to sample ``i`` of ``source`` (``_sample_of``)
+    through shape operators."""
     ops = []
     node = value
     while isinstance(node, fx.Node) and node.op == "call_function":
         packet = _packet(node)
-        if packet is aten.select and node.args[1] == 0 and isinstance(node.args[2], int) and \
-                isinstance(node.args[0], fx.Node):
-            return node.args[0], node.args[2], ops[::-1]
+        taken = _sample_of(node)
+        if taken is not None:
+            return taken[0], taken[1], ops[::-1]
         if not (packet in _DIM_ARG or packet in _SIZE_ARG or packet in _SAME or packet in _DIM_LIST
                 or _pointwise_scalar(node)):
             return None
@@ -84,7 +155,7 @@ def batched_chain(values: list, batch: int) -> tuple[fx.Node, list[fx.Node]] | N
     source = chains[0][0]
     if any(c[0] is not source or c[1] != i for i, c in enumerate(chains)):
         return None
-    if source.meta["val"].shape[0] != batch:
+    if _samples_in(source) != batch:
         return None
     first = [_signature(op) for op in chains[0][2]]
     if any([_signature(op) for op in c[2]] != first for c in chains[1:]):
@@ -102,7 +173,7 @@ def emit_batched(graph: fx.Graph, source: fx.Node, ops: list[fx.Node], batch: in
     from .attention_pattern import _fake
 
     emitted = [] if emitted is None else emitted
-    value = source
+    value = _batched_source(graph, source, emitted)
     for op in ops:
         packet = _packet(op)
         args = list(op.args)
@@ -148,22 +219,113 @@ def erase_unused(graph: fx.Graph, nodes) -> None:
             todo.extend(inputs)
 
 
+def _joined(node: fx.Node) -> tuple[list, str] | None:
+    """``(values, how)`` when ``node`` joins per-sample values along a new or the first axis: ``stack``
+    (axis 0), ``pad_sequence(batch_first=True)`` of equal shapes (a stack) or ``cat`` (axis 0)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return None
+    values = list(node.args[0])
+    if not values or not all(isinstance(v, fx.Node) for v in values):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if node.target is aten.stack.default and dim == 0:
+        return values, "stack"
+    if node.target is aten.cat.default and dim == 0 and values[0].meta["val"].dim() >= 1:
+        return values, "cat"
+    if node.target is aten.pad_sequence.default:
+        batch_first = node.args[1] if len(node.args) > 1 else node.kwargs.get("batch_first", False)
+        shapes = {tuple(v.meta["val"].shape) for v in values}
+        if batch_first and len(shapes) == 1:
+            return values, "stack"
+        side = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding_side", "right")
+        if batch_first and side == "right":  # (padded on the left, the leading parts would move)
+            return values, "pad"
+    return None
+
+
+def _padded_tail(node: fx.Node, values: list, batch: int):
+    """``pad_sequence([cat([a_i, ..., z_i]) for i], batch_first=True)`` whose parts but the last have one
+    shape in every sample (an image sequence first, then captions of different lengths): the plan of
+    ``cat([a, ..., pad_sequence([z_i])], 1)``, the leading parts batched; else None."""
+    if not all(v.op == "call_function" and v.target is aten.cat.default and
+               (v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) == 0 for v in values):
+        return None
+    counts = {len(v.args[0]) for v in values}
+    if len(counts) != 1 or counts.pop() < 2:
+        return None
+    parts = len(values[0].args[0])
+    lead = [_plan([v.args[0][j] for v in values], batch) for j in range(parts - 1)]
+    if any(p is None for p in lead):
+        return None
+    padding = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_value", 0.0)
+    return ("cat", 1, lead + [("pad", [v.args[0][-1] for v in values], padding)])
+
+
+def _plan(values: list, batch: int):
+    """How to compute the per-sample ``values`` batched: ``("chain", source, ops)``, or ``("cat", dim,
+    plans)`` when every value is a ``cat`` of per-sample chains (``cat([x[i], c[i]])``); else None."""
+    found = batched_chain(values, batch)
+    if found is not None:
+        return ("chain", *found)
+    if not all(v.op == "call_function" and v.target is aten.cat.default for v in values):
+        return None
+    rank = values[0].meta["val"].dim()
+    dims = {(v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) % max(rank, 1) for v in values}
+    counts = {len(v.args[0]) for v in values}
+    if len(dims) != 1 or len(counts) != 1:
+        return None
+    plans = [_plan([v.args[0][j] for v in values], batch) for j in range(counts.pop())]
+    return None if any(p is None for p in plans) else ("cat", dims.pop() + 1, plans)
+
+
+def _emit_plan(graph: fx.Graph, plan, batch: int, emitted: list) -> fx.Node:
+    from .attention_pattern import _fake
+
+    if plan[0] == "chain":
+        return emit_batched(graph, plan[1], plan[2], batch, emitted)
+    if plan[0] == "pad":  # per-sample pieces of different lengths, padded as the model pads them
+        new = graph.call_function(aten.pad_sequence.default, (plan[1], True, plan[2]))
+        _fake(new, aten.pad_sequence.default, plan[1], True, plan[2])
+        emitted.append(new)
+        return new
+    parts = [_emit_plan(graph, p, batch, emitted) for p in plan[2]]
+    new = graph.call_function(aten.cat.default, (parts, plan[1]))
+    _fake(new, aten.cat.default, parts, plan[1])
+    emitted.append(new)
+    return new
+
+
+def _rows_of_split(plan) -> fx.Node | None:
+    """``Y`` when ``plan`` is the pieces of ``Y.split(n)`` themselves, in order (then their ``cat`` is ``Y``)."""
+    if plan[0] == "chain" and not plan[2] and plan[1].target in (aten.split.Tensor, aten.split_with_sizes.default):
+        return plan[1].args[0]
+    return None
+
+
 def rebatch_sample_stacks(gm: fx.GraphModule) -> int:
-    """Rewrite every ``stack([f(X[0]), ..., f(X[B-1])], 0)`` as ``f`` over ``X``; returns how many."""
+    """Rewrite every join of ``f(X[0]), ..., f(X[B-1])`` (``_joined``) as ``f`` over ``X``; returns how many."""
+    from .attention_pattern import _fake
+
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.stack.default:
+        joined = _joined(node)
+        if joined is None:
             continue
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        values = list(node.args[0])
-        if dim != 0 or not values:
-            continue
-        found = batched_chain(values, len(values))
-        if found is None:
+        values, how = joined
+        plan = _padded_tail(node, values, len(values)) if how == "pad" else _plan(values, len(values))
+        if plan is None:
             continue
         emitted: list = []
-        with gm.graph.inserting_before(node):
-            batched = emit_batched(gm.graph, *found, len(values), emitted)
+        rows = _rows_of_split(plan) if how == "cat" else None
+        if rows is not None:
+            batched = rows
+        else:
+            with gm.graph.inserting_before(node):
+                batched = _emit_plan(gm.graph, plan, len(values), emitted)
+                if how == "cat":  # the samples end to end
+                    batched = gm.graph.call_function(aten.flatten.using_ints, (batched, 0, 1))
+                    _fake(batched, aten.flatten.using_ints, batched.args[0], 0, 1)
+                    emitted.append(batched)
         if tuple(batched.meta["val"].shape) != tuple(node.meta["val"].shape):
             erase_unused(gm.graph, emitted[::-1])
             continue

@@ -1,0 +1,116 @@
+"""Per-sample values joined back into a batch (passes/sample_loops.py) and constant masks
+(passes/constant_masks.py), each rewrite on its own graph.
+
+A sample is ``x[i]``, ``x.unbind(0)[i]`` or a piece of ``rows.split(n)``; the joins are ``stack``,
+``cat`` along the rows and ``pad_sequence``. Every rewritten graph returns what the function
+returns, and what the rewrite cannot read as one batch (samples out of order, a left-padded
+sequence, a mask something writes into) is left as it was.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from ras_compile.passes.constant_masks import drop_constant_wheres
+from ras_compile.passes.sample_loops import rebatch_sample_stacks
+
+aten = torch.ops.aten
+WEIGHT = torch.randn(6, 8)
+
+
+class _Program:
+    def __init__(self, fn, *args):
+        class Wrap(nn.Module):
+            def forward(self, *a):
+                return fn(*a)
+        self.program = torch.export.export(Wrap(), args, strict=False)
+        self.gm = self.program.graph_module
+
+    def __call__(self, *args):
+        return self.program.module()(*args)
+
+    def targets(self) -> set:
+        return {n.target for n in self.gm.graph.nodes if n.op == "call_function"}
+
+
+def _unbound_rows_embedded(x):  # x [B, 4, 8]: per-sample rows end to end, embedded, split, padded
+    rows = torch.cat([xi.permute(1, 0) for xi in x.unbind(0)])   # [B * 8, 4]
+    pieces = torch.nn.functional.linear(rows, WEIGHT[:, :4]).split(8)
+    return pad_sequence(list(pieces), batch_first=True) * 2
+
+
+def _joint_with_tails(x, a, b):  # x [2, 5, 6] first, then captions of 3 and 7 rows
+    return pad_sequence([torch.cat([x[0][:4], a]), torch.cat([x[1][:4], b])], batch_first=True, padding_value=-1.0)
+
+
+def _left_padded(x, a, b):
+    return pad_sequence([torch.cat([x[0], a]), torch.cat([x[1], b])], batch_first=True, padding_side="left")
+
+
+def _rows_out_of_order(x):
+    return torch.cat([x[1], x[0]])
+
+
+def test_unbound_samples_joined_end_to_end_and_split_back_are_one_batch():
+    x = torch.randn(3, 4, 8)
+    gm = _Program(_unbound_rows_embedded, x)
+    assert rebatch_sample_stacks(gm.gm) == 2  # the cat of the samples, and the padded split
+    assert not {aten.unbind.int, aten.cat.default, aten.split_with_sizes.default, aten.split.Tensor,
+                aten.pad_sequence.default} & gm.targets()
+    torch.testing.assert_close(gm(x), _unbound_rows_embedded(x))
+
+
+def test_a_padded_join_keeps_the_equal_leading_parts_batched_and_pads_the_tails():
+    x, a, b = torch.randn(2, 5, 6), torch.randn(3, 6), torch.randn(7, 6)
+    gm = _Program(_joint_with_tails, x, a, b)
+    assert rebatch_sample_stacks(gm.gm) == 1
+    pads = [n for n in gm.gm.graph.nodes if n.target is aten.pad_sequence.default]
+    assert [tuple(n.meta["val"].shape) for n in pads] == [(2, 7, 6)]  # the tails alone
+    assert aten.select.int not in gm.targets()
+    torch.testing.assert_close(gm(x, a, b), _joint_with_tails(x, a, b))
+
+
+@pytest.mark.parametrize("fn,args", [(_left_padded, (torch.randn(2, 5, 6), torch.randn(3, 6), torch.randn(7, 6))),
+                                     (_rows_out_of_order, (torch.randn(2, 5, 6),))])
+def test_joins_that_are_no_batch_are_left_alone(fn, args):
+    gm = _Program(fn, *args)
+    assert rebatch_sample_stacks(gm.gm) == 0
+    torch.testing.assert_close(gm(*args), fn(*args))
+
+
+def _padded_where(x, pad):  # rows padded to a multiple of 8: none are, here
+    mask = torch.cat([torch.zeros(8, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)])
+    return torch.where(mask[:, None], pad, x)
+
+
+def _some_padded(x, pad):
+    mask = torch.cat([torch.zeros(5, dtype=torch.bool), torch.ones(3, dtype=torch.bool)])
+    return torch.where(mask[:, None], pad, x)
+
+
+def _written_mask(x, pad):
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[6:] = True  # the operator that made it says all false; the write says otherwise
+    return torch.where(mask[:, None], pad, x)
+
+
+def _input_mask(x, pad):
+    return torch.where(x[:, :1] > 0, pad, x)
+
+
+def test_a_where_whose_constant_mask_is_all_false_is_its_other_branch():
+    x, pad = torch.randn(8, 4), torch.randn(4)
+    gm = _Program(_padded_where, x, pad)
+    assert drop_constant_wheres(gm.gm) == 1
+    assert aten.where.self not in gm.targets()
+    torch.testing.assert_close(gm(x, pad), x)
+
+
+@pytest.mark.parametrize("fn", [_some_padded, _written_mask, _input_mask])
+def test_masks_of_mixed_written_or_input_values_are_kept(fn):
+    x, pad = torch.randn(8, 4), torch.randn(4)
+    gm = _Program(fn, x, pad)
+    assert drop_constant_wheres(gm.gm) == 0
+    torch.testing.assert_close(gm(x, pad), fn(x, pad))
