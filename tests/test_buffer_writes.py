@@ -20,6 +20,7 @@ from torch import nn
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.passes.buffer_writes import concatenate_buffer_writes
 from ras_compile.passes.sample_loops import rebatch_sample_stacks
+from exported import Exported
 from sparse_checks import (assert_ratio_one_loop_equals_the_model, assert_sparse_after_dense_equals_the_model,
                            compiled_once, random_active_sets)
 
@@ -105,26 +106,12 @@ def test_a_write_the_rewrite_does_not_cover_is_refused():
 # --------------------------------------------------------------------------- the rewrites on their own
 
 
-class _Program:
-    """An exported function: ``gm`` its graph (rewritten in place), called through the program."""
-
-    def __init__(self, fn, *args):
-        class Wrap(nn.Module):
-            def forward(self, *a):
-                return fn(*a)
-        self.program = torch.export.export(Wrap(), args, strict=False)
-        self.gm = self.program.graph_module
-
-    def __call__(self, *args):
-        return self.program.module()(*args)
-
-
-def _graph(fn, *args) -> _Program:
-    return _Program(fn, *args)
+def _graph(fn, *args) -> Exported:
+    return Exported(fn, *args)
 
 
 def _targets(program):
-    return {n.target for n in program.gm.graph.nodes if n.op == "call_function"}
+    return program.targets()
 
 
 def _full_buffer(a, b):

@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ras_compile.passes.constant_masks import drop_constant_wheres
 from ras_compile.passes.sample_loops import rebatch_sample_stacks
+from exported import Exported
 
 aten = torch.ops.aten
 WEIGHT = torch.randn(6, 8)
-
-
-class _Program:
-    def __init__(self, fn, *args):
-        class Wrap(nn.Module):
-            def forward(self, *a):
-                return fn(*a)
-        self.program = torch.export.export(Wrap(), args, strict=False)
-        self.gm = self.program.graph_module
-
-    def __call__(self, *args):
-        return self.program.module()(*args)
-
-    def targets(self) -> set:
-        return {n.target for n in self.gm.graph.nodes if n.op == "call_function"}
 
 
 def _unbound_rows_embedded(x):  # x [B, 4, 8]: per-sample rows end to end, embedded, split, padded
@@ -55,7 +40,7 @@ def _rows_out_of_order(x):
 
 def test_unbound_samples_joined_end_to_end_and_split_back_are_one_batch():
     x = torch.randn(3, 4, 8)
-    gm = _Program(_unbound_rows_embedded, x)
+    gm = Exported(_unbound_rows_embedded, x)
     assert rebatch_sample_stacks(gm.gm) == 2  # the cat of the samples, and the padded split
     assert not {aten.unbind.int, aten.cat.default, aten.split_with_sizes.default, aten.split.Tensor,
                 aten.pad_sequence.default} & gm.targets()
@@ -64,7 +49,7 @@ def test_unbound_samples_joined_end_to_end_and_split_back_are_one_batch():
 
 def test_a_padded_join_keeps_the_equal_leading_parts_batched_and_pads_the_tails():
     x, a, b = torch.randn(2, 5, 6), torch.randn(3, 6), torch.randn(7, 6)
-    gm = _Program(_joint_with_tails, x, a, b)
+    gm = Exported(_joint_with_tails, x, a, b)
     assert rebatch_sample_stacks(gm.gm) == 1
     pads = [n for n in gm.gm.graph.nodes if n.target is aten.pad_sequence.default]
     assert [tuple(n.meta["val"].shape) for n in pads] == [(2, 7, 6)]  # the tails alone
@@ -75,7 +60,7 @@ def test_a_padded_join_keeps_the_equal_leading_parts_batched_and_pads_the_tails(
 @pytest.mark.parametrize("fn,args", [(_left_padded, (torch.randn(2, 5, 6), torch.randn(3, 6), torch.randn(7, 6))),
                                      (_rows_out_of_order, (torch.randn(2, 5, 6),))])
 def test_joins_that_are_no_batch_are_left_alone(fn, args):
-    gm = _Program(fn, *args)
+    gm = Exported(fn, *args)
     assert rebatch_sample_stacks(gm.gm) == 0
     torch.testing.assert_close(gm(*args), fn(*args))
 
@@ -102,7 +87,7 @@ def _input_mask(x, pad):
 
 def test_a_where_whose_constant_mask_is_all_false_is_its_other_branch():
     x, pad = torch.randn(8, 4), torch.randn(4)
-    gm = _Program(_padded_where, x, pad)
+    gm = Exported(_padded_where, x, pad)
     assert drop_constant_wheres(gm.gm) == 1
     assert aten.where.self not in gm.targets()
     torch.testing.assert_close(gm(x, pad), x)
@@ -111,6 +96,6 @@ def test_a_where_whose_constant_mask_is_all_false_is_its_other_branch():
 @pytest.mark.parametrize("fn", [_some_padded, _written_mask, _input_mask])
 def test_masks_of_mixed_written_or_input_values_are_kept(fn):
     x, pad = torch.randn(8, 4), torch.randn(4)
-    gm = _Program(fn, x, pad)
+    gm = Exported(fn, x, pad)
     assert drop_constant_wheres(gm.gm) == 0
     torch.testing.assert_close(gm(x, pad), fn(x, pad))
