@@ -614,11 +614,13 @@ def _flux2_inputs(model, batch, seed):
 ZW = 16                # Z-Image pads each sequence to a multiple of 32 tokens: an 8x16 latent is exactly 32
 
 
-def _z_image_build(seed):
+def _z_image_build(seed, frame_positions: int = 64):
+    """``frame_positions``: the length of the first RoPE axis, which numbers the caption rows and then the
+    image (a 64-row caption puts the image at position 65)."""
     from diffusers import ZImageTransformer2DModel
     return _seeded_build(seed, lambda: ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]),
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[frame_positions, 32, 32]),
         # pad tokens: torch.empty
         reinit=(("x_pad_token", 0.02), ("cap_pad_token", 0.02)))
 

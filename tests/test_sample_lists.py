@@ -167,24 +167,12 @@ def test_stacking_and_unstacking_round_trip_nested_outputs():
     assert type(unstack_outputs(torch.stack([a, b]), (((), list),))) is list
 
 
-def _z_image():
-    from conformance_models import _seeded_build
-    from diffusers import ZImageTransformer2DModel
-
-    # conformance_models' z_image with longer position tables (the frame axis numbers the caption rows, then
-    # the image: a 64-row caption puts the image at position 65)
-    return _seeded_build(0, lambda: ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[128, 32, 32]),
-        reinit=(("x_pad_token", 0.02), ("cap_pad_token", 0.02)))
-
-
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_z_image_with_a_prompt_and_a_negative_prompt_of_other_lengths(data):
     """Z-Image's pipeline passes one caption per sample, each as long as its prompt (guidance: prompt and
     negative prompt in one batch); its image tokens come first, so they keep their rows."""
-    from conformance_models import FAMILIES
+    from conformance_models import FAMILIES, _z_image_build
 
     family = FAMILIES["z_image"]
 
@@ -194,6 +182,6 @@ def test_z_image_with_a_prompt_and_a_negative_prompt_of_other_lengths(data):
         kw["cap_feats"] = [torch.randn(7, 32, generator=g), torch.randn(40, 32, generator=g)]  # 32 and 64 padded
         return kw
 
-    model, ras = compiled_once((__name__, "z_image"), _z_image, POLICY)
+    model, ras = compiled_once((__name__, "z_image"), lambda: _z_image_build(0, frame_positions=128), POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, inputs(data.draw(st.integers(0, 3))),
                                                random_active_sets(data, family.num_tokens))
