@@ -31,6 +31,7 @@ from .passes.flat_rows import unflatten_projected_rows
 from .passes.shape_forms import lower_shape_forms
 from .passes.token_chunks import join_token_chunks
 from .passes.constant_masks import drop_constant_wheres
+from .passes.padded_rows import split_joined_pieces, split_padded_wheres
 from .sample_lists import PerSampleLatent, SampleList, batch_sample_list, mixed_samples
 from .passes.sample_loops import rebatch_sample_stacks
 from .passes.buffer_writes import concatenate_buffer_writes
@@ -333,6 +334,9 @@ class RASModule(torch.nn.Module):
         lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
         unflatten_projected_rows(gm)  # linear(x.reshape(L * B, E)).view(L, B, F) -> linear(x)
         drop_constant_wheres(gm)  # where(an all-false mask built from numbers, pad, x) -> x
+        split_joined_pieces(gm)  # cat(split(x)) -> x; split(cat(parts)) at part boundaries -> the parts
+        if split_padded_wheres(gm):  # where(rows padded by cat, pad token, x) -> cat of x's rows and the pad token
+            split_joined_pieces(gm)
         rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
         concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
         rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)

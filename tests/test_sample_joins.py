@@ -1,5 +1,5 @@
-"""Per-sample values joined back into a batch (passes/sample_loops.py) and constant masks
-(passes/constant_masks.py), each rewrite on its own graph.
+"""Per-sample values joined back into a batch (passes/sample_loops.py), constant masks
+(passes/constant_masks.py) and padded rows (passes/padded_rows.py), each rewrite on its own graph.
 
 A sample is ``x[i]``, ``x.unbind(0)[i]`` or a piece of ``rows.split(n)``; the joins are ``stack``,
 ``cat`` along the rows and ``pad_sequence``. Every rewritten graph returns what the function
@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ras_compile.passes.constant_masks import drop_constant_wheres
+from ras_compile.passes.padded_rows import split_joined_pieces, split_padded_wheres
 from ras_compile.passes.sample_loops import rebatch_sample_stacks
 from exported import Exported
 
@@ -99,3 +100,77 @@ def test_masks_of_mixed_written_or_input_values_are_kept(fn):
     gm = Exported(fn, x, pad)
     assert drop_constant_wheres(gm.gm) == 0
     torch.testing.assert_close(gm(x, pad), fn(x, pad))
+
+
+SCALE, PAD = torch.randn(6), torch.randn(6)
+
+
+def _per_sample_operators(x, s):  # x [B, 5, 8], s [B]: a projection and a per-sample scale in the loop
+    return torch.stack([torch.nn.functional.linear(x[i], WEIGHT) * s[i] + SCALE for i in range(x.shape[0])])
+
+
+def _shared_tail(x):  # each sample's rows, then the same two pad rows
+    return pad_sequence([torch.cat([torch.nn.functional.linear(x[i], WEIGHT), PAD.expand(2, 6)])
+                         for i in range(x.shape[0])], batch_first=True)
+
+
+def _weights_per_sample(x, w):  # a weight that differs per sample: no batched linear
+    return torch.stack([torch.nn.functional.linear(x[i], w[i]) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("fn,args", [(_per_sample_operators, (torch.randn(3, 5, 8), torch.randn(3))),
+                                     (_shared_tail, (torch.randn(3, 5, 8),))])
+def test_operators_of_per_sample_and_shared_operands_run_over_the_batch(fn, args):
+    gm = Exported(fn, *args)
+    assert rebatch_sample_stacks(gm.gm) == 1
+    assert not {aten.select.int, aten.stack.default, aten.pad_sequence.default} & gm.targets()
+    linears = [n for n in gm.gm.graph.nodes if n.target is aten.linear.default]
+    assert [tuple(n.meta["val"].shape) for n in linears] == [(3, 5, 6)]  # one projection of the batch
+    torch.testing.assert_close(gm(*args), fn(*args))
+
+
+def test_a_weight_per_sample_is_left_alone():
+    args = (torch.randn(2, 5, 8), torch.randn(2, 6, 8))
+    gm = Exported(_weights_per_sample, *args)
+    assert rebatch_sample_stacks(gm.gm) == 0
+    torch.testing.assert_close(gm(*args), _weights_per_sample(*args))
+
+
+def _padded_rows(x):  # x [2, 6, 8]: each sample's 6 rows padded to 8 with copies of its last row
+    rows = torch.cat([torch.cat([x[i], x[i][-1:].repeat(2, 1)]) for i in range(2)])
+    mask = torch.cat([torch.cat([torch.zeros(6, dtype=torch.bool), torch.ones(2, dtype=torch.bool)])] * 2)
+    return torch.where(mask[:, None], PAD, torch.nn.functional.linear(rows, WEIGHT) * 2)
+
+
+def _mask_inside_a_part(x):  # the replaced rows are rows of the image, not appended ones
+    rows = torch.cat([x[0], x[1]])
+    mask = torch.cat([torch.zeros(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool),
+                      torch.zeros(6, dtype=torch.bool)])
+    return torch.where(mask[:, None], PAD, torch.nn.functional.linear(rows, WEIGHT))
+
+
+def test_rows_padded_and_then_replaced_by_a_pad_token_are_the_pad_token():
+    x = torch.randn(2, 6, 8)
+    gm = Exported(_padded_rows, x)
+    assert split_padded_wheres(gm.gm) == 1
+    assert aten.where.self not in gm.targets() and aten.repeat.default not in gm.targets()  # copies unread
+    assert all(tuple(n.meta["val"].shape) == (6, 6) for n in gm.gm.graph.nodes if n.target is aten.linear.default)
+    torch.testing.assert_close(gm(x), _padded_rows(x))
+    gm = Exported(_mask_inside_a_part, x)
+    assert split_padded_wheres(gm.gm) == 0
+    torch.testing.assert_close(gm(x), _mask_inside_a_part(x))
+
+
+def _rejoined(x, a, b):
+    whole = torch.cat(list(x.split(3)))                      # the pieces of a split, joined again
+    first, second = torch.cat([a, b, x]).split([5, 9])      # a split at the joined parts' boundaries
+    return whole * 2, first + 1, second - 1
+
+
+def test_a_split_at_the_parts_of_a_cat_is_the_parts_and_a_whole_split_joined_is_its_input():
+    x, a, b = torch.randn(9, 4), torch.randn(2, 4), torch.randn(3, 4)
+    gm = Exported(_rejoined, x, a, b)
+    assert split_joined_pieces(gm.gm) == 2
+    assert not {aten.split.Tensor, aten.split_with_sizes.default} & gm.targets()
+    for got, want in zip(gm(x, a, b), _rejoined(x, a, b)):
+        torch.testing.assert_close(got, want)

@@ -131,13 +131,18 @@ def _chain(value: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
         if taken is not None:
             return taken[0], taken[1], ops[::-1]
         if not (packet in _DIM_ARG or packet in _SIZE_ARG or packet in _SAME or packet in _DIM_LIST
-                or _pointwise_scalar(node)):
+                or _pointwise_scalar(node) or _repeat_of_each_axis(node)):
             return None
         if packet is aten.squeeze and len(node.args) < 2:
             return None  # squeeze of every size-1 axis: which ones depends on the batch
         ops.append(node)
         node = node.args[0]
     return None
+
+
+def _repeat_of_each_axis(node: fx.Node) -> bool:
+    """``x.repeat(sizes)`` with one size per axis of ``x`` (more would add axes in front)."""
+    return _packet(node) is aten.repeat and len(node.args[1]) == _rank(node.args[0])
 
 
 def _signature(op: fx.Node) -> tuple:
@@ -167,39 +172,46 @@ def _moved(dim: int, rank: int) -> int:
     return (dim % rank) + 1 if rank else 1
 
 
+def _emit_one(graph: fx.Graph, op: fx.Node, value: fx.Node, batch: int, emitted: list) -> fx.Node:
+    """``op`` (one sample's shape operator) applied to the batched ``value`` in place of its first operand."""
+    from .attention_pattern import _fake
+
+    packet = _packet(op)
+    args = list(op.args)
+    in_rank = _rank(op.args[0])
+    if packet in _SIZE_ARG:
+        args[1] = [batch, *args[1]]
+    elif packet is aten.repeat:
+        args[1] = [1, *args[1]]
+    elif packet is aten.permute:
+        args[1] = [0] + [_moved(d, in_rank) for d in args[1]]
+    elif packet is aten.flip:
+        args[1] = [_moved(d, in_rank) for d in args[1]]
+    elif packet in _DIM_ARG:
+        spots = _DIM_ARG[packet]
+        for spot in (spots if isinstance(spots, tuple) else (spots,)):
+            if spot < len(args):
+                rank = _rank(op) if packet is aten.unsqueeze else in_rank
+                args[spot] = _moved(args[spot], rank)
+        if packet is aten.flatten and len(args) < 3:  # flatten(x) / flatten(x, a): to the last axis
+            args += [1, -1][len(args) - 1:]
+    args[0] = value
+    new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
+    _fake(new, op.target, *args, **op.kwargs)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in op.meta:
+            new.meta[key] = op.meta[key]
+    emitted.append(new)
+    return new
+
+
 def emit_batched(graph: fx.Graph, source: fx.Node, ops: list[fx.Node], batch: int, emitted: list | None = None):
     """Emit ``ops`` (one sample's chain) applied to the batched ``source``, at the graph's insert point
     (the new nodes are appended to ``emitted``); returns the last one."""
-    from .attention_pattern import _fake
-
     emitted = [] if emitted is None else emitted
     value = _batched_source(graph, source, emitted)
     for op in ops:
-        packet = _packet(op)
-        args = list(op.args)
-        in_rank = _rank(op.args[0])
-        if packet in _SIZE_ARG:
-            args[1] = [batch, *args[1]]
-        elif packet is aten.permute:
-            args[1] = [0] + [_moved(d, in_rank) for d in args[1]]
-        elif packet is aten.flip:
-            args[1] = [_moved(d, in_rank) for d in args[1]]
-        elif packet in _DIM_ARG:
-            spots = _DIM_ARG[packet]
-            for spot in (spots if isinstance(spots, tuple) else (spots,)):
-                if spot < len(args):
-                    rank = _rank(op) if packet is aten.unsqueeze else in_rank
-                    args[spot] = _moved(args[spot], rank)
-            if packet is aten.flatten and len(args) < 3:  # flatten(x) / flatten(x, a): to the last axis
-                args += [1, -1][len(args) - 1:]
-        args[0] = value
-        new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
-        _fake(new, op.target, *args, **op.kwargs)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in op.meta:
-                new.meta[key] = op.meta[key]
-        emitted.append(new)
-        value = new
+        value = _emit_one(graph, op, value, batch, emitted)
     return value
 
 
@@ -261,36 +273,175 @@ def _padded_tail(node: fx.Node, values: list, batch: int):
     return ("cat", 1, lead + [("pad", [v.args[0][-1] for v in values], padding)])
 
 
+def _equivalent(values: list, memo: dict) -> bool:
+    """Whether every value is the same node, or the same deterministic computation of the same nodes:
+    a value that does not depend on the sample."""
+    first = values[0]
+    if all(v is first for v in values):
+        return True
+    key = tuple(values)
+    if key in memo:
+        return memo[key]
+    memo[key] = False
+    if not all(isinstance(v, fx.Node) and v.op == "call_function" and v.target is first.target
+               and len(v.args) == len(first.args) and v.kwargs == first.kwargs for v in values):
+        return False
+    if isinstance(first.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in first.target.tags:
+        return False
+    for j, arg in enumerate(first.args):
+        column = [v.args[j] for v in values]
+        if isinstance(arg, fx.Node):
+            if not all(isinstance(a, fx.Node) for a in column) or not _equivalent(column, memo):
+                return False
+        elif isinstance(arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in arg):
+            if any(not isinstance(a, (list, tuple)) or len(a) != len(arg) for a in column) or \
+                    not all(_equivalent([a[i] for a in column], memo) if isinstance(arg[i], fx.Node)
+                            else all(a[i] == arg[i] for a in column) for i in range(len(arg))):
+                return False
+        elif any(a != arg for a in column):
+            return False
+    memo[key] = True
+    return True
+
+
+_ROW_OPS = {aten.linear, aten.layer_norm, aten.rms_norm}  # act on trailing axes; other operands are weights
+
+
+def _pointwise(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags \
+        and torch.Tag.nondeterministic_seeded not in node.target.tags
+
+
+def _op_plan(values: list, batch: int):
+    """``("op", values[0], plans)``: every value is one operator applied to per-sample operands (planned
+    in ``plans``, None for a non-tensor one) and shared ones; else None."""
+    first = values[0]
+    if not all(v.target is first.target and len(v.args) == len(first.args) and v.kwargs == first.kwargs
+               for v in values):
+        return None
+    packet = _packet(first)
+    shape_op = packet in _DIM_ARG or packet in _SIZE_ARG or packet in _SAME or packet in _DIM_LIST or \
+        _repeat_of_each_axis(first)
+    pointwise = _pointwise(first)
+    if not (shape_op or pointwise or packet in _ROW_OPS) or (packet is aten.squeeze and len(first.args) < 2):
+        return None
+    plans = []
+    for j, arg in enumerate(first.args):
+        column = [v.args[j] for v in values]
+        if isinstance(arg, fx.Node):
+            if not all(isinstance(a, fx.Node) for a in column):
+                return None
+            plan = _plan(column, batch)
+            if plan is None or (j > 0 and not pointwise and plan[0] != "shared"):
+                return None  # a weight, a norm's parameters: the same for every sample
+            plans.append(plan)
+        elif isinstance(arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in arg):
+            return None
+        elif any(a != arg for a in column):
+            return None
+        else:
+            plans.append(None)
+    if not plans or plans[0] is None or (not pointwise and plans[0][0] == "shared"):
+        return None
+    return ("op", first, plans)
+
+
 def _plan(values: list, batch: int):
-    """How to compute the per-sample ``values`` batched: ``("chain", source, ops)``, or ``("cat", dim,
-    plans)`` when every value is a ``cat`` of per-sample chains (``cat([x[i], c[i]])``); else None."""
+    """How to compute the per-sample ``values`` batched: ``("chain", source, ops)``; ``("shared", node)``
+    for a value that does not depend on the sample; ``("cat", dim, plans)`` when every value is a ``cat``
+    of per-sample parts (``cat([x[i], c[i]])``); ``("op", node, plans)`` for one operator of per-sample
+    and shared operands (``linear(x[i], w)``, ``x[i] * s[i]``); else None."""
     found = batched_chain(values, batch)
     if found is not None:
         return ("chain", *found)
-    if not all(v.op == "call_function" and v.target is aten.cat.default for v in values):
+    if _equivalent(values, {}):
+        return ("shared", values[0])
+    if not all(isinstance(v, fx.Node) and v.op == "call_function" for v in values):
         return None
-    rank = values[0].meta["val"].dim()
-    dims = {(v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) % max(rank, 1) for v in values}
-    counts = {len(v.args[0]) for v in values}
-    if len(dims) != 1 or len(counts) != 1:
-        return None
-    plans = [_plan([v.args[0][j] for v in values], batch) for j in range(counts.pop())]
-    return None if any(p is None for p in plans) else ("cat", dims.pop() + 1, plans)
+    if all(v.target is aten.cat.default for v in values):
+        rank = values[0].meta["val"].dim()
+        dims = {(v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) % max(rank, 1) for v in values}
+        counts = {len(v.args[0]) for v in values}
+        if len(dims) != 1 or len(counts) != 1:
+            return None
+        plans = [_plan([v.args[0][j] for v in values], batch) for j in range(counts.pop())]
+        return None if any(p is None for p in plans) else ("cat", dims.pop() + 1, plans)
+    return _op_plan(values, batch)
+
+
+def _in_batch(graph: fx.Graph, value: fx.Node, batch: int, emitted: list) -> fx.Node:
+    """A shared ``value`` given the batch axis in front (every sample the same)."""
+    from .attention_pattern import _fake
+
+    front = graph.call_function(aten.unsqueeze.default, (value, 0))
+    _fake(front, aten.unsqueeze.default, value, 0)
+    sizes = [batch, *value.meta["val"].shape]
+    new = graph.call_function(aten.expand.default, (front, sizes))
+    _fake(new, aten.expand.default, front, sizes)
+    emitted.extend([front, new])
+    return new
+
+
+def _aligned(graph: fx.Graph, value: fx.Node, rank: int, out_rank: int, emitted: list) -> fx.Node:
+    """A batched operand of per-sample rank ``rank`` broadcast against a per-sample result of rank
+    ``out_rank``: unit axes after the batch axis, as broadcasting puts them in front of a sample."""
+    from .attention_pattern import _fake
+
+    for _ in range(out_rank - rank):
+        new = graph.call_function(aten.unsqueeze.default, (value, 1))
+        _fake(new, aten.unsqueeze.default, value, 1)
+        emitted.append(new)
+        value = new
+    return value
 
 
 def _emit_plan(graph: fx.Graph, plan, batch: int, emitted: list) -> fx.Node:
+    """The batched value of ``plan``; a ``shared`` plan's value as it is (no batch axis)."""
     from .attention_pattern import _fake
 
     if plan[0] == "chain":
         return emit_batched(graph, plan[1], plan[2], batch, emitted)
+    if plan[0] == "shared":
+        return plan[1]
     if plan[0] == "pad":  # per-sample pieces of different lengths, padded as the model pads them
         new = graph.call_function(aten.pad_sequence.default, (plan[1], True, plan[2]))
         _fake(new, aten.pad_sequence.default, plan[1], True, plan[2])
         emitted.append(new)
         return new
-    parts = [_emit_plan(graph, p, batch, emitted) for p in plan[2]]
+    if plan[0] == "op":
+        return _emit_op(graph, plan[1], plan[2], batch, emitted)
+    parts = [_batched_value(graph, p, batch, emitted) for p in plan[2]]
     new = graph.call_function(aten.cat.default, (parts, plan[1]))
     _fake(new, aten.cat.default, parts, plan[1])
+    emitted.append(new)
+    return new
+
+
+def _batched_value(graph: fx.Graph, plan, batch: int, emitted: list) -> fx.Node:
+    """The value of ``plan`` with the batch axis in front, a shared one expanded over the batch."""
+    value = _emit_plan(graph, plan, batch, emitted)
+    return _in_batch(graph, value, batch, emitted) if plan[0] == "shared" else value
+
+
+def _emit_op(graph: fx.Graph, op: fx.Node, plans: list, batch: int, emitted: list) -> fx.Node:
+    from .attention_pattern import _fake
+
+    packet = _packet(op)
+    if packet not in _ROW_OPS and not _pointwise(op):  # a shape operator of one per-sample operand
+        return _emit_one(graph, op, _emit_plan(graph, plans[0], batch, emitted), batch, emitted)
+    args, out_rank = list(op.args), _rank(op)
+    for j, plan in enumerate(plans):
+        if plan is None:
+            continue
+        value = _emit_plan(graph, plan, batch, emitted)
+        if plan[0] != "shared" and packet not in _ROW_OPS:
+            value = _aligned(graph, value, _rank(op.args[j]), out_rank, emitted)
+        args[j] = value
+    new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
+    _fake(new, op.target, *args, **op.kwargs)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in op.meta:
+            new.meta[key] = op.meta[key]
     emitted.append(new)
     return new
 
@@ -313,7 +464,7 @@ def rebatch_sample_stacks(gm: fx.GraphModule) -> int:
             continue
         values, how = joined
         plan = _padded_tail(node, values, len(values)) if how == "pad" else _plan(values, len(values))
-        if plan is None:
+        if plan is None or plan[0] == "shared":  # (the same value for every sample: nothing per sample)
             continue
         emitted: list = []
         rows = _rows_of_split(plan) if how == "cat" else None
