@@ -22,7 +22,8 @@ def ras_compile(model: torch.nn.Module, policy: RASPolicy | None = None, *, back
     graphs directly, without Dynamo).
 
     ``latent_arg`` names the forward argument holding the noisy latent (default:
-    ``hidden_states`` if the forward has it, else its first argument);
+    ``hidden_states`` if the forward has it, else its first argument; a tensor, or a list of one
+    tensor per sample, all of one shape, which runs as their stack);
     ``timestep_arg`` the one holding the timestep (default: the first of
     ``timestep``, ``timesteps``, ``t`` the forward has), from which steps and new
     generations are told apart; without one, every call is a new step.
