@@ -173,21 +173,23 @@ def test_stacking_and_unstacking_round_trip_nested_outputs():
     assert type(unstack_outputs(torch.stack([a, b]), (((), list),))) is list
 
 
-@pytest.mark.parametrize("width", [16, 14])
+@pytest.mark.parametrize("width,batch", [(16, 2), (14, 2), (14, 1)])
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_z_image_with_a_prompt_and_a_negative_prompt_of_other_lengths(width, data):
+def test_z_image_with_a_prompt_and_a_negative_prompt_of_other_lengths(width, batch, data):
     """Z-Image's pipeline passes one caption per sample, each as long as its prompt (guidance: prompt and
     negative prompt in one batch); its image tokens come first, so they keep their rows. At width 14 the
-    image has 28 tokens, padded to 32 with copies of the last one that its pad token then replaces."""
+    image has 28 tokens, padded to 32 with copies of the last one that its pad token then replaces. A batch
+    of one (Z-Image-Turbo runs without guidance) is a list of one."""
     from conformance_models import _z_image_build
 
     def inputs(seed):
         g = torch.Generator().manual_seed(seed)
-        return dict(x=list(torch.randn(2, 4, 1, 8, width, generator=g).unbind(0)), t=torch.tensor([0.3, 0.3]),
-                    cap_feats=[torch.randn(7, 32, generator=g), torch.randn(40, 32, generator=g)],  # 32 and 64 rows
-                    return_dict=False)
+        caps = [torch.randn(7, 32, generator=g), torch.randn(40, 32, generator=g)]  # 32 and 64 rows
+        return dict(x=list(torch.randn(batch, 4, 1, 8, width, generator=g).unbind(0)),
+                    t=torch.full((batch,), 0.3), cap_feats=caps[:batch], return_dict=False)
 
-    model, ras = compiled_once((__name__, "z_image", width), lambda: _z_image_build(0, frame_positions=128), POLICY)
+    model, ras = compiled_once((__name__, "z_image", width, batch), lambda: _z_image_build(0, frame_positions=128),
+                               POLICY)
     assert_sparse_after_dense_equals_the_model(model, ras, inputs(data.draw(st.integers(0, 3))),
-                                               random_active_sets(data, 4 * width // 2))
+                                               random_active_sets(data, 4 * width // 2, batch))

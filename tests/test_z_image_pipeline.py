@@ -31,10 +31,10 @@ def _pipeline():
     return pipe
 
 
-def _generate(pipe, seed=0, width=32):
+def _generate(pipe, seed=0, width=32, guidance=4.0):
     g = torch.Generator().manual_seed(11)
     prompt, negative = [torch.randn(7, 32, generator=g)], [torch.randn(40, 32, generator=g)]
-    return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, guidance_scale=4.0, height=32, width=width,
+    return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, guidance_scale=guidance, height=32, width=width,
                 num_inference_steps=STEPS, output_type="latent",
                 generator=torch.Generator().manual_seed(seed)).images
 
@@ -51,13 +51,14 @@ def test_ras_at_full_ratio_reproduces_the_dense_pipeline():
     assert [s.mode for s in pipe.transformer.ras_controller.stats] == ["dense"] + ["sparse"] * (STEPS - 1)
 
 
-@pytest.mark.parametrize("width,tokens", [(32, 64), (40, 80)])  # 80 tokens: padded to 96 by the model
-def test_sparse_steps_run_inside_the_pipeline_on_half_the_tokens(width, tokens):
+# 80 tokens: padded to 96 by the model; guidance 0 (Z-Image-Turbo): a batch of one
+@pytest.mark.parametrize("width,tokens,guidance", [(32, 64, 4.0), (40, 80, 4.0), (32, 64, 0.0)])
+def test_sparse_steps_run_inside_the_pipeline_on_half_the_tokens(width, tokens, guidance):
     pipe = _pipeline()
-    dense = _generate(pipe, width=width)
+    dense = _generate(pipe, width=width, guidance=guidance)
     pipe.transformer = ras_compile(pipe.transformer, RASPolicy(sample_ratio=0.5, warmup_steps=1, reset_steps=()),
                                    backend=None)
-    got = _generate(pipe, width=width)
+    got = _generate(pipe, width=width, guidance=guidance)
     stats = pipe.transformer.ras_controller.stats
     assert [s.mode for s in stats] == ["dense"] + ["sparse"] * (STEPS - 1)
     assert [s.active_tokens for s in stats][1:] == [tokens // 2] * (STEPS - 1)  # half the tokens, each step

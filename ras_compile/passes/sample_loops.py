@@ -341,7 +341,8 @@ def _op_plan(values: list, batch: int):
             return None
         else:
             plans.append(None)
-    if not plans or plans[0] is None or (not pointwise and plans[0][0] == "shared"):
+    if not plans or plans[0] is None or (not pointwise and plans[0][0] == "shared") or \
+            all(p is None or p[0] == "shared" for p in plans):
         return None
     return ("op", first, plans)
 
@@ -354,19 +355,27 @@ def _plan(values: list, batch: int):
     found = batched_chain(values, batch)
     if found is not None:
         return ("chain", *found)
-    if _equivalent(values, {}):
-        return ("shared", values[0])
-    if not all(isinstance(v, fx.Node) and v.op == "call_function" for v in values):
+    if all(isinstance(v, fx.Node) and v.op == "call_function" for v in values):
+        # (per-sample forms first: with a batch of one, every value is "the same for every sample")
+        if all(v.target is aten.cat.default for v in values):
+            plan = _cat_plan(values, batch)
+        else:
+            plan = _op_plan(values, batch)
+        if plan is not None:
+            return plan
+    return ("shared", values[0]) if _equivalent(values, {}) else None
+
+
+def _cat_plan(values: list, batch: int):
+    rank = values[0].meta["val"].dim()
+    dims = {(v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) % max(rank, 1) for v in values}
+    counts = {len(v.args[0]) for v in values}
+    if len(dims) != 1 or len(counts) != 1:
         return None
-    if all(v.target is aten.cat.default for v in values):
-        rank = values[0].meta["val"].dim()
-        dims = {(v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)) % max(rank, 1) for v in values}
-        counts = {len(v.args[0]) for v in values}
-        if len(dims) != 1 or len(counts) != 1:
-            return None
-        plans = [_plan([v.args[0][j] for v in values], batch) for j in range(counts.pop())]
-        return None if any(p is None for p in plans) else ("cat", dims.pop() + 1, plans)
-    return _op_plan(values, batch)
+    plans = [_plan([v.args[0][j] for v in values], batch) for j in range(counts.pop())]
+    if any(p is None for p in plans) or all(p[0] == "shared" for p in plans):
+        return None
+    return ("cat", dims.pop() + 1, plans)
 
 
 def _in_batch(graph: fx.Graph, value: fx.Node, batch: int, emitted: list) -> fx.Node:
