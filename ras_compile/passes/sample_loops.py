@@ -172,10 +172,21 @@ def _moved(dim: int, rank: int) -> int:
     return (dim % rank) + 1 if rank else 1
 
 
-def _emit_one(graph: fx.Graph, op: fx.Node, value: fx.Node, batch: int, emitted: list) -> fx.Node:
-    """``op`` (one sample's shape operator) applied to the batched ``value`` in place of its first operand."""
+def _like(graph: fx.Graph, op: fx.Node, args: list, emitted: list) -> fx.Node:
+    """``op``'s operator on ``args``, with its source location, at the graph's insert point."""
     from .attention_pattern import _fake
 
+    new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
+    _fake(new, op.target, *args, **op.kwargs)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in op.meta:
+            new.meta[key] = op.meta[key]
+    emitted.append(new)
+    return new
+
+
+def _emit_one(graph: fx.Graph, op: fx.Node, value: fx.Node, batch: int, emitted: list) -> fx.Node:
+    """``op`` (one sample's shape operator) applied to the batched ``value`` in place of its first operand."""
     packet = _packet(op)
     args = list(op.args)
     in_rank = _rank(op.args[0])
@@ -196,13 +207,7 @@ def _emit_one(graph: fx.Graph, op: fx.Node, value: fx.Node, batch: int, emitted:
         if packet is aten.flatten and len(args) < 3:  # flatten(x) / flatten(x, a): to the last axis
             args += [1, -1][len(args) - 1:]
     args[0] = value
-    new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
-    _fake(new, op.target, *args, **op.kwargs)
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in op.meta:
-            new.meta[key] = op.meta[key]
-    emitted.append(new)
-    return new
+    return _like(graph, op, args, emitted)
 
 
 def emit_batched(graph: fx.Graph, source: fx.Node, ops: list[fx.Node], batch: int, emitted: list | None = None):
@@ -433,8 +438,8 @@ def _batched_value(graph: fx.Graph, plan, batch: int, emitted: list) -> fx.Node:
 
 
 def _emit_op(graph: fx.Graph, op: fx.Node, plans: list, batch: int, emitted: list) -> fx.Node:
-    from .attention_pattern import _fake
-
+    """``op`` over the batch: its per-sample operands batched (rank-aligned for a pointwise one), shared
+    ones as they are."""
     packet = _packet(op)
     if packet not in _ROW_OPS and not _pointwise(op):  # a shape operator of one per-sample operand
         return _emit_one(graph, op, _emit_plan(graph, plans[0], batch, emitted), batch, emitted)
@@ -446,13 +451,7 @@ def _emit_op(graph: fx.Graph, op: fx.Node, plans: list, batch: int, emitted: lis
         if plan[0] != "shared" and packet not in _ROW_OPS:
             value = _aligned(graph, value, _rank(op.args[j]), out_rank, emitted)
         args[j] = value
-    new = graph.call_function(op.target, tuple(args), dict(op.kwargs))
-    _fake(new, op.target, *args, **op.kwargs)
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in op.meta:
-            new.meta[key] = op.meta[key]
-    emitted.append(new)
-    return new
+    return _like(graph, op, args, emitted)
 
 
 def _rows_of_split(plan) -> fx.Node | None:
