@@ -345,10 +345,11 @@ def test_captures_in_two_threads_are_each_specialised_on_their_own_call_and_leav
     before = {name: torch.Tensor.__dict__.get(name) for name in names}
     functions = {name: getattr(torch, name) for name in ("nonzero", "repeat_interleave")}
     programs, errors = {}, []
+    models = {length: _model() for length in (2, 5)}  # built here: seeding the global RNG in two threads races
 
     def capture(length):
         try:
-            programs[length] = export_model(_model(), _inputs(length=length))
+            programs[length] = export_model(models[length], _inputs(length=length))
         except Exception as exc:  # reported below: an assertion in a thread would be lost
             errors.append(exc)
 
@@ -364,6 +365,6 @@ def test_captures_in_two_threads_are_each_specialised_on_their_own_call_and_leav
         assert program.ras_value_inputs == ["['mask']"]
         kw = _inputs(length=length)
         with torch.no_grad():
-            torch.testing.assert_close(program.module()(**kw), _model()(**kw))
+            torch.testing.assert_close(program.module()(**kw), models[length](**kw))
     assert {name: torch.Tensor.__dict__.get(name) for name in names} == before
     assert {name: getattr(torch, name) for name in functions} == functions
