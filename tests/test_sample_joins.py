@@ -149,6 +149,11 @@ def _mask_inside_a_part(x):  # the replaced rows are rows of the image, not appe
     return torch.where(mask[:, None], PAD, torch.nn.functional.linear(rows, WEIGHT))
 
 
+def _mask_over_an_input(x):  # rows of an input: no cat they were appended by
+    mask = torch.cat([torch.zeros(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)])
+    return torch.where(mask[:, None], WEIGHT[0], x)
+
+
 def test_rows_padded_and_then_replaced_by_a_pad_token_are_the_pad_token():
     x = torch.randn(2, 6, 8)
     gm = Exported(_padded_rows, x)
@@ -156,9 +161,10 @@ def test_rows_padded_and_then_replaced_by_a_pad_token_are_the_pad_token():
     assert aten.where.self not in gm.targets() and aten.repeat.default not in gm.targets()  # copies unread
     assert all(tuple(n.meta["val"].shape) == (6, 6) for n in gm.gm.graph.nodes if n.target is aten.linear.default)
     torch.testing.assert_close(gm(x), _padded_rows(x))
-    gm = Exported(_mask_inside_a_part, x)
-    assert split_padded_wheres(gm.gm) == 0
-    torch.testing.assert_close(gm(x), _mask_inside_a_part(x))
+    for fn, arg in [(_mask_inside_a_part, x), (_mask_over_an_input, x[0])]:
+        gm = Exported(fn, arg)
+        assert split_padded_wheres(gm.gm) == 0
+        torch.testing.assert_close(gm(arg), fn(arg))
 
 
 def _rejoined(x, a, b):

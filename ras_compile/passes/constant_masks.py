@@ -22,7 +22,7 @@ from .sample_loops import erase_unused
 
 aten = torch.ops.aten
 
-__all__ = ["drop_constant_wheres"]
+__all__ = ["constant_value", "drop_constant_wheres"]
 
 _MAX_ELEMENTS = 1 << 22  # a constant mask larger than this is not evaluated at capture time
 _UNINITIALISED = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
@@ -63,7 +63,7 @@ def _written_later(node: fx.Node) -> bool:
     return False
 
 
-def _constant_value(node, memo: dict):
+def constant_value(node, memo: dict):
     """The value of ``node`` when it is computed by ATen operators from Python values alone (no
     placeholder, parameter or buffer among its inputs), else None."""
     if not isinstance(node, fx.Node):
@@ -81,7 +81,7 @@ def _constant_value(node, memo: dict):
 
     def value(a):
         if isinstance(a, fx.Node):
-            v = _constant_value(a, memo)
+            v = constant_value(a, memo)
             return missing if v is None else v
         if isinstance(a, (list, tuple)):
             items = [value(x) for x in a]
@@ -110,7 +110,7 @@ def drop_constant_wheres(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.where.self:
             continue
-        cond = _constant_value(node.args[0], memo)
+        cond = constant_value(node.args[0], memo)
         if not isinstance(cond, torch.Tensor) or cond.dtype is not torch.bool or cond.numel() == 0:
             continue
         if not cond.any():

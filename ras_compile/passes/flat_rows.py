@@ -22,19 +22,13 @@ import torch
 import torch.fx as fx
 
 from .attention_pattern import _fake
+from .node_shapes import static_shape
 
 aten = torch.ops.aten
 
 __all__ = ["unflatten_projected_rows"]
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return tuple(val.shape)
 
 
 def _only_reader(node: fx.Node) -> fx.Node | None:
@@ -56,7 +50,7 @@ def unflatten_projected_rows(gm: fx.GraphModule) -> int:
         back = _only_reader(linear)
         if back is None or back.target not in _VIEWS:
             continue
-        xs, fs, ls, bs = _shape(x), _shape(flat), _shape(linear), _shape(back)
+        xs, fs, ls, bs = static_shape(x), static_shape(flat), static_shape(linear), static_shape(back)
         if None in (xs, fs, ls, bs) or len(fs) != 2:
             continue
         lead = next((j for j in range(2, len(xs)) if prod(xs[:j]) == fs[0] and prod(xs[j:]) == fs[1]), None)

@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from .attention_pattern import _fake
-from .constant_masks import _constant_value
+from .constant_masks import constant_value
+from .node_shapes import static_shape
 from .sample_loops import erase_unused
 
 aten = torch.ops.aten
@@ -38,17 +39,12 @@ _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone
           aten.contiguous.default}
 
 
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _rowwise_input(node: fx.Node) -> fx.Node | None:
     """The operand whose rows (axis 0) ``node`` maps one to one, when ``node`` is row-wise along axis 0
     through that operand alone, else None."""
     if node.op != "call_function":
         return None
-    out = _shape(node)
+    out = static_shape(node)
     if out is None or not out:
         return None
     if node.target is aten.linear.default and len(out) >= 2:
@@ -56,9 +52,9 @@ def _rowwise_input(node: fx.Node) -> fx.Node | None:
     if node.target in _CASTS:
         return node.args[0]
     if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
-        full = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == out]
+        full = [a for a in node.args if isinstance(a, fx.Node) and static_shape(a) == out]
         others = [a for a in node.args if isinstance(a, fx.Node) and a not in full]
-        if len(full) != 1 or any(len(_shape(a) or ()) >= len(out) and (_shape(a) or (0,))[0] != 1
+        if len(full) != 1 or any(len(static_shape(a) or ()) >= len(out) and (static_shape(a) or (0,))[0] != 1
                                  for a in others):
             return None  # (another operand with rows of its own would need slicing too)
         return full[0]
@@ -68,16 +64,19 @@ def _rowwise_input(node: fx.Node) -> fx.Node | None:
 def _parts(node: fx.Node) -> list[tuple[int, int, fx.Node]] | None:
     """``(start, end, part)`` rows of the ``cat`` along axis 0 that ``node`` is computed from through
     row-wise operators (nested ``cat``s flattened), else None."""
-    while node.op == "call_function" and node.target is not aten.cat.default:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target is not aten.cat.default:
         node = _rowwise_input(node)
-        if node is None:
-            return None
+    if not isinstance(node, fx.Node) or node.target is not aten.cat.default:
+        return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if dim != 0:
         return None
     found, start = [], 0
     for part in node.args[0]:
-        rows = _shape(part)[0]
+        shape = static_shape(part)
+        if not shape:
+            return None
+        rows = shape[0]
         inner = _parts(part) if part.op == "call_function" and part.target is aten.cat.default else None
         if inner is None:
             found.append((start, start + rows, part))
@@ -87,29 +86,26 @@ def _parts(node: fx.Node) -> list[tuple[int, int, fx.Node]] | None:
     return found
 
 
-def _rows(graph: fx.Graph, node: fx.Node, a: int, b: int, emitted: list) -> fx.Node:
+def _rows(graph: fx.Graph, node: fx.Node, a: int, b: int) -> fx.Node:
     """Rows ``a:b`` of ``node``, computed from the ``cat`` part(s) they come from: the row-wise operators
     between are applied to the part (or a slice of it) rather than the whole."""
-    if (a, b) == (0, _shape(node)[0]):
+    if (a, b) == (0, static_shape(node)[0]):
         return node
     if node.op == "call_function" and node.target is aten.cat.default:
         start = 0
         for part in node.args[0]:
-            rows = _shape(part)[0]
+            rows = static_shape(part)[0]
             if start <= a and b <= start + rows:
-                return _rows(graph, part, a - start, b - start, emitted)
+                return _rows(graph, part, a - start, b - start)
             start += rows
-    elif _rowwise_input(node) is not None:
-        source = _rowwise_input(node)
-        inner = _rows(graph, source, a, b, emitted)
+    elif (source := _rowwise_input(node)) is not None:
+        inner = _rows(graph, source, a, b)
         args = tuple(inner if x is source else x for x in node.args)
         new = graph.call_function(node.target, args, dict(node.kwargs))
         _fake(new, node.target, *args, **node.kwargs)
-        emitted.append(new)
         return new
     new = graph.call_function(aten.slice.Tensor, (node, 0, a, b))
     _fake(new, aten.slice.Tensor, node, 0, a, b)
-    emitted.append(new)
     return new
 
 
@@ -137,31 +133,29 @@ def split_padded_wheres(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target is not aten.where.self:
             continue
         cond, pad, kept = node.args
-        out = _shape(node)
-        value = _constant_value(cond, memo)
-        if not isinstance(value, torch.Tensor) or value.dtype is not torch.bool or out is None or len(out) < 2 \
-                or not isinstance(kept, fx.Node) or _shape(kept) != out or not isinstance(pad, fx.Node):
+        out, pad_shape = static_shape(node), static_shape(pad)
+        if out is None or len(out) < 2 or static_shape(kept) != out or pad_shape is None:
+            continue
+        value = constant_value(cond, memo)
+        if not isinstance(value, torch.Tensor) or value.dtype is not torch.bool:
             continue
         runs = _row_runs(value, out)
         if runs is None or len(runs) < 2 or len(runs) > _MAX_RUNS:
             continue
         parts = _parts(kept)
         bounds = {a for a, _, _ in parts or ()} | {b for _, b, _ in parts or ()}
-        pad_shape = _shape(pad)
         if parts is None or any(r[1] not in bounds or r[2] not in bounds for r in runs if r[0]) \
                 or len(pad_shape) >= len(out) and pad_shape[0] != 1 \
                 or pad.meta["val"].dtype != node.meta["val"].dtype or kept.meta["val"].dtype != node.meta["val"].dtype:
             continue
-        emitted: list = []
         with graph.inserting_before(node):
             pieces = []
             for replaced, a, b in runs:
                 if replaced:
                     piece = graph.call_function(aten.expand.default, (pad, [b - a, *out[1:]]))
                     _fake(piece, aten.expand.default, pad, [b - a, *out[1:]])
-                    emitted.append(piece)
                 else:
-                    piece = _rows(graph, kept, a, b, emitted)
+                    piece = _rows(graph, kept, a, b)
                 pieces.append(piece)
             new = graph.call_function(aten.cat.default, (pieces, 0))
             _fake(new, aten.cat.default, pieces, 0)
@@ -200,7 +194,7 @@ def split_joined_pieces(gm: fx.GraphModule) -> int:
         if node.op == "call_function" and node.target is aten.cat.default and \
                 (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) == 0:
             whole = _whole_split(node)
-            if whole is not None and _shape(whole) == _shape(node):
+            if whole is not None and static_shape(whole) == static_shape(node):
                 node.replace_all_uses_with(whole)
                 inputs = node.all_input_nodes
                 graph.erase_node(node)
@@ -215,9 +209,11 @@ def split_joined_pieces(gm: fx.GraphModule) -> int:
                 or (source.args[1] if len(source.args) > 1 else 0) != 0:
             continue
         parts, starts, start = list(source.args[0]), [], 0
+        if not all(static_shape(part) for part in parts):
+            continue
         for part in parts:
             starts.append(start)
-            start += _shape(part)[0]
+            start += static_shape(part)[0]
         starts.append(start)
         groups, a = [], 0
         for size in sizes:

@@ -12,14 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .node_shapes import static_shape
+
 aten = torch.ops.aten
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or any(not isinstance(s, int) for s in val.shape):
-        return None
-    return tuple(val.shape)
 
 
 def _pair(v):
@@ -30,7 +25,7 @@ def _lowering(node: fx.Node):
     """The (view / permute) steps equal to ``node``, or None."""
     target = node.target
     x = node.args[0]
-    shape = _shape(x)
+    shape = static_shape(x)
     if shape is None:
         return None
     if target is aten.im2col.default and len(shape) == 4 and len(node.args) >= 5:

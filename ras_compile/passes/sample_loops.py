@@ -454,13 +454,6 @@ def _emit_op(graph: fx.Graph, op: fx.Node, plans: list, batch: int, emitted: lis
     return _like(graph, op, args, emitted)
 
 
-def _rows_of_split(plan) -> fx.Node | None:
-    """``Y`` when ``plan`` is the pieces of ``Y.split(n)`` themselves, in order (then their ``cat`` is ``Y``)."""
-    if plan[0] == "chain" and not plan[2] and plan[1].target in (aten.split.Tensor, aten.split_with_sizes.default):
-        return plan[1].args[0]
-    return None
-
-
 def rebatch_sample_stacks(gm: fx.GraphModule) -> int:
     """Rewrite every join of ``f(X[0]), ..., f(X[B-1])`` (``_joined``) as ``f`` over ``X``; returns how many."""
     from .attention_pattern import _fake
@@ -475,16 +468,12 @@ def rebatch_sample_stacks(gm: fx.GraphModule) -> int:
         if plan is None or plan[0] == "shared":  # (the same value for every sample: nothing per sample)
             continue
         emitted: list = []
-        rows = _rows_of_split(plan) if how == "cat" else None
-        if rows is not None:
-            batched = rows
-        else:
-            with gm.graph.inserting_before(node):
-                batched = _emit_plan(gm.graph, plan, len(values), emitted)
-                if how == "cat":  # the samples end to end
-                    batched = gm.graph.call_function(aten.flatten.using_ints, (batched, 0, 1))
-                    _fake(batched, aten.flatten.using_ints, batched.args[0], 0, 1)
-                    emitted.append(batched)
+        with gm.graph.inserting_before(node):  # (a cat of a split's own pieces is its input: padded_rows)
+            batched = _emit_plan(gm.graph, plan, len(values), emitted)
+            if how == "cat":  # the samples end to end
+                batched = gm.graph.call_function(aten.flatten.using_ints, (batched, 0, 1))
+                _fake(batched, aten.flatten.using_ints, batched.args[0], 0, 1)
+                emitted.append(batched)
         if tuple(batched.meta["val"].shape) != tuple(node.meta["val"].shape):
             erase_unused(gm.graph, emitted[::-1])
             continue
