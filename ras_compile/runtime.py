@@ -32,7 +32,6 @@ from .passes.shape_forms import lower_shape_forms
 from .passes.token_chunks import join_token_chunks
 from .passes.constant_masks import drop_constant_wheres
 from .passes.padded_rows import split_joined_pieces, split_padded_wheres
-from .sample_lists import PerSampleLatent, SampleList, batch_sample_list, mixed_samples
 from .passes.sample_loops import rebatch_sample_stacks
 from .passes.buffer_writes import concatenate_buffer_writes
 from .passes.split_projection import split_packed_projections
@@ -40,6 +39,7 @@ from .passes.masked_update import rewrite_masked_updates
 from .passes.rewrite import dense_graph, sparse_graph
 from .passes.token_axis import TokenAnalysis, analyze_tokens
 from .policy import RASPolicy
+from .sample_lists import PerSampleLatent, SampleList, batch_sample_list, mixed_samples
 from .stale_tokens import element_tokens
 
 BACKENDS_WITHOUT_DYNAMO = (None, "none")

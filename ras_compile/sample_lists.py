@@ -25,8 +25,13 @@ class SampleList:
     count: int
 
 
-def _tensors(latent) -> bool:
-    return isinstance(latent, (list, tuple)) and bool(latent) and all(isinstance(x, torch.Tensor) for x in latent)
+def _tensor_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(x, torch.Tensor) for x in value)
+
+
+def _forms(tensors) -> set:
+    """The distinct (shape, dtype, device) of ``tensors``: one for a list that stacks into a batch."""
+    return {(tuple(x.shape), x.dtype, x.device) for x in tensors}
 
 
 def batch_sample_list(call: dict, latent_arg: str) -> tuple[dict, SampleList | None]:
@@ -34,7 +39,7 @@ def batch_sample_list(call: dict, latent_arg: str) -> tuple[dict, SampleList | N
     list; ``call`` itself and None when the latent is no such list (``mixed_samples`` says why a list
     of tensors is not)."""
     latent = call.get(latent_arg)
-    if not _tensors(latent) or mixed_samples(call, latent_arg) is not None:
+    if not _tensor_list(latent) or len(_forms(latent)) > 1:
         return call, None
     return {**call, latent_arg: torch.stack(list(latent))}, SampleList(type(latent), len(latent))
 
@@ -43,9 +48,9 @@ def mixed_samples(call: dict, latent_arg: str) -> str | None:
     """Why a per-sample latent list has no batched form (its tensors differ in shape, dtype or device),
     or None."""
     latent = call.get(latent_arg)
-    if not _tensors(latent):
+    if not _tensor_list(latent):
         return None
-    forms = {(tuple(x.shape), x.dtype, x.device) for x in latent}
+    forms = _forms(latent)
     if len(forms) == 1:
         return None
     shown = ", ".join(f"{list(s)} {str(d).replace('torch.', '')} on {v}" for s, d, v in sorted(forms, key=str)[:3])
@@ -56,9 +61,8 @@ def mixed_samples(call: dict, latent_arg: str) -> str | None:
 
 def _is_sample_list(value, samples: SampleList) -> bool:
     """A list (or, for a tuple latent, a tuple) of one tensor per sample, all of one shape."""
-    return (type(value) in (list, samples.kind) and len(value) == samples.count
-            and all(isinstance(x, torch.Tensor) for x in value)
-            and len({(tuple(x.shape), x.dtype, x.device) for x in value}) == 1)
+    return type(value) in (list, samples.kind) and len(value) == samples.count and _tensor_list(value) \
+        and len(_forms(value)) == 1
 
 
 def _children(value):
@@ -111,8 +115,8 @@ def unstack_outputs(value, stacked: tuple):
 class PerSampleLatent(torch.nn.Module):
     """``model`` with its per-sample latent list passed as one batched tensor (the list is its
     ``unbind(0)``) and its per-sample output lists returned stacked; each call passes the
-    ``(path, list or tuple)`` of the outputs that were such lists to ``report`` (a function: torch.export puts back the module's own
-    attributes, lists included, after tracing)."""
+    ``(path, list or tuple)`` of the outputs that were such lists to ``report`` (a function, not an
+    attribute: torch.export puts back the module's own attributes, lists included, after tracing)."""
 
     def __init__(self, model: torch.nn.Module, latent_arg: str, samples: SampleList, report):
         super().__init__()
