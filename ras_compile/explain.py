@@ -44,6 +44,7 @@ class Explanation:
     fused_norms: list[str] = field(default_factory=list)  # those K linears whose per-head q/k-norm is fused too
     recognised_attention: list[str] = field(default_factory=list)  # hand-written attention rewritten as SDPA
     joined_pieces: list[str] = field(default_factory=list)  # chunked / sliced computations made whole
+    reordered_rows: list[str] = field(default_factory=list)  # buffers whose rows were laid out image first
     token_batched_attention: list[str] = field(default_factory=list)  # attention within each token's own row
     tube_axes: tuple[int, ...] = ()  # latent axes a token spans whole (in the batch axis, or leading the sequence)
     tube_rows: int = 1  # > 1: the token sequence holds that many rows per token (frames kept in the sequence)
@@ -84,6 +85,9 @@ class Explanation:
                          + "; ".join(self.recognised_attention))
         if self.joined_pieces:
             lines.append(f"  piecewise computations joined ({len(self.joined_pieces)}): " + "; ".join(self.joined_pieces))
+        if self.reordered_rows:
+            lines.append(f"  rows reordered image first in each sample ({len(self.reordered_rows)} buffers): "
+                         + "; ".join(self.reordered_rows))
         lines.append(f"  attention over cached K/V ({len(self.attention_cached_kv)}): "
                      + (", ".join(self.attention_cached_kv) or "none"))
         if self.cross_attention:
@@ -182,6 +186,7 @@ def explanation_of(model_name: str, analysis: TokenAnalysis, dense, sparse, poli
         caches=[(c.name, c.shape, str(c.dtype).replace("torch.", "")) for c in analysis.caches],
         recognised_attention=[str(r) for r in analysis.recognised_attention],
         joined_pieces=list(analysis.joined_pieces),
+        reordered_rows=list(analysis.reordered_rows),
         token_batched_attention=list(analysis.token_batched_attention),
         tube_axes=grid.tube_axes if grid else (),
         tube_rows=analysis.layouts[analysis.source].outer, densified_sources=sources,

@@ -32,6 +32,7 @@ from .passes.shape_forms import lower_shape_forms
 from .passes.token_chunks import join_token_chunks
 from .passes.constant_masks import drop_constant_wheres
 from .passes.padded_rows import split_joined_pieces, split_padded_wheres
+from .passes.sample_offsets import reorder_sample_offsets
 from .passes.sample_loops import rebatch_sample_stacks
 from .passes.buffer_writes import concatenate_buffer_writes
 from .passes.split_projection import split_packed_projections
@@ -337,6 +338,7 @@ class RASModule(torch.nn.Module):
         split_joined_pieces(gm)  # cat(split(x)) -> x; split(cat(parts)) at part boundaries -> the parts
         if split_padded_wheres(gm):  # where(rows padded by cat, pad token, x) -> cat of x's rows and the pad token
             split_joined_pieces(gm)
+        reordered = reorder_sample_offsets(gm)  # captions of different lengths before the image: each sample's rows image first
         rebatch_sample_stacks(gm)  # stack([f(x[i]) for i in range(B)]) -> f over x
         concatenate_buffer_writes(gm)  # buf = zeros(...); buf[:, :T] = a; buf[:, T:] = b -> cat([a, b], 1)
         rewrite_masked_updates(gm)  # x[mask] *= c -> where(mask, x * c, x)
@@ -352,6 +354,7 @@ class RASModule(torch.nn.Module):
             analysis = fuse_kv_projections(gm, analysis)
         analysis.recognised_attention = recognised
         analysis.joined_pieces = joined
+        analysis.reordered_rows = reordered
         return program, name, gm, analysis
 
     def _fuses(self, device: torch.device) -> bool:

@@ -11,7 +11,8 @@
   with RoPE on q only, long skips (``skip_linear(skip_norm(cat([x, skip])))``), AttentionPool,
   size / style conditions, learned sigma;
 - Alpha-VLLM/Lumina-Image-2.0 ``NextDiT``: as written (per-sample joint layout from
-  ``cap_mask.sum().tolist()``: refused, the shape depends on tensor values), and batched with
+  ``cap_mask.sum().tolist()``, captions of different lengths: captured for the mask's values, each
+  sample's rows reordered image first by passes/sample_offsets.py), and batched with
   padded captions kept in the sequence (context and noise refiners, 3-axis RoPE, GQA by repeat,
   sandwich norms, tanh gates).
 
@@ -1453,7 +1454,7 @@ PLAIN_PRODUCTION_FAMILIES: list[Family] = [
                  "[B,H,C,L]; long skips (cat + skip_norm + skip_linear); AttentionPool; size/style cond"),
     Family("plain_lumina2_loop", "Alpha-VLLM/Lumina-Image-2.0 NextDiT (as written: per-sample loop, .tolist())",
            _lumina_build(False), _lumina_inputs(True), "x", _N2, (2, 2), _same_as("x"), context_before=TEXT_LEN,
-           timestep_arg="t", notes="should be refused: data-dependent caption lengths"),
+           timestep_arg="t", notes="captions of 5 and 7 rows before the image: rows reordered image first"),
     Family("plain_lumina2_padded", "Lumina-Image-2.0 NextDiT batched, padded captions kept in the sequence",
            _lumina_build(True), _lumina_inputs(True), "x", _N2, (2, 2), _same_as("x"), context_before=TEXT_LEN,
            timestep_arg="t", notes="as static, with a 0 in cap_mask (padding masked as keys)"),

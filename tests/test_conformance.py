@@ -29,9 +29,6 @@ REFUSED = {
     # plain-PyTorch research DiTs (conformance_plain_*)
     "plain_moe_expert_choice": ("aten.gather.default", "moves values between image tokens"),  # experts pick tokens
     "plain_udit": (None, "reaches no scaled_dot_product_attention"),  # sub-maps folded into the batch by parity
-    # caption lengths read on the host (specialised), but they differ between the samples, so the per-sample
-    # loop writes each sample's image tokens at other rows of one buffer
-    "plain_lumina2_loop": ("aten.copy_.default", "each sample's tokens are written at their own rows"),
 }
 SUPPORTED = [name for name in FAMILIES if name not in REFUSED]
 # The step cache and stale-token continuation act outside the graph, on the model's output structure:

@@ -11,22 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline_parts import tiny_vae
 from ras_compile import RASPolicy, ras_compile
 
 STEPS = 4
 
 
 def _pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from conformance_models import _z_image_build
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, norm_num_groups=8).eval()
-    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                          transformer=_z_image_build(0, frame_positions=128))
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+                          tokenizer=None, transformer=_z_image_build(0, frame_positions=128))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -172,6 +172,7 @@ class TokenAnalysis:
     fused_projections: list = field(default_factory=list)  # FusedProjection (passes/fuse_projection.py)
     recognised_attention: list = field(default_factory=list)  # RecognisedAttention (passes/attention_pattern.py)
     joined_pieces: list[str] = field(default_factory=list)  # piecewise computations joined (passes/token_chunks.py)
+    reordered_rows: list[str] = field(default_factory=list)  # buffers laid out image first (passes/sample_offsets.py)
     token_batched_attention: list[str] = field(default_factory=list)  # SDPA nodes with tokens on a batch axis
     side_sources: list[str] = field(default_factory=list)  # nodes whose outputs are gathered (passes/side_sources.py)
     reading: dict = field(default_factory=dict)  # the _Analyzer settings and latent reading that found this
@@ -210,6 +211,7 @@ _ALIASING = _VIEWS | {aten.slice, aten.select, aten.narrow, aten.as_strided, ate
                       aten.expand, aten.unsqueeze, aten.squeeze, aten.diagonal, aten.unfold, aten.split,
                       aten.chunk, aten.unbind, aten.alias, aten.detach, aten.view_as_real, aten.view_as_complex,
                       aten.movedim, aten.swapaxes, aten.split_with_sizes, aten.contiguous, aten.to, aten.type_as}
+SAMPLE_OFFSETS_REASON = "ras_sample_offsets"  # gm.meta: why passes/sample_offsets.py left per-sample offsets
 _SAME_SHAPE = {aten.to, aten._to_copy, aten.contiguous, aten.dropout, aten.alias, aten.detach, aten.type_as,
                aten.clone, aten.lift_fresh_copy}
 _REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
@@ -685,6 +687,8 @@ def _check_write_target(an: _Analyzer, node: fx.Node, annotated: list) -> None:
     why = ("; here each sample's tokens are written at their own rows (`buf[i, a_i:b_i] = x[i]` in a per-sample "
            "loop, e.g. after captions of different lengths), which no single row layout of the active tokens "
            "serves: pad the captions to one length, or call the model per sample" if per_sample else "")
+    if per_sample and an.gm.meta.get(SAMPLE_OFFSETS_REASON):  # why the rows were not reordered image first
+        why += f" (the rows were not reordered image first: {an.gm.meta[SAMPLE_OFFSETS_REASON]})"
     an.refuse(node, "an in-place write of image-token values into a tensor that holds none (`buf[:, a:b] = x` "
                     "into a buffer made in the forward, or into one of its views): write the sequence with "
                     f"torch.cat instead{why}")
