@@ -172,6 +172,9 @@ def _export_model(model: torch.nn.Module, call: dict, changing: tuple, index_inp
         program = _export(model, call, specialise=False)
     except UnsupportedModelError as error:
         if not _data_dependent(error.__cause__):
+            own = _eager_failure(model, call)
+            if own is not None:
+                raise own from error.__cause__
             raise
         program = _export_specialised(model, call, error, changing)
     else:
@@ -184,6 +187,22 @@ def _export_model(model: torch.nn.Module, call: dict, changing: tuple, index_inp
         program.ras_value_inputs = []
     _check_outputs(program)
     return program
+
+
+def _eager_failure(model: torch.nn.Module, call: dict) -> RASCallError | None:
+    """When export failed on something other than a value read: the error of the model's own forward on
+    this call, if it fails without ras_compile too (an input of the wrong dtype, device or shape); then
+    the call is to fix, not the model's capture. None when the forward runs."""
+    try:
+        with torch.no_grad():
+            model(**call)
+    except Exception as exc:  # the model's own error, whatever it is
+        lines = str(exc).strip().splitlines()
+        first = lines[0] if lines else type(exc).__name__
+        return RASCallError(f"the model's own forward fails on this call, without ras_compile too "
+                            f"({type(exc).__name__}: {first}){model_frame(exc)}: fix the call (the inputs' "
+                            "dtypes, devices and shapes) or the model; this is not a limit of ras_compile")
+    return None
 
 
 def _check_outputs(program: torch.export.ExportedProgram) -> None:

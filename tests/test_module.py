@@ -279,6 +279,14 @@ def test_bad_arguments_get_clear_errors():
         ras(torch.randn(1, 4, 8, 8), torch.ones(1))
 
 
+@pytest.mark.parametrize("policy", [RASPolicy(), RASPolicy(on_unsupported="fallback")])
+def test_a_call_the_model_itself_fails_on_names_the_models_error_not_a_capture_limit(policy):
+    ras = ras_compile(PlainDiT(), policy, backend=None)
+    with pytest.raises(RASCallError, match=r"own forward fails on this call.*double.*fix the call"):
+        ras(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.ones(1))  # float64 into float32 weights
+    ras(torch.randn(1, 4, 8, 8), torch.ones(1))  # the right call then runs
+
+
 def test_an_override_in_any_order_is_the_sorted_active_set():
     model = PlainDiT()
     ras = ras_compile(model, RASPolicy(), backend=None)
