@@ -20,6 +20,7 @@ from .controller import RASController
 from .errors import RASCallError, UnsupportedModelError
 from .host_reads import ValueMemo, value_key
 from .kernels.linear_scatter import triton_available
+from . import model_objects
 from .passes.attention_pattern import recognise_attention
 from .passes.causal_mask import lower_causal_attention
 from .passes.dead_values import drop_dead_values
@@ -190,6 +191,8 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
+        self._weights: tuple | None = None  # the model's parameters, buffers and submodules the captures hold
+        self._registrations = -1  # model_objects.version() when they were last compared
         self._value_inputs: list[str] = []  # inputs whose values a capture read on the host (host_reads)
         self._value_memo = ValueMemo()  # their host copies, by tensor: one copy per tensor object, not per call
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
@@ -221,6 +224,7 @@ class RASModule(torch.nn.Module):
     def _captured(self, call: dict, batched: dict, samples: SampleList | None) -> Captured:
         """The capture for ``call``, keyed by ``call`` (a latent list by its samples' shapes) and made of
         ``batched`` (``call`` with such a list stacked: ``sample_lists``)."""
+        self._check_weights()
         key = self._key(call)
         captured = self._captures.pop(key, None)
         if captured is None:
@@ -236,6 +240,29 @@ class RASModule(torch.nn.Module):
         self._captures[key] = captured
         self._last_key = key
         return captured
+
+    def _check_weights(self) -> None:
+        """Drop every capture when the model's parameters, buffers or submodules were replaced since they
+        were captured (model_objects.py: compared only after a registration somewhere in the process)."""
+        if model_objects.version() == self._registrations:
+            return
+        self._registrations = model_objects.version()
+        now = model_objects.objects(self._modules["model"])
+        if self._captures and now != self._weights:
+            self.ras_reset_captures()
+            warnings.warn(
+                "the model's parameters, buffers or submodules were replaced since its graphs were captured "
+                "(LoRA adapters loaded, a module swapped, a parameter assigned): ras_compile captures it again, "
+                "and the first step on the new graphs runs dense. Changes in place (load_state_dict, fusing "
+                "LoRA into the weights, .to()) need no new capture.", stacklevel=4)
+        self._weights = now
+
+    def ras_reset_captures(self) -> None:
+        """Forget every captured graph: the next call captures the model again (its first step dense).
+        Call it after changing what the forward does without replacing a parameter, buffer or submodule
+        (an attention processor set, a config flag), which a capture cannot see."""
+        self._captures.clear()
+        self._last_key = None
 
     def _warn_recapture(self, key: tuple, call: dict) -> None:
         """Once per module: a new capture because a non-tensor argument changed between calls."""

@@ -8,6 +8,9 @@
   latent the patch divides) is followed.
 * A ``forward(x, t, **kwargs)`` called without the default latent name is told which
   arguments the call has.
+* Parameters, buffers or submodules replaced after the capture (LoRA adapters wrapping a linear, a
+  parameter assigned) are seen: the module captures again, with a warning; changes in place
+  (``load_state_dict``) need no new capture; ``ras_reset_captures()`` forgets every graph.
 """
 from __future__ import annotations
 
@@ -113,3 +116,67 @@ def test_a_call_without_the_default_latent_name_says_which_arguments_it_has():
         ras(x=torch.randn(2, C, H, W), t=torch.tensor([500.0, 300.0]))
     ok = ras_compile(KwargsDiT().eval(), POLICY, backend=None, latent_arg="x", timestep_arg="t")
     assert ok(x=torch.randn(2, C, H, W), t=torch.tensor([500.0, 300.0])).shape == (2, C, H, W)
+
+
+class LowRank(nn.Module):
+    """A LoRA-style wrapper: the linear it replaces plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down, self.up = nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+FULL = RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=())  # sparse steps on every token: equal
+
+
+def _loop_calls(ras, model, steps: int):
+    """``steps`` calls at falling timesteps; each must return what the model returns now."""
+    for step in range(steps):
+        kw = dict(_inputs(step), timestep=torch.tensor([500.0, 300.0]) * (1 - step / 10))
+        with torch.no_grad():
+            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["parameter", "submodule", "buffer"])
+def test_objects_replaced_after_the_capture_are_seen_by_a_new_capture(change):
+    model = _model()
+    ras = ras_compile(model, FULL, backend=None)
+    _loop_calls(ras, model, 2)
+    torch.manual_seed(1)
+    if change == "parameter":
+        model.out.weight = nn.Parameter(torch.randn_like(model.out.weight))
+    elif change == "submodule":
+        model.qkv = LowRank(model.qkv)
+    else:
+        model.calls = torch.ones(())  # a registered buffer, assigned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop_calls(ras, model, 2)
+    assert sum("replaced since its graphs were captured" in str(w.message) for w in caught) == 1
+    assert [s.mode for s in ras.ras_controller.stats][-2:] == ["dense", "sparse"]  # new graphs: dense first
+
+
+def test_weights_loaded_in_place_need_no_new_capture():
+    model = _model()
+    ras = ras_compile(model, FULL, backend=None)
+    _loop_calls(ras, model, 2)
+    torch.manual_seed(2)
+    model.load_state_dict(StateDiT().state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no recapture warning
+        _loop_calls(ras, model, 1)
+    assert len(ras._captures) == 1
+
+
+def test_reset_captures_forgets_every_graph():
+    model = _model()
+    ras = ras_compile(model, FULL, backend=None)
+    _loop_calls(ras, model, 2)
+    ras.ras_reset_captures()
+    assert not ras._captures
+    _loop_calls(ras, model, 1)  # captured again; its first step dense, so it equals the model
+    assert len(ras._captures) == 1 and ras.ras_controller.stats[-1].mode == "dense"
