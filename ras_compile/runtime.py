@@ -24,7 +24,7 @@ from . import model_objects
 from .passes.attention_pattern import recognise_attention
 from .passes.causal_mask import lower_causal_attention
 from .passes.dead_values import drop_dead_values
-from .passes.einsum_permute import lower_einsum_permutes
+from .passes.einsum_permute import lead_einsum_batch_axes, lower_einsum_permutes
 from .passes.flex_attention import recognise_flex_attention
 from .passes.fuse_projection import fuse_kv_projections
 from .passes.patch_views import lower_patch_views
@@ -358,6 +358,7 @@ class RASModule(torch.nn.Module):
         latent_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
         drop_dead_values(gm)  # values nothing reads (nn.MultiheadAttention's unused averaged weights)
         lower_einsum_permutes(gm)  # einops-style patchify einsums -> permute
+        lead_einsum_batch_axes(gm)  # einsum("bnhd,bmhd->bhnm") -> einsum("bhnd,bhmd->bhnm") over permuted operands
         lower_patch_views(gm)  # non-overlapping im2col / col2im / pixel_(un)shuffle / unfold -> views
         lower_shape_forms(gm)  # x.view_as(y) / x.reshape_as(y) -> view / reshape to y's sizes
         unflatten_projected_rows(gm)  # linear(x.reshape(L * B, E)).view(L, B, F) -> linear(x)

@@ -27,6 +27,8 @@ HAND_WRITTEN_ATTENTION = (
                       # by d^-1/4, einsum "bct,bcs->bts", fp32 softmax, einsum "bts,bcs->bct"
     "folded_views",   # fairseq style: bmm over [B * H, N, d], the scores viewed as [B, H, N, N] for a
                       # per-head bias, viewed back, softmax, bmm
+    "heads_last",     # einsum over [B, N, H, d] operands (heads after the tokens): "bnhd,bmhd->bhnm",
+                      # softmax, "bhnm,bmhd->bnhd"
 )
 
 
@@ -67,6 +69,10 @@ def _hand_written_attention(form: str, q, k, v, bias=None):
         scores = scores.view(b, heads, n, n) + bias[:, :n, :n]
         probs = scores.view(b * heads, n, n).softmax(dim=-1)
         return torch.bmm(probs, fold(v)).reshape(b, heads, n, d)
+    if form == "heads_last":
+        last = lambda t: t.transpose(1, 2)  # noqa: E731  [b, n, heads, d]
+        probs = (torch.einsum("bnhd,bmhd->bhnm", last(q), last(k)) * scale).softmax(dim=-1)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, last(v)).transpose(1, 2)
     if form == "multi_query":
         scores = (q * scale) @ k[:, :1].transpose(-2, -1)
         return scores.softmax(dim=-1) @ v[:, :1]

@@ -44,7 +44,7 @@ from torch import nn
 from ras_compile import RASPolicy, UnsupportedModelError, ras_compile
 from ras_compile.fake_leaks import forget_capture_memos, snapshot
 from ras_compile.leaf_names import named_leaves
-from ras_compile.passes.einsum_permute import lower_einsum_permutes
+from ras_compile.passes.einsum_permute import lead_einsum_batch_axes, lower_einsum_permutes
 from sparse_checks import assert_sparse_after_dense_equals_the_model
 
 FORMS = ("einsum_patchify", "qkv_select", "group_norm_in", "masked_update", "flex", "memo_attribute", "memo_lru",
@@ -421,6 +421,28 @@ def test_einsums_that_are_no_permutation_stay():
 
     gm = torch.export.export(Products(), (torch.randn(3, 3), torch.randn(3, 3)), strict=False).graph_module
     assert lower_einsum_permutes(gm) == []
+
+
+@pytest.mark.parametrize("equation, rewritten", [
+    ("bnhd,bmhd->bhnm", True),   # heads after the tokens: permuted to "bhnd,bhmd->bhnm"
+    ("bhnm,bmhd->bnhd", True),   # and its value product, the output permuted back
+    ("nhd,mhd->hnm", True),
+    ("bhnd,bhmd->bhnm", False),  # already batch-first
+    ("bnd,de->bne", False),      # a weight: b and n are no batch axes of both operands
+    ("bhnd,bhmd->bhn", False),   # a sum over m as well: no matrix product over batches
+])
+def test_two_operand_einsums_get_their_batch_axes_first_with_the_same_values(equation, rewritten):
+    sizes = {"b": 2, "h": 3, "n": 4, "m": 5, "d": 6, "e": 7}
+    ins = equation.split("->")[0].split(",")
+    operands = [torch.randn(*(sizes[c] for c in term)) for term in ins]
+
+    class Product(nn.Module):
+        def forward(self, a, b):
+            return torch.einsum(equation, a, b)
+
+    gm = torch.export.export(Product(), tuple(operands), strict=False).graph_module
+    assert bool(lead_einsum_batch_axes(gm)) == rewritten
+    torch.testing.assert_close(gm(*operands)[0], torch.einsum(equation, *operands), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["memo_attribute", "memo_lru"])
