@@ -5,16 +5,22 @@ place (``load_state_dict``, ``.to()``, fusing LoRA into the weights, ``param.dat
 a replaced object is not: LoRA adapters wrapping a linear (``setattr(parent, name, LoraLinear(...))``),
 a module swapped, ``module.weight = nn.Parameter(...)``. Every such replacement goes through
 ``nn.Module``'s registration of a parameter, buffer or submodule, which torch lets a hook watch
-globally: ``version()`` counts those registrations anywhere in the process, so a module compares the
-model's objects (``objects(model)``, a walk over every submodule) only after one happened, not on
-every call. A write straight into ``module._parameters`` bypasses the hooks and is not seen.
+globally: ``version()`` counts those registrations anywhere in the process, so a module looks again
+only after one happened, not on every call. ``replaced(model, program)`` then says whether a parameter
+or buffer the captured graph reads is no longer the model's object at that name (or the
+name is gone: a linear wrapped by a LoRA layer keeps its weight at ``...base_layer.weight``). A tensor
+the forward itself assigns on every call (OmniGen's ``self.inv_freq = ...``) is computed inside the
+graph, which writes it into the buffer it captured (a ``copy_``) before reading it: no read of the
+old value. A write straight into ``module._parameters`` bypasses the
+hooks, and replacing a module without parameters (an activation) or a non-module attribute (an
+attention processor) changes no tensor the graph reads: neither is seen.
 """
 from __future__ import annotations
 
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["objects", "version"]
+__all__ = ["replaced", "version"]
 
 _registrations = 0
 
@@ -35,6 +41,26 @@ def version() -> int:
     return _registrations
 
 
-def objects(model: torch.nn.Module) -> tuple:
-    """The identities of the model's submodules, parameters and buffers, in order."""
-    return (tuple(map(id, model.modules())), tuple(map(id, model.parameters())), tuple(map(id, model.buffers())))
+def _overwrites(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether ``user`` writes a whole new value into ``node`` (``copy_`` / ``fill_`` into it): the
+    forward assigning the buffer (``self.inv_freq = ...``, which export writes into it) does not read it."""
+    return getattr(user.target, "overloadpacket", None) in (torch.ops.aten.copy_, torch.ops.aten.fill_) \
+        and user.args[0] is node
+
+
+def replaced(model: torch.nn.Module, program: torch.export.ExportedProgram) -> str | None:
+    """The name of a parameter or buffer ``program``'s graph reads that ``model`` no longer holds as that
+    object; None when every one is still the model's."""
+    read = {n.name for n in program.graph_module.graph.nodes if n.op == "placeholder"
+            and any(not _overwrites(user, n) for user in n.users)}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name not in ("PARAMETER", "BUFFER") or spec.arg.name not in read:
+            continue  # a tensor the graph does not read (one the forward assigns itself before reading it)
+        held = program.state_dict.get(spec.target, program.constants.get(spec.target))
+        try:
+            now = model.get_parameter(spec.target) if spec.kind.name == "PARAMETER" else model.get_buffer(spec.target)
+        except AttributeError:
+            return spec.target
+        if now is not held:
+            return spec.target
+    return None

@@ -191,8 +191,7 @@ class RASModule(torch.nn.Module):
                 raise ValueError(f"{role}={name!r} is not an argument of {type(model).__name__}.forward "
                                  f"(its arguments: {', '.join(params)})")
         self._captures: dict = {}
-        self._weights: tuple | None = None  # the model's parameters, buffers and submodules the captures hold
-        self._registrations = -1  # model_objects.version() when they were last compared
+        self._registrations = -1  # model_objects.version() when the captures' parameters were last looked at
         self._value_inputs: list[str] = []  # inputs whose values a capture read on the host (host_reads)
         self._value_memo = ValueMemo()  # their host copies, by tensor: one copy per tensor object, not per call
         self._last_key: tuple | None = None  # the last call's signature key, to explain a recapture
@@ -242,20 +241,22 @@ class RASModule(torch.nn.Module):
         return captured
 
     def _check_weights(self) -> None:
-        """Drop every capture when the model's parameters, buffers or submodules were replaced since they
-        were captured (model_objects.py: compared only after a registration somewhere in the process)."""
+        """Drop every capture when a parameter or buffer its graph is fed was replaced since it was captured
+        (model_objects.py: looked at only after a registration somewhere in the process)."""
         if model_objects.version() == self._registrations:
             return
         self._registrations = model_objects.version()
-        now = model_objects.objects(self._modules["model"])
-        if self._captures and now != self._weights:
-            self.ras_reset_captures()
-            warnings.warn(
-                "the model's parameters, buffers or submodules were replaced since its graphs were captured "
-                "(LoRA adapters loaded, a module swapped, a parameter assigned): ras_compile captures it again, "
-                "and the first step on the new graphs runs dense. Changes in place (load_state_dict, fusing "
-                "LoRA into the weights, .to()) need no new capture.", stacklevel=4)
-        self._weights = now
+        model = self._modules["model"]
+        name = next((n for c in self._captures.values() if c.program is not None
+                     for n in [model_objects.replaced(model, c.program)] if n is not None), None)
+        if name is None:
+            return
+        self.ras_reset_captures()
+        warnings.warn(
+            f"the model's '{name}' (and maybe more) was replaced since its graphs were captured (LoRA adapters "
+            "loaded, a module swapped, a parameter assigned): ras_compile captures it again, and the first step "
+            "on the new graphs runs dense. Changes in place (load_state_dict, fusing LoRA into the weights, .to()) "
+            "need no new capture.", stacklevel=4)
 
     def ras_reset_captures(self) -> None:
         """Forget every captured graph: the next call captures the model again (its first step dense).

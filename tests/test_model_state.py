@@ -143,7 +143,7 @@ def _loop_calls(ras, model, steps: int):
 
 @pytest.mark.parametrize("change", ["parameter", "submodule", "buffer"])
 def test_objects_replaced_after_the_capture_are_seen_by_a_new_capture(change):
-    model = _model()
+    model = _model(form="counter" if change == "buffer" else "plain")  # the graph reads the buffer it replaces
     ras = ras_compile(model, FULL, backend=None)
     _loop_calls(ras, model, 2)
     torch.manual_seed(1)
@@ -152,7 +152,7 @@ def test_objects_replaced_after_the_capture_are_seen_by_a_new_capture(change):
     elif change == "submodule":
         model.qkv = LowRank(model.qkv)
     else:
-        model.calls = torch.ones(())  # a registered buffer, assigned
+        model.calls = torch.zeros(())  # a registered buffer, assigned
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _loop_calls(ras, model, 2)
@@ -180,3 +180,25 @@ def test_reset_captures_forgets_every_graph():
     assert not ras._captures
     _loop_calls(ras, model, 1)  # captured again; its first step dense, so it equals the model
     assert len(ras._captures) == 1 and ras.ras_controller.stats[-1].mode == "dense"
+
+
+def test_a_buffer_the_forward_assigns_itself_needs_no_new_capture():
+    """OmniGen's RoPE assigns ``self.inv_freq = ...`` on every call: the graph computes it and reads
+    no buffer it replaces, so calls of the model itself in between change nothing."""
+
+    class Assigns(StateDiT):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.ones(D), persistent=False)
+
+        def forward(self, latent, timestep):
+            self.inv_freq = 1.0 / (10000 ** (torch.arange(0, 2 * D, 2).float() / (2 * D)))  # as OmniGen does
+            return super().forward(latent, timestep) * self.inv_freq[:C, None, None].mean()
+
+    torch.manual_seed(0)
+    model = Assigns().eval()
+    ras = ras_compile(model, FULL, backend=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loop_calls(ras, model, 3)  # the model itself runs between the calls
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
