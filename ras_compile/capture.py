@@ -96,6 +96,7 @@ class Captured:
     caches: dict = field(default_factory=dict)  # call slot -> the cache tensors of that slot
     element_tokens: object = None  # the token of each prediction element (stale_token_order 1; made on first use)
     sample_lists: tuple = ()  # ((output path, list or tuple), ...): per-sample output lists, stacked in the graph
+    root: object = None  # the module captured (the model, or its per-sample-list wrapper): names are of its tensors
 
     def graph_inputs(self, call: dict) -> list:
         """Parameters, buffers, constants and user inputs, in the graph's placeholder order."""

@@ -246,9 +246,8 @@ class RASModule(torch.nn.Module):
         if model_objects.version() == self._registrations:
             return
         self._registrations = model_objects.version()
-        model = self._modules["model"]
         name = next((n for c in self._captures.values() if c.program is not None
-                     for n in [model_objects.replaced(model, c.program)] if n is not None), None)
+                     for n in [model_objects.replaced(c.root, c.program)] if n is not None), None)
         if name is None:
             return
         self.ras_reset_captures()
@@ -337,7 +336,7 @@ class RASModule(torch.nn.Module):
             dense = self.model if self.ras_backend in BACKENDS_WITHOUT_DYNAMO \
                 else compile_graph(self.model, self.ras_backend, self.ras_compile_mode)
             return Captured(key, None, self._latent_arg, fallback=dense)
-        captured = Captured(key, program, name, analysis=analysis)
+        captured = Captured(key, program, name, analysis=analysis, root=target)
         if samples is not None:  # the caller gets the per-sample lists back
             captured.sample_lists = stacked[-1]
         mode = self.ras_compile_mode
