@@ -246,8 +246,12 @@ class RASModule(torch.nn.Module):
         if model_objects.version() == self._registrations:
             return
         self._registrations = model_objects.version()
-        name = next((n for c in self._captures.values() if c.program is not None
-                     for n in [model_objects.replaced(c.root, c.program)] if n is not None), None)
+        name = None
+        for captured in self._captures.values():
+            found = None if captured.program is None else model_objects.replaced(captured.root, captured.program)
+            if found is not None:  # named in the model (a per-sample-list wrapper holds it as 'model')
+                name = found if captured.root is self.model else found.removeprefix("model.")
+                break
         if name is None:
             return
         self.ras_reset_captures()

@@ -8,6 +8,8 @@ model pads them. Samples of different shapes are refused with what to do instead
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,6 +131,21 @@ def test_the_compiled_loop_at_ratio_one_equals_the_model():
         with torch.no_grad():
             torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
     assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "sparse"]
+
+
+def test_a_replaced_weight_is_seen_through_the_per_sample_wrapper_and_nothing_else_recaptures():
+    model = _model()
+    ras = ras_compile(model, RASPolicy(sample_ratio=1.0, warmup_steps=1, reset_steps=()), backend=None, latent_arg="x")
+    kw = _inputs(2)
+    for step, replace in enumerate([False, False, True, False]):
+        if replace:
+            model.out.weight = nn.Parameter(torch.randn_like(model.out.weight))
+        kw["t"] = torch.full((2,), 700.0 - 100 * step)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(ras(**kw), model(**kw), rtol=1e-5, atol=1e-5)
+        assert any("model's 'out.weight'" in str(w.message) for w in caught) == replace
+    assert [s.mode for s in ras.ras_controller.stats] == ["dense", "sparse", "dense", "sparse"]
 
 
 def test_samples_of_different_shapes_are_refused_with_what_to_do():
