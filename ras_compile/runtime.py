@@ -241,7 +241,7 @@ class RASModule(torch.nn.Module):
         return captured
 
     def _check_weights(self) -> None:
-        """Drop every capture when a parameter or buffer its graph is fed was replaced since it was captured
+        """Drop every capture when a parameter or buffer its graph reads was replaced since it was captured
         (model_objects.py: looked at only after a registration somewhere in the process)."""
         if model_objects.version() == self._registrations:
             return
@@ -263,8 +263,9 @@ class RASModule(torch.nn.Module):
 
     def ras_reset_captures(self) -> None:
         """Forget every captured graph: the next call captures the model again (its first step dense).
-        Call it after changing what the forward does without replacing a parameter, buffer or submodule
-        (an attention processor set, a config flag), which a capture cannot see."""
+        Call it after changing what the forward does without replacing a parameter or buffer its graphs
+        read (an attention processor set, a config flag, a module without parameters swapped), which the
+        module cannot see."""
         self._captures.clear()
         self._last_key = None
 
