@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -109,6 +110,22 @@ class Captured:
 
 _PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
                  torch.layout)
+
+
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.<>]+)'> in output, which is not a known type")
+
+
+def opaque_output(exc: BaseException) -> str | None:
+    """Why export refused the forward's return value: an object of a class pytree does not know (a
+    dataclass of the model's own), with how to register it; None for any other failure."""
+    found = _UNKNOWN_OUTPUT.search(str(exc))
+    if found is None:
+        return None
+    name = found.group(1).rsplit(".", 1)[-1]
+    return (f"the forward returns a {name} object, which torch.export cannot return (only tensors, numbers, "
+            f"and lists, tuples, dicts, diffusers outputs or registered classes of them): register the class "
+            f"before ras_compile, torch.utils._pytree.register_dataclass({name}) for a dataclass or "
+            f"torch.utils._pytree.register_pytree_node for another class, or return a tuple or dict")
 
 
 def opaque_argument(call: dict) -> str | None:
@@ -306,7 +323,7 @@ def _export(model: torch.nn.Module, call: dict, specialise: bool) -> torch.expor
         with torch.no_grad(), contextlib.redirect_stderr(printed), _script_modules_called_directly(model):
             program = torch.export.export(model, (), call, strict=False)
     except Exception as exc:  # export failures are many and deep; report them as one clear refusal
-        opaque = keyless_argument(call) or opaque_argument(call)
+        opaque = keyless_argument(call) or opaque_argument(call) or opaque_output(exc)
         if opaque is not None:
             raise UnsupportedModelError(opaque) from exc
         lines = str(exc).strip().splitlines()

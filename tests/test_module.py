@@ -1,6 +1,7 @@
 """The compiled module as a user sees it: signature, outputs, steps, refusals, several models."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -285,6 +286,32 @@ def test_a_call_the_model_itself_fails_on_names_the_models_error_not_a_capture_l
     with pytest.raises(RASCallError, match=r"own forward fails on this call.*double.*fix the call"):
         ras(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.ones(1))  # float64 into float32 weights
     ras(torch.randn(1, 4, 8, 8), torch.ones(1))  # the right call then runs
+
+
+@dataclasses.dataclass
+class _Prediction:  # a model's own output class, unknown to torch.export until registered
+    sample: torch.Tensor
+
+
+class _DataclassOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = PlainDiT().eval()
+
+    def forward(self, x, t):
+        return _Prediction(self.model(x, t))
+
+
+def test_an_output_class_export_cannot_return_is_refused_with_how_to_register_it_and_then_runs():
+    torch.manual_seed(0)
+    model = _DataclassOut().eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 999.0)
+    with pytest.raises(UnsupportedModelError, match=r"returns a _Prediction object.*register_dataclass\(_Prediction\)"):
+        ras_compile(model, RASPolicy(), backend=None)(x, t)
+    torch.utils._pytree.register_dataclass(_Prediction)  # as the message says
+    out = ras_compile(model, RASPolicy(), backend=None)(x, t)
+    assert isinstance(out, _Prediction)
+    torch.testing.assert_close(out.sample, model(x, t).sample)
 
 
 def test_an_override_in_any_order_is_the_sorted_active_set():
