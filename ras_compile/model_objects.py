@@ -1,4 +1,4 @@
-"""Whether a model still holds the parameter, buffer and submodule objects its graphs were captured with.
+"""Whether a model still holds the parameter and buffer objects its captured graphs read.
 
 A captured graph reads the parameter and buffer objects the model held at capture. Changes made in
 place (``load_state_dict``, ``.to()``, fusing LoRA into the weights, ``param.data = ...``) are seen;
