@@ -8,7 +8,8 @@ a module swapped, ``module.weight = nn.Parameter(...)``. Every such replacement 
 globally: ``version()`` counts those registrations anywhere in the process, so a module looks again
 only after one happened, not on every call. ``replaced(model, program)`` then says whether a parameter
 or buffer the captured graph reads is no longer the model's object at that name (or the
-name is gone: a linear wrapped by a LoRA layer keeps its weight at ``...base_layer.weight``). A tensor
+name is gone: a linear wrapped by PEFT's LoRA layer keeps its weight at ``...base_layer.weight``, even
+though the layer still answers ``.weight`` with it). A tensor
 the forward itself assigns on every call (OmniGen's ``self.inv_freq = ...``) is computed inside the
 graph, which writes it into the buffer it captured (a ``copy_``) before reading it: no read of the
 old value. A write straight into ``module._parameters`` bypasses the
@@ -57,10 +58,13 @@ def replaced(model: torch.nn.Module, program: torch.export.ExportedProgram) -> s
         if spec.kind.name not in ("PARAMETER", "BUFFER") or spec.arg.name not in read:
             continue  # a tensor the graph does not read (one the forward assigns itself before reading it)
         held = program.state_dict.get(spec.target, program.constants.get(spec.target))
+        owner_name, _, leaf = spec.target.rpartition(".")
         try:
-            now = model.get_parameter(spec.target) if spec.kind.name == "PARAMETER" else model.get_buffer(spec.target)
+            owner = model.get_submodule(owner_name)
         except AttributeError:
             return spec.target
+        # registered there, not only reachable (PEFT's LoRA layer answers `.weight` with its base layer's)
+        now = (owner._parameters if spec.kind.name == "PARAMETER" else owner._buffers).get(leaf)
         if now is not held:
             return spec.target
     return None
