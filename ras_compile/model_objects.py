@@ -64,7 +64,8 @@ def replaced(model: torch.nn.Module, program: torch.export.ExportedProgram) -> s
         except AttributeError:
             return spec.target
         # registered there, not only reachable (PEFT's LoRA layer answers `.weight` with its base layer's)
-        now = (owner._parameters if spec.kind.name == "PARAMETER" else owner._buffers).get(leaf)
+        registered = owner._parameters if spec.kind.name == "PARAMETER" else owner._buffers
+        now = registered[leaf] if leaf in registered else None  # a dict, or a scripted module's wrapper of one
         if now is not held:
             return spec.target
     return None
