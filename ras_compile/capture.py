@@ -207,6 +207,12 @@ def _export_model(model: torch.nn.Module, call: dict, changing: tuple, index_inp
     return program
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _eager_failure(model: torch.nn.Module, call: dict) -> RASCallError | None:
     """When export failed on something other than a value read: the error of the model's own forward on
     this call, if it fails without ras_compile too (an input of the wrong dtype, device or shape); then
@@ -215,10 +221,8 @@ def _eager_failure(model: torch.nn.Module, call: dict) -> RASCallError | None:
         with torch.no_grad():
             model(**call)
     except Exception as exc:  # the model's own error, whatever it is
-        lines = str(exc).strip().splitlines()
-        first = lines[0] if lines else type(exc).__name__
         return RASCallError(f"the model's own forward fails on this call, without ras_compile too "
-                            f"({type(exc).__name__}: {first}){model_frame(exc)}: fix the call (the inputs' "
+                            f"({type(exc).__name__}: {_first_line(exc)}){model_frame(exc)}: fix the call (the inputs' "
                             "dtypes, devices and shapes) or the model; this is not a limit of ras_compile")
     return None
 
@@ -326,10 +330,8 @@ def _export(model: torch.nn.Module, call: dict, specialise: bool) -> torch.expor
         opaque = keyless_argument(call) or opaque_argument(call) or opaque_output(exc)
         if opaque is not None:
             raise UnsupportedModelError(opaque) from exc
-        lines = str(exc).strip().splitlines()
-        first = lines[0] if lines else type(exc).__name__
         error = UnsupportedModelError(
-            f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {first})"
+            f"torch.export could not capture the forward as one graph ({type(exc).__name__}: {_first_line(exc)})"
             f"{model_frame(exc)}; data-dependent control flow or shapes are not supported")
         error.partial_graph = printed.getvalue()  # what export had traced before it failed, for debugging
         raise error from exc

@@ -234,7 +234,7 @@ class _Follow:
         self.axes: dict[fx.Node, tuple[int, int]] = {}
         self.reads: list[tuple[fx.Node, int, int, int]] = []
 
-    def run(self, gm: fx.GraphModule, starts: dict[fx.Node, list[fx.Node]], skip: set) -> None:
+    def run(self, gm: fx.GraphModule, starts: list[fx.Node], skip: set) -> None:
         for buf in starts:
             self.axes[buf] = (0, 1)
         for node in gm.graph.nodes:
@@ -562,7 +562,7 @@ def reorder_sample_offsets(gm: fx.GraphModule) -> list[str]:
             follow = _Follow(layout, batch)
             skip = {n for b in group for w in b.writes for n in (w[3], *w[4], w[5])} | \
                 {w[3].args[0] for b in group for w in b.writes if w[3].target is aten.slice.Tensor}
-            follow.run(gm, {b.node: b.data_uses for b in group}, skip)
+            follow.run(gm, [b.node for b in group], skip)
         except _Stop as stop:
             gm.meta[SAMPLE_OFFSETS_REASON] = str(stop)
             continue
